@@ -1,0 +1,76 @@
+"""Plain-PyTorch versions of every idml operator.
+
+They are the oracle the fused C++/CUDA kernels are tested against, and the fallback when
+the extension `idml._C` is not built. Formulas: IDML_METHOD.md sections 2, 3 and 5.
+"""
+import torch
+
+# x / sqrt(|x|^2 + NORM_EPS): the L2 normalisation of the published code.
+NORM_EPS = 1e-12
+# Squared distances are clamped below at DISTANCE_EPS before dividing, so that d -> 0
+# gives sI -> 1 (the correct limit) instead of inf/NaN.
+DISTANCE_EPS = 1e-8
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.sqrt((x * x).sum(dim=1, keepdim=True) + NORM_EPS)
+
+
+def introspective_similarity(
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    proxies: torch.Tensor,
+    ism: bool = True,
+    ism_offset: float = 4.0,
+    ism_scale: float = 5.0,
+) -> torch.Tensor:
+    """B x C matrix sI_ic between samples and proxies, from ONE product mu P^T.
+
+    s = cosine of the raw vectors, d = squared distance of the raw vectors (clamped),
+    u = |sigma|^2 (proxies carry no uncertainty), sI = 1 - (1 - s) exp(-(u + a) / (b d)).
+    """
+    dots = mu @ proxies.t()
+    mu_sq = (mu * mu).sum(dim=1, keepdim=True)
+    proxy_sq = (proxies * proxies).sum(dim=1).unsqueeze(0)
+    cosine = dots / (torch.sqrt(mu_sq + NORM_EPS) * torch.sqrt(proxy_sq + NORM_EPS))
+    if not ism:
+        return cosine
+    distance = (mu_sq + proxy_sq - 2.0 * dots).clamp_min(DISTANCE_EPS)
+    uncertainty = (sigma * sigma).sum(dim=1, keepdim=True)
+    return 1.0 - (1.0 - cosine) * torch.exp(-(uncertainty + ism_offset) / (ism_scale * distance))
+
+
+def _log1p_sum_exp(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per column c: log(1 + sum_{i: mask_ic} exp(z_ic)), stable (m = max(0, max z))."""
+    masked = z.masked_fill(~mask, float("-inf"))
+    m = masked.amax(dim=0).clamp_min(0.0)
+    return m + torch.log(torch.exp(-m) + torch.exp(masked - m).sum(dim=0))
+
+
+def pa_ism_loss(
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    margin: float = 0.1,
+    alpha: float = 32.0,
+    ism: bool = True,
+    ism_offset: float = 4.0,
+    ism_scale: float = 5.0,
+) -> torch.Tensor:
+    """Proxy Anchor loss on the introspective similarity (IDML_METHOD.md section 3).
+
+    Computed in float32 at least (float64 stays float64), whatever the input precision,
+    like the fused kernels that accumulate in float32.
+    """
+    dtype = torch.promote_types(mu.dtype, torch.float32)
+    mu, sigma, proxies = mu.to(dtype), sigma.to(dtype), proxies.to(dtype)
+    num_classes = proxies.shape[0]
+    similarity = introspective_similarity(mu, sigma, proxies, ism, ism_offset, ism_scale)
+    positive = labels.view(-1, 1) == torch.arange(num_classes, device=labels.device).view(1, -1)
+    pos_term = _log1p_sum_exp(-alpha * (similarity - margin), positive)
+    neg_term = _log1p_sum_exp(alpha * (similarity + margin), ~positive)
+    has_positive = positive.any(dim=0)
+    # Columns without positives give log(1 + 0) = 0; divide by |P+| (at least 1).
+    num_positive_proxies = has_positive.sum().clamp_min(1)
+    return pos_term.sum() / num_positive_proxies + neg_term.sum() / num_classes
