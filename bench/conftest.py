@@ -1,0 +1,64 @@
+"""Shared options for the benchmark suites (`pytest bench/ --benchmark-only`).
+
+--bench-scale small (default, what CI runs) keeps every size CPU-friendly; full uses the
+real sizes of DESIGN.md (SOP: 60,502 x 512, C = 11,318), meant for the GPU machine or a
+patient CPU. Every benchmark measures its baseline in the same run and records the ratio
+in `benchmark.extra_info`, printed at the end of the session.
+"""
+import time
+
+import pytest
+import torch
+
+RATIOS = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-scale", choices=("small", "full"), default="small",
+                     help="problem sizes of the benchmarks (default: small)")
+
+
+@pytest.fixture
+def bench_scale(request):
+    return request.config.getoption("--bench-scale")
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request):
+    return torch.device(request.param)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, device, repeat=5, warmup=1):
+    """Best wall time of fn() in seconds over `repeat` runs (after `warmup` untimed runs)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def record_ratio(benchmark, name, baseline_seconds, candidate_seconds):
+    """Store baseline/candidate (> 1 means the candidate is faster) for the summary."""
+    ratio = baseline_seconds / candidate_seconds
+    benchmark.extra_info[f"speedup_vs_{name}"] = ratio
+    RATIOS.append((benchmark.name, name, baseline_seconds, candidate_seconds, ratio))
+    return ratio
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RATIOS:
+        return
+    terminalreporter.section("speed-ups measured in this run (baseline time / candidate time)")
+    for test, baseline, base_s, cand_s, ratio in RATIOS:
+        terminalreporter.write_line(
+            f"{test:60s} vs {baseline:24s} {base_s * 1e3:10.3f} ms / {cand_s * 1e3:10.3f} ms = {ratio:6.2f}x")
