@@ -1,0 +1,61 @@
+"""Checkpoints: written atomically, read with torch.load(weights_only=True).
+
+A checkpoint is a dict of tensors and plain Python values (no pickled objects), so it
+loads safely and without idml's classes:
+  format, version, args (the run's arguments), model, criterion, optimizer, scheduler,
+  epoch (epochs completed), best ({"epoch", "metrics"}), rng, wandb_run_id.
+"""
+import io
+import random
+
+import numpy as np
+import torch
+
+from idml.errors import UsageError
+from idml.files import atomic_write
+
+FORMAT = "idml-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    buffer = io.BytesIO()  # serialise fully before touching the disk
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint at `path`; UsageError when it is missing or not an idml checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint not found: {path}") from None
+    except Exception as error:
+        raise UsageError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no details'})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UsageError(f"{path} is not an idml checkpoint (expected a file written by scripts/train.py)")
+    return state
+
+
+def rng_state(mixup_generator: torch.Generator) -> dict:
+    """Every random state a run draws from, as tensors and plain values."""
+    state = {
+        "python": random.getstate(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+        "mixup": mixup_generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict, mixup_generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    mixup_generator.set_state(state["mixup"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

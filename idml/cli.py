@@ -1,0 +1,135 @@
+"""Command lines of scripts/train.py and scripts/evaluate.py.
+
+Every flag of the published commands is accepted verbatim (`--gpu -1` included). Bad
+arguments or data end with one sentence on stderr and exit code 2, never a traceback.
+"""
+import argparse
+import json
+import sys
+
+from idml.errors import UsageError
+
+DATASET_NAMES = {"cub": "cub", "cars": "cars", "sop": "SOP", "digits": "digits"}
+
+
+def _dataset(value: str) -> str:
+    try:
+        return DATASET_NAMES[value.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected one of cub, cars, SOP, digits, got {value!r}") from None
+
+
+def _positive(kind):
+    def parse(value):
+        number = kind(value)
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+        return number
+    return parse
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from idml.data import DATASETS
+    from idml.models import ARCHITECTURES, UNCERTAINTY_MODES
+
+    parser.add_argument("--dataset", type=_dataset, default="digits", metavar="{" + ",".join(DATASETS) + "}",
+                        help="data set (default: digits, embedded; cub, cars, SOP read --data-root)")
+    parser.add_argument("--data-root", default="./data",
+                        help="folder holding CUB_200_2011/, cars196/ or Stanford_Online_Products/ (default ./data)")
+    parser.add_argument("--model", default="resnet50", choices=ARCHITECTURES, help="backbone (default resnet50)")
+    parser.add_argument("--embedding-size", type=_positive(int), default=512, help="embedding width D (default 512)")
+    parser.add_argument("--l2-norm", type=int, choices=(0, 1), default=1, help="L2-normalise mu and sigma (default 1)")
+    parser.add_argument("--uncertainty", choices=UNCERTAINTY_MODES, default="normalized",
+                        help="sigma: 'normalized' as published (|sigma|=1, the head gets no gradient), "
+                             "'relu' or 'softplus' (learned uncertainty)")
+    parser.add_argument("--image-size", type=_positive(int), default=None,
+                        help="input size in pixels (default 224; digits 32)")
+    parser.add_argument("--batch-size", type=_positive(int), default=150,
+                        help="global batch size (default 150; the published commands pass 120)")
+    parser.add_argument("--workers", type=int, default=4, help="data loading processes (default 4)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the GPU when there is one (default)")
+    parser.add_argument("--gpu", "--gpu-id", dest="gpu", type=int, default=0,
+                        help="GPU index; -1 = all visible GPUs, as in the published commands (default 0)")
+    parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                        help="mixed precision of the forward pass (default off)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scripts/train.py",
+        description="Train Introspective Deep Metric Learning (ProxyAnchor + IDML) and evaluate on unseen classes.")
+    _add_model_arguments(parser)
+    parser.add_argument("--LOG_DIR", default="./logs", help="folder for run folders (default ./logs)")
+    parser.add_argument("--remark", default="", help="suffix of the run folder's name")
+    parser.add_argument("--loss", default="Proxy_Anchor", choices=("Proxy_Anchor",), help="loss (Proxy_Anchor)")
+    parser.add_argument("--epochs", type=_positive(int), default=60, help="epochs (default 60)")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd", "adam", "rmsprop"), default="adamw")
+    parser.add_argument("--lr", type=_positive(float), default=1e-4, help="learning rate (proxies: 100x)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--lr-decay-step", type=_positive(int), default=10, help="StepLR step in epochs")
+    parser.add_argument("--lr-decay-gamma", type=_positive(float), default=0.5, help="StepLR factor")
+    parser.add_argument("--alpha", type=_positive(float), default=32.0, help="Proxy Anchor scale alpha")
+    parser.add_argument("--mrg", type=float, default=0.1, help="Proxy Anchor margin delta")
+    parser.add_argument("--ism", type=int, choices=(0, 1), default=1,
+                        help="1: introspective similarity (IDML); 0: plain Proxy Anchor")
+    parser.add_argument("--ism-offset", type=float, default=4.0, help="a in exp(-(u + a) / (b d)) (default 4)")
+    parser.add_argument("--ism-scale", type=_positive(float), default=5.0, help="b in exp(-(u + a) / (b d)) (default 5)")
+    parser.add_argument("--IPC", type=int, default=0, help="images per class in balanced batches (0: shuffled)")
+    parser.add_argument("--warm", type=int, default=1, help="warm-up epochs: only the semantic head and proxies train")
+    parser.add_argument("--bn-freeze", type=int, choices=(0, 1), default=1, help="freeze the backbone's BatchNorm")
+    parser.add_argument("--pretrained", default="imagenet",
+                        help="backbone weights: imagenet (default), none, or a torchvision state-dict file")
+    parser.add_argument("--loader", choices=("pil",), default="pil", help="image decoding (pil)")
+    parser.add_argument("--resume", default=None, help="continue from this checkpoint_last.pt")
+    parser.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
+                        help="auto: online with credentials, else offline (default)")
+    parser.add_argument("--max-steps", type=_positive(int), default=None, help="cap steps per epoch (smoke runs)")
+    parser.add_argument("--eval-clustering", type=int, choices=(0, 1), default=1,
+                        help="compute NMI and F1 (k-means) at every evaluation (default 1)")
+    return parser
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scripts/evaluate.py",
+                                     description="Evaluate a trained checkpoint on the unseen test classes.")
+    parser.add_argument("--dataset", type=_dataset, default=None, help="default: the checkpoint's")
+    parser.add_argument("--data-root", default=None, help="default: the checkpoint's")
+    parser.add_argument("--resume", required=True, help="checkpoint (checkpoint_last.pt or *_best.pth)")
+    parser.add_argument("--image-size", type=_positive(int), default=None, help="default: the checkpoint's")
+    parser.add_argument("--batch-size", type=_positive(int), default=120)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--gpu", "--gpu-id", dest="gpu", type=int, default=0)
+    parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    return parser
+
+
+def run_guarded(main, argv=None) -> int:
+    """Run main(argv); a UsageError becomes one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train_main(argv=None) -> None:
+    from idml.train import train
+
+    train(train_parser().parse_args(argv))
+
+
+def evaluate_main(argv=None) -> None:
+    from idml.evaluate import evaluate_checkpoint
+
+    args = evaluate_parser().parse_args(argv)
+    metrics = evaluate_checkpoint(args)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for name, value in metrics.items():
+            print(f"{name:6s} {value * 100:6.2f}")

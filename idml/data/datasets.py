@@ -1,0 +1,137 @@
+"""The image-retrieval datasets on disk: CUB-200-2011, Cars196, Stanford Online Products.
+
+Each `*_split` function reads one dataset's real layout under `root` (IDML_METHOD.md
+section 6) and returns the (path, label) list of one split, labels renumbered 0..n-1 in
+the order of the original class ids. Bad layouts raise UsageError naming what was
+expected where.
+"""
+import os
+from typing import List, Tuple
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from idml.errors import UsageError
+
+Items = List[Tuple[str, int]]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+CUB_LAYOUT = "CUB_200_2011/images/<NNN.Name>/<file>.jpg"
+CARS_LAYOUT = "cars196/car_ims/<file>.jpg and cars196/cars_annos.mat"
+SOP_LAYOUT = "Stanford_Online_Products/Ebay_train.txt, Ebay_test.txt and the image folders they list"
+
+
+def _is_hidden(name: str) -> bool:
+    # macOS writes '._name' resource forks beside copied files: they are not images.
+    return name.startswith(".")
+
+
+def _renumber(items: Items) -> Items:
+    """Labels 0..n-1 in the order of the original ids."""
+    ids = sorted({label for _, label in items})
+    index = {original: new for new, original in enumerate(ids)}
+    return [(path, index[label]) for path, label in items]
+
+
+def _require(path: str, layout: str, dataset: str, kind: str = "folder") -> None:
+    exists = os.path.isdir(path) if kind == "folder" else os.path.isfile(path)
+    if not exists:
+        raise UsageError(f"{dataset} {kind} not found: expected {path} (layout: <data-root>/{layout})")
+
+
+def cub_split(root: str, train: bool) -> Items:
+    """CUB-200-2011: classes are the sorted image folders; the first 100 train, the rest test."""
+    images = os.path.join(root, "CUB_200_2011", "images")
+    _require(images, CUB_LAYOUT, "CUB-200-2011")
+    classes = sorted(d for d in os.listdir(images) if not _is_hidden(d) and os.path.isdir(os.path.join(images, d)))
+    if len(classes) < 2:
+        raise UsageError(f"CUB-200-2011: expected class folders like 001.Black_footed_Albatross in {images}, "
+                         f"found {len(classes)}")
+    half = len(classes) // 2
+    chosen = classes[:half] if train else classes[half:]
+    items = []
+    for label, name in enumerate(chosen):
+        folder = os.path.join(images, name)
+        files = sorted(f for f in os.listdir(folder) if not _is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise UsageError(f"CUB-200-2011: class folder {folder} holds no images (expected <file>.jpg)")
+        items += [(os.path.join(folder, f), label) for f in files]
+    return items
+
+
+def cars_split(root: str, train: bool) -> Items:
+    """Cars196: cars_annos.mat lists (relative path, bbox, 1-based class, test flag);
+    classes 1-98 train, 99-196 test (the test flag is not used, as published)."""
+    import scipy.io
+
+    folder = os.path.join(root, "cars196")
+    annotations_file = os.path.join(folder, "cars_annos.mat")
+    _require(annotations_file, CARS_LAYOUT, "Cars196", kind="file")
+    try:
+        annotations = scipy.io.loadmat(annotations_file)["annotations"][0]
+        entries = [(str(a["relative_im_path"][0]), int(a["class"][0][0])) for a in annotations]
+    except Exception as error:
+        raise UsageError(f"Cars196: {annotations_file} is not a readable cars_annos.mat "
+                         f"(expected an 'annotations' struct with relative_im_path and class): {error}") from None
+    num_classes = max(c for _, c in entries)
+    half = num_classes // 2
+    items = [(os.path.join(folder, path), c) for path, c in entries if (c <= half) == train]
+    if not items:
+        raise UsageError(f"Cars196: {annotations_file} lists no images of the {'train' if train else 'test'} classes")
+    missing = [path for path, _ in items if not os.path.isfile(path)]
+    if missing:
+        raise UsageError(f"Cars196: {len(missing)} images listed in {annotations_file} are missing, "
+                         f"e.g. {missing[0]} (layout: <data-root>/{CARS_LAYOUT})")
+    return _renumber(items)
+
+
+SOP_FOLDERS = ("Stanford_Online_Products", "Standford_Online_Products")  # the seed README's spelling too
+
+
+def sop_split(root: str, train: bool) -> Items:
+    """Stanford Online Products: Ebay_train.txt / Ebay_test.txt, a header line then
+    `image_id class_id super_class_id path` per image."""
+    folders = [os.path.join(root, name) for name in SOP_FOLDERS]
+    folder = next((f for f in folders if os.path.isdir(f)), None)
+    if folder is None:
+        raise UsageError(f"Stanford Online Products folder not found: expected {folders[0]} "
+                         f"(or {folders[1]}) with Ebay_train.txt and Ebay_test.txt")
+    list_file = os.path.join(folder, "Ebay_train.txt" if train else "Ebay_test.txt")
+    _require(list_file, SOP_LAYOUT, "Stanford Online Products", kind="file")
+    items = []
+    with open(list_file) as f:
+        lines = f.read().splitlines()[1:]
+    for number, line in enumerate(lines, start=2):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 4 or not fields[1].isdigit():
+            raise UsageError(f"Stanford Online Products: line {number} of {list_file} should read "
+                             f"'image_id class_id super_class_id path', got {line!r}")
+        items.append((os.path.join(folder, fields[3]), int(fields[1])))
+    if not items:
+        raise UsageError(f"Stanford Online Products: {list_file} lists no images")
+    return _renumber(items)
+
+
+SPLITS = {"cub": cub_split, "cars": cars_split, "SOP": sop_split}
+
+
+class ImageFileDataset(Dataset):
+    """(path, label) items decoded with PIL; grey, CMYK and RGBA images become RGB."""
+
+    def __init__(self, items: Items, transform=None):
+        self.items = items
+        self.transform = transform
+        self.labels = [label for _, label in items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label

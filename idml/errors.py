@@ -1,0 +1,9 @@
+"""The one exception type for bad input (arguments, data, checkpoints).
+
+The command line catches it, prints its message (one sentence saying what was expected
+where) and exits with code 2; library users can catch it as a ValueError.
+"""
+
+
+class UsageError(ValueError):
+    pass

@@ -1,0 +1,26 @@
+"""Atomic file writes: every file the project writes goes to a temporary name in the same
+folder first and is renamed over the target, so a crash never leaves a truncated file."""
+import os
+import tempfile
+from typing import Callable
+
+
+def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -> None:
+    """Call write(f) on a temporary file beside `path`, fsync it, then rename it to `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), mode="w")

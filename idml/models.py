@@ -1,0 +1,128 @@
+"""The IDML embedding network (IDML_METHOD.md section 1).
+
+A torchvision ResNet up to layer4, global average + global max pooling (summed), and two
+linear heads: semantic mu and uncertainty sigma.
+"""
+import os
+import urllib.error
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from idml.errors import UsageError
+from idml.reference import l2_normalize
+
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
+UNCERTAINTY_MODES = ("normalized", "relu", "softplus")
+
+
+def _imagenet_weights(arch: str):
+    """torchvision's ImageNet weights enum, V1 as in the published code (pretrained=True)."""
+    enum_name = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
+                 "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}[arch]
+    return getattr(torchvision.models, enum_name).IMAGENET1K_V1
+
+
+def load_backbone(arch: str, pretrained: str) -> nn.Module:
+    """A torchvision ResNet with `pretrained` = 'imagenet', 'none' or a state-dict file."""
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"--model must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    backbone = getattr(torchvision.models, arch)(weights=None)
+    if pretrained == "none":
+        return backbone
+    if pretrained == "imagenet":
+        weights = _imagenet_weights(arch)
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        try:
+            state = weights.get_state_dict(progress=False)
+        except (urllib.error.URLError, OSError) as error:
+            raise UsageError(
+                f"could not download the ImageNet weights of {arch} ({error}): download {weights.url} "
+                f"on a machine with network access and save it as {cached}, or pass --pretrained PATH "
+                f"to a torchvision {arch} state dict, or --pretrained none") from None
+    else:
+        if not os.path.isfile(pretrained):
+            raise UsageError(f"--pretrained expects 'imagenet', 'none' or a weights file; {pretrained} does not exist")
+        try:
+            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise UsageError(f"--pretrained {pretrained} is not a loadable torch state dict ({error})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier is replaced anyway
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes of another architecture
+        missing, unexpected = [str(error).splitlines()[1].strip()], []
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise UsageError(f"--pretrained {pretrained}: not a torchvision {arch} state dict "
+                         f"({(missing + list(unexpected))[0]})")
+    return backbone
+
+
+class IDMLNet(nn.Module):
+    """images -> (mu, sigma), each B x embedding_size.
+
+    uncertainty='normalized' (published): sigma is L2-normalised like mu when l2_norm, so
+    |sigma|^2 = 1 for every image and the uncertainty head learns nothing.
+    'relu' / 'softplus': sigma = that non-negative map of the head's output, never
+    normalised, so |sigma|^2 varies per image and the head learns.
+    """
+
+    def __init__(self, arch: str = "resnet50", embedding_size: int = 512, pretrained: str = "imagenet",
+                 l2_norm: bool = True, uncertainty: str = "normalized", bn_freeze: bool = True):
+        super().__init__()
+        if uncertainty not in UNCERTAINTY_MODES:
+            raise UsageError(f"--uncertainty must be one of {', '.join(UNCERTAINTY_MODES)}, got {uncertainty!r}")
+        backbone = load_backbone(arch, pretrained)
+        num_features = backbone.fc.in_features
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        self.semantic = nn.Linear(num_features, embedding_size)
+        nn.init.kaiming_normal_(self.semantic.weight, mode="fan_out")
+        nn.init.zeros_(self.semantic.bias)
+        self.uncertainty_head = nn.Linear(num_features, embedding_size)  # PyTorch's default init
+        self.arch, self.embedding_size = arch, embedding_size
+        self.l2_norm, self.uncertainty, self.bn_freeze = l2_norm, uncertainty, bn_freeze
+        if bn_freeze:
+            for module in self.batch_norms():
+                module.weight.requires_grad_(False)
+                module.bias.requires_grad_(False)
+
+    def batch_norms(self):
+        return [m for m in self.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.bn_freeze:  # frozen BatchNorm stays in eval mode in every epoch
+            for module in self.batch_norms():
+                module.eval()
+        return self
+
+    def set_warmup(self, active: bool) -> None:
+        """During warm-up only the semantic head (and the proxies) train."""
+        frozen_bn = {id(p) for m in self.batch_norms() for p in m.parameters()} if self.bn_freeze else set()
+        for parameter in list(self.backbone.parameters()) + list(self.uncertainty_head.parameters()):
+            if id(parameter) not in frozen_bn:
+                parameter.requires_grad_(not active)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
+        x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
+        return (F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)).flatten(1)
+
+    def forward(self, images: torch.Tensor):
+        h = self.features(images)
+        mu, sigma = self.semantic(h), self.uncertainty_head(h)
+        if self.l2_norm:
+            mu = l2_normalize(mu)
+        if self.uncertainty == "normalized":
+            sigma = l2_normalize(sigma) if self.l2_norm else sigma
+        elif self.uncertainty == "relu":
+            sigma = F.relu(sigma)
+        else:
+            sigma = F.softplus(sigma)
+        return mu, sigma

@@ -1,0 +1,44 @@
+"""What training and evaluation share: the device, the seeds, the data loaders, the model
+built from a run's arguments."""
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from idml.errors import UsageError
+from idml.models import IDMLNet
+
+
+def resolve_device(device: str, gpu: int) -> torch.device:
+    """--device auto|cpu|cuda with --gpu N (-1: all visible GPUs; the first one here)."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if device == "cuda":
+            raise UsageError("--device cuda was given but no CUDA GPU is visible (torch.cuda.is_available() is False)")
+        if gpu != 0:
+            print(f"note: --gpu {gpu} was given but no GPU is visible: running on the CPU")
+        return torch.device("cpu")
+    if gpu >= torch.cuda.device_count():
+        raise UsageError(f"--gpu {gpu} was given but only {torch.cuda.device_count()} GPU(s) are visible")
+    return torch.device("cuda", max(gpu, 0))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def loader_options(workers: int, device: torch.device) -> dict:
+    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+def eval_loader(dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(workers, device))
+
+
+def build_model(args, pretrained: str) -> IDMLNet:
+    return IDMLNet(arch=args.model, embedding_size=args.embedding_size, pretrained=pretrained,
+                   l2_norm=bool(args.l2_norm), uncertainty=args.uncertainty, bn_freeze=bool(args.bn_freeze))

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.9+), installs the pinned dependencies and builds the extension
+# idml._C in place. Safe to run again: it reinstalls only when a requirements file changed
+# and rebuilds only what changed. Usage: bash scripts/setup.sh [requirements file]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requirements="${1:-requirements.txt}"
+python="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+stamp=".venv/.installed-$(cat "$requirements" requirements.txt | sha1sum | cut -c1-12)-$(basename "$requirements")"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing $requirements (torch is large: a few minutes the first time)"
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -r "$requirements"
+  touch "$stamp"
+fi
+# Without a GPU, build the CUDA kernels for the Hopper cards only unless told otherwise
+# (each architecture costs compile time); with a GPU, torch builds for the visible ones.
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(.venv/bin/python -c 'import torch; print("" if torch.cuda.is_available() else "9.0")')}"
+[ -n "$TORCH_CUDA_ARCH_LIST" ] || unset TORCH_CUDA_ARCH_LIST
+echo "setup: building the idml._C extension (the CUDA kernels take a few minutes the first time)"
+MAX_JOBS="${MAX_JOBS:-2}" .venv/bin/python -m pip install --quiet --no-build-isolation --no-deps -e .
+.venv/bin/python -c "import idml.ops as o; assert o.EXTENSION_ERROR is None, o.EXTENSION_ERROR; print('setup: idml', __import__('idml').__version__, 'with its compiled ops is ready')"

@@ -1,0 +1,76 @@
+"""The command lines refuse bad input with one clear sentence and exit code 2."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from idml.checkpoint import save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def assert_refused(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_missing_dataset_root(tmp_path):
+    result = run("train.py", "--dataset", "cub", "--data-root", str(tmp_path / "nowhere"), "--pretrained", "none")
+    assert_refused(result, "CUB-200-2011 folder not found", "CUB_200_2011/images/<NNN.Name>/<file>.jpg")
+
+
+def test_unknown_dataset_and_bad_number():
+    assert_refused(run("train.py", "--dataset", "imagenet"), "expected one of cub, cars, SOP, digits")
+    assert_refused(run("train.py", "--batch-size", "0"), "expected a positive number")
+
+
+def test_offline_imagenet_default_says_what_to_do(tmp_path):
+    # A proxy on a closed loopback port makes the download fail at once, network or not.
+    env = {"TORCH_HOME": str(tmp_path), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    result = run("train.py", "--model", "resnet18", "--wandb", "disabled", env=env)
+    assert_refused(result, "could not download the ImageNet weights of resnet18", "resnet18-f37072fd.pth",
+                   "--pretrained none")
+
+
+def test_device_cuda_without_a_gpu():
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert_refused(run("train.py", "--device", "cuda", "--pretrained", "none"), "no CUDA GPU is visible")
+
+
+def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("hello")
+    assert_refused(run("evaluate.py", "--resume", str(path)), f"{path} is not a readable checkpoint")
+    assert_refused(run("evaluate.py", "--resume", str(tmp_path / "missing.pt")), "checkpoint not found")
+
+
+def test_evaluate_refuses_a_foreign_torch_file(tmp_path):
+    import torch
+
+    path = str(tmp_path / "weights.pt")
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    assert_refused(run("evaluate.py", "--resume", path), "is not an idml checkpoint")
+
+
+def test_resume_with_another_embedding_size_is_refused(tmp_path):
+    import torch
+
+    path = str(tmp_path / "checkpoint_last.pt")
+    save_checkpoint(path, {"args": {"model": "resnet18", "embedding_size": 64, "dataset": "digits",
+                                    "uncertainty": "normalized", "l2_norm": 1}, "model": {}})
+    result = run("train.py", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "32",
+                 "--resume", path, "--wandb", "disabled", "--workers", "0")
+    assert_refused(result, "was trained with --embedding-size 64, this run asks for 32")
+    assert torch.load(path, weights_only=True)["args"]["embedding_size"] == 64  # untouched

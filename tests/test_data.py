@@ -1,0 +1,159 @@
+"""Datasets in their real on-disk layouts (written by idml.data.synthetic), digits, samplers."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from idml.data import build_dataset
+from idml.data.datasets import cars_split, cub_split, sop_split
+from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler
+from idml.data.synthetic import write_cars, write_cub, write_sop
+from idml.errors import UsageError
+
+CLASSES, PER_CLASS = 6, 4
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    write_cub(root, CLASSES, PER_CLASS)
+    write_cars(root, CLASSES, PER_CLASS)
+    write_sop(root, CLASSES, PER_CLASS)
+    return root
+
+
+@pytest.mark.parametrize("split", [cub_split, cars_split, sop_split])
+def test_splits_hold_disjoint_halves_of_the_classes(root, split):
+    train, test = split(root, True), split(root, False)
+    assert len(train) == len(test) == CLASSES // 2 * PER_CLASS
+    assert sorted({label for _, label in train}) == sorted({label for _, label in test}) == list(range(CLASSES // 2))
+    assert not {path for path, _ in train} & {path for path, _ in test}
+    assert all(os.path.isfile(path) for path, _ in train + test)
+
+
+def test_cub_classes_are_the_sorted_folders_and_hidden_files_are_skipped(root, tmp_path):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(root + "/CUB_200_2011", copy + "/CUB_200_2011")
+    images = copy + "/CUB_200_2011/images"
+    first = sorted(os.listdir(images))[0]
+    open(os.path.join(images, first, "._resource_fork.jpg"), "wb").write(b"not an image")
+    train = cub_split(copy, True)
+    assert all(first in path for path, label in train if label == 0)
+    assert not any(os.path.basename(path).startswith("._") for path, _ in train)
+
+
+def test_cars_split_follows_the_annotation_classes(root):
+    import scipy.io
+
+    annotations = scipy.io.loadmat(os.path.join(root, "cars196", "cars_annos.mat"))["annotations"][0]
+    expected = sorted(str(a["relative_im_path"][0]) for a in annotations if int(a["class"][0][0]) > CLASSES // 2)
+    got = sorted(os.path.relpath(path, os.path.join(root, "cars196")) for path, _ in cars_split(root, False))
+    assert got == expected
+
+
+def test_sop_accepts_the_seed_readme_spelling(tmp_path):
+    write_sop(str(tmp_path), 4, 3, folder_name="Standford_Online_Products")
+    assert len(sop_split(str(tmp_path), True)) == 6
+
+
+def test_images_decode_to_rgb_tensors_grey_ones_included(root):
+    dataset = build_dataset("cub", root, train=False, image_size=40)
+    modes = {Image.open(path).mode for path, _ in dataset.items}
+    assert "L" in modes  # the generator writes grey JPEGs too
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        assert image.shape == (3, 40, 40) and image.dtype == torch.float32
+        assert label == dataset.labels[index]
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "RGBA", "L"])
+def test_other_colour_modes_become_rgb(tmp_path, mode):
+    from idml.data.datasets import ImageFileDataset
+
+    path = str(tmp_path / "image.png" if mode == "RGBA" else tmp_path / "image.jpg")
+    Image.new(mode, (20, 10)).save(path)
+    image, _ = ImageFileDataset([(path, 0)])[0]
+    assert image.mode == "RGB" and image.size == (20, 10)
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ("cub", "CUB_200_2011/images"),
+    ("cars", "cars196/cars_annos.mat"),
+    ("SOP", "Stanford_Online_Products"),
+])
+def test_missing_dataset_names_the_expected_path(tmp_path, dataset, message):
+    with pytest.raises(UsageError, match=message):
+        build_dataset(dataset, str(tmp_path), train=True, image_size=32)
+
+
+def test_malformed_sop_list_names_the_line(tmp_path):
+    write_sop(str(tmp_path), 4, 2)
+    list_file = tmp_path / "Stanford_Online_Products" / "Ebay_train.txt"
+    list_file.write_text(list_file.read_text() + "this line is broken\n")
+    with pytest.raises(UsageError, match="line 6 of .*Ebay_train.txt"):
+        sop_split(str(tmp_path), True)
+
+
+def test_cars_with_a_missing_image_is_reported(tmp_path):
+    write_cars(str(tmp_path), 4, 2)
+    os.remove(tmp_path / "cars196" / "car_ims" / "000001.jpg")
+    with pytest.raises(UsageError, match="missing, e.g. .*000001.jpg"):
+        cars_split(str(tmp_path), True)
+
+
+def test_empty_cub_class_is_reported(tmp_path):
+    write_cub(str(tmp_path), 4, 2)
+    folder = tmp_path / "CUB_200_2011" / "images" / "005.Empty"
+    folder.mkdir()
+    with pytest.raises(UsageError, match="005.Empty holds no images"):
+        cub_split(str(tmp_path), False)
+
+
+def test_digits_split_unseen_classes():
+    train = build_dataset("digits", "", train=True, image_size=24)
+    test = build_dataset("digits", "", train=False, image_size=24)
+    assert len(train) + len(test) == 1797
+    assert sorted(set(train.labels)) == sorted(set(test.labels)) == [0, 1, 2, 3, 4]
+    image, _ = test[0]
+    assert image.shape == (3, 24, 24) and -1.0 <= image.min() and image.max() <= 1.0
+    # the test split is not augmented: the same image twice
+    assert torch.equal(test[3][0], test[3][0])
+
+
+def test_random_sampler_drops_the_last_batch_and_is_deterministic_per_epoch():
+    labels = list(range(25))
+    sampler = RandomBatchSampler(labels, batch_size=10, seed=3)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 2 and all(len(b) == 10 for b in first)
+    assert len(set(sum(first, []))) == 20
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_balanced_sampler_batches_hold_ipc_images_of_each_class():
+    labels = np.repeat(np.arange(10), 7)
+    sampler = BalancedBatchSampler(labels, batch_size=12, images_per_class=3, seed=0)
+    for batch in sampler:
+        classes, counts = np.unique(labels[batch], return_counts=True)
+        assert len(classes) == 4 and (counts == 3).all()
+
+
+@pytest.mark.parametrize("make", [
+    lambda labels, rank, world: RandomBatchSampler(labels, 12, 5, rank, world),
+    lambda labels, rank, world: BalancedBatchSampler(labels, 12, 3, 5, rank, world),
+])
+def test_rank_shards_make_up_the_global_batch(make):
+    labels = np.repeat(np.arange(8), 6)
+    whole = list(make(labels, 0, 1))
+    shards = [list(make(labels, rank, 3)) for rank in range(3)]
+    for step, batch in enumerate(whole):
+        assert sum((shard[step] for shard in shards), []) == batch
+
+
+def test_sampler_rejects_a_batch_larger_than_the_training_set():
+    with pytest.raises(UsageError, match="larger than the training set"):
+        RandomBatchSampler(list(range(5)), batch_size=8, seed=0)

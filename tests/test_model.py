@@ -1,0 +1,120 @@
+"""The embedding network (IDML_METHOD.md section 1) and how the loss reaches its heads."""
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from idml import reference
+from idml.errors import UsageError
+from idml.models import IDMLNet, load_backbone
+
+
+def small_net(**kwargs):
+    options = dict(arch="resnet18", embedding_size=16, pretrained="none", bn_freeze=False)
+    options.update(kwargs)
+    return IDMLNet(**options)
+
+
+def test_features_are_average_plus_max_pooled_layer4():
+    net = small_net().eval()
+    images = torch.randn(2, 3, 64, 64)
+    b = net.backbone
+    x = b.layer4(b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(images))))))))
+    expected = x.mean(dim=(2, 3)) + x.amax(dim=(2, 3))
+    torch.testing.assert_close(net.features(images), expected)
+    assert net.features(images).shape == (2, 512)
+
+
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_outputs_and_normalisation(l2_norm):
+    net = small_net(l2_norm=l2_norm).eval()
+    mu, sigma = net(torch.randn(3, 3, 32, 32))
+    assert mu.shape == sigma.shape == (3, 16)
+    norms = torch.cat([mu, sigma]).norm(dim=1)
+    assert torch.allclose(norms, torch.ones(6), atol=1e-5) == l2_norm
+
+
+@pytest.mark.parametrize("mode, activation", [("relu", F.relu), ("softplus", F.softplus)])
+def test_learned_uncertainty_is_that_map_of_the_head_not_normalised(mode, activation):
+    net = small_net(uncertainty=mode).eval()
+    images = torch.randn(3, 3, 32, 32)
+    _, sigma = net(images)
+    torch.testing.assert_close(sigma, activation(net.uncertainty_head(net.features(images))))
+
+
+def test_semantic_head_init_is_kaiming_fan_out_with_zero_bias():
+    net = IDMLNet("resnet18", 256, "none")
+    assert torch.count_nonzero(net.semantic.bias) == 0
+    # kaiming normal, fan_out = 256 outputs: std sqrt(2 / 256)
+    assert abs(net.semantic.weight.std().item() - (2 / 256) ** 0.5) < 0.005
+
+
+def uncertainty_gradient(mode: str) -> float:
+    torch.manual_seed(0)
+    net = small_net(uncertainty=mode)
+    proxies = torch.randn(5, 16)
+    mu, sigma = net(torch.randn(8, 3, 32, 32))
+    loss = reference.pa_ism_loss(mu, sigma, torch.arange(8) % 5, proxies)
+    loss.backward()
+    return net.uncertainty_head.weight.grad.abs().max().item()
+
+
+def test_uncertainty_head_learns_nothing_in_normalized_mode():
+    # |sigma| = 1 for every image, so u is constant: the gradient vanishes up to rounding.
+    assert uncertainty_gradient("normalized") < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["relu", "softplus"])
+def test_uncertainty_head_learns_in_relu_and_softplus_modes(mode):
+    assert uncertainty_gradient(mode) > 1e-4
+
+
+def test_bn_freeze_keeps_batchnorm_in_eval_mode_with_frozen_affine():
+    net = small_net(bn_freeze=True).train()
+    norms = net.batch_norms()
+    assert norms and all(not m.training for m in norms)
+    assert all(not p.requires_grad for m in norms for p in m.parameters())
+    net.set_warmup(True)
+    net.set_warmup(False)  # leaving warm-up must not unfreeze them
+    assert all(not p.requires_grad for m in norms for p in m.parameters())
+    assert net.backbone.conv1.weight.requires_grad
+
+
+def test_warmup_trains_only_the_semantic_head():
+    net = small_net()
+    net.set_warmup(True)
+    trainable = {name for name, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"semantic.weight", "semantic.bias"}
+    net.set_warmup(False)
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_pretrained_path_loads_a_torchvision_state_dict(tmp_path):
+    source = torchvision.models.resnet18()
+    path = str(tmp_path / "weights.pth")
+    torch.save(source.state_dict(), path)
+    backbone = load_backbone("resnet18", path)
+    torch.testing.assert_close(backbone.conv1.weight, source.conv1.weight)
+
+
+def test_pretrained_path_of_another_architecture_is_refused(tmp_path):
+    path = str(tmp_path / "weights.pth")
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    with pytest.raises(UsageError, match="not a torchvision resnet18 state dict"):
+        load_backbone("resnet18", path)
+
+
+def test_offline_imagenet_weights_name_the_file_and_the_alternatives(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.__class__, "get_state_dict", no_network)
+    with pytest.raises(UsageError, match=r"resnet50-0676ba61\.pth.*--pretrained PATH.*--pretrained none"):
+        load_backbone("resnet50", "imagenet")
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(UsageError, match="--model must be one of"):
+        load_backbone("vgg16", "none")

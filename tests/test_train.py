@@ -1,0 +1,135 @@
+"""Training end to end: the step's three-term mixup loss, the run's outputs, resume,
+evaluation of a checkpoint, and every seed command line on its generated layout."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from idml import reference
+from idml.checkpoint import load_checkpoint
+from idml.cli import train_parser
+from idml.data.synthetic import WRITERS
+from idml.losses import ProxyAnchorISM
+from idml.models import IDMLNet
+from idml.train import best_results_text, idml_loss, mixup_draw, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "resnet18", "--pretrained", "none", "--embedding-size", "16", "--image-size", "32",
+        "--workers", "0", "--wandb", "disabled", "--warm", "0"]
+
+
+def tiny_args(tmp_path, *extra):
+    return train_parser().parse_args(TINY + ["--LOG_DIR", str(tmp_path / "logs"), *extra])
+
+
+def run_script(script, *args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.mark.parametrize("bn_freeze", [True, False])
+def test_step_loss_is_the_three_term_mixup_formula(bn_freeze):
+    torch.manual_seed(0)
+    model = IDMLNet("resnet18", 8, "none", bn_freeze=bn_freeze).train()
+    criterion = ProxyAnchorISM(4, 8)
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
+    lam, permutation = mixup_draw(6, torch.Generator().manual_seed(3))
+    assert 0.0 <= lam <= 1.0 and sorted(permutation.tolist()) == list(range(6))
+    got = idml_loss(model, criterion, images, labels, lam, permutation, amp="off")
+
+    mixed = lam * images + (1 - lam) * images[permutation]
+    (mu, sigma), (mu_mixed, sigma_mixed) = model(images), model(mixed)
+    proxies = criterion.proxies
+    expected = (reference.pa_ism_loss(mu, sigma, labels, proxies)
+                + lam * reference.pa_ism_loss(mu_mixed, sigma_mixed, labels, proxies)
+                + (1 - lam) * reference.pa_ism_loss(mu_mixed, sigma_mixed, labels[permutation], proxies))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_digits_run_writes_every_output(tmp_path):
+    args = tiny_args(tmp_path, "--dataset", "digits", "--epochs", "2", "--batch-size", "32", "--max-steps", "3",
+                     "--lr", "1e-4")
+    state = train(args)
+    run_dir = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))[0]
+    lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [line["epoch"] for line in lines] == [0, 1, 2]
+    assert lines[0]["loss"] is None and all(line["loss"] > 0 for line in lines[1:])
+    for line in lines:
+        assert set(line) == {"epoch", "loss", "R@1", "R@2", "R@4", "R@8", "RP", "MAP@R", "NMI", "F1"}
+        assert all(0.0 <= line[k] <= 1.0 for k in line if k not in ("epoch", "loss"))
+    last = load_checkpoint(os.path.join(run_dir, "checkpoint_last.pt"))
+    assert last["epoch"] == 2 and state.epoch == 2
+    best_epoch = state.best["epoch"]
+    best = load_checkpoint(os.path.join(run_dir, "digits_resnet18_best.pth"))
+    assert best["epoch"] == best_epoch
+    text = open(os.path.join(run_dir, "digits_resnet18_best_results.txt")).read()
+    assert text == best_results_text(best_epoch, state.best["metrics"])
+    assert text.startswith(f"Best Epoch: {best_epoch}\nBest Recall@1: ")
+
+
+def test_resume_continues_after_the_last_epoch(tmp_path):
+    common = ["--dataset", "digits", "--batch-size", "32", "--max-steps", "2", "--eval-clustering", "0"]
+    train(tiny_args(tmp_path, *common, "--epochs", "1"))
+    last = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "checkpoint_last.pt"))[0]
+    state = train(tiny_args(tmp_path, *common, "--epochs", "2", "--resume", last))
+    assert state.epoch == 2
+    assert [entry["epoch"] for entry in state.history] == [0, 1, 2]
+    assert load_checkpoint(last)["epoch"] == 2
+
+
+def test_evaluate_script_reproduces_the_final_metrics(tmp_path):
+    state = train(tiny_args(tmp_path, "--dataset", "digits", "--epochs", "1", "--batch-size", "32",
+                            "--max-steps", "2"))
+    last = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "checkpoint_last.pt"))[0]
+    result = run_script("evaluate.py", "--resume", last, "--workers", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = {k: v for k, v in state.history[-1].items() if k not in ("epoch", "loss")}
+    assert metrics.keys() == expected.keys()
+    for name in ("R@1", "R@2", "R@4", "R@8", "RP", "MAP@R"):
+        assert metrics[name] == pytest.approx(expected[name], abs=1e-6)
+
+
+def test_wandb_offline_writes_its_run_folder(tmp_path):
+    pytest.importorskip("wandb")
+    args = tiny_args(tmp_path, "--dataset", "digits", "--epochs", "1", "--batch-size", "32", "--max-steps", "1",
+                     "--eval-clustering", "0")
+    args.wandb = "offline"
+    train(args)
+    assert glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "wandb" / "offline-run-*"))
+
+
+SEED_COMMANDS = {
+    "cub": "--gpu -1 --loss Proxy_Anchor --model resnet50 --embedding-size 512 --batch-size 120 --lr 6e-4 "
+           "--dataset cub --warm 5 --bn-freeze 1 --lr-decay-step 5",
+    "cars": "--gpu -1 --loss Proxy_Anchor --model resnet50 --embedding-size 512 --batch-size 120 --lr 2.5e-4 "
+            "--dataset cars --warm 5 --bn-freeze 1 --lr-decay-step 10",
+    "sop": "--gpu -1 --loss Proxy_Anchor --model resnet50 --embedding-size 512 --batch-size 120 --lr 6e-4 "
+           "--dataset SOP --warm 5 --bn-freeze 1 --lr-decay-step 10 --lr-decay-gamma 0.25",
+}
+
+
+@pytest.mark.parametrize("layout", ["cub", "cars", "sop"])
+def test_seed_command_runs_one_short_epoch_on_its_layout(tmp_path, layout):
+    data = str(tmp_path / "data")
+    WRITERS[layout](data, 20, 13)  # 10 train classes x 13 images >= the seed's batch of 120
+    logs = str(tmp_path / "logs")
+    result = run_script("train.py", *SEED_COMMANDS[layout].split(), "--data-root", data, "--pretrained", "none",
+                        "--epochs", "1", "--image-size", "64", "--max-steps", "2", "--wandb", "disabled",
+                        "--workers", "2", "--LOG_DIR", logs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if not torch.cuda.is_available():
+        assert "no GPU is visible: running on the CPU" in result.stdout
+    assert "unseen-class metrics before training -> after training" in result.stdout
+    dataset = {"sop": "SOP"}.get(layout, layout)
+    run_dir = glob.glob(os.path.join(logs, f"logs_{dataset}", "resnet50_Proxy_Anchor_embedding512_*"))[0]
+    for name in ("checkpoint_last.pt", f"{dataset}_resnet50_best.pth", f"{dataset}_resnet50_best_results.txt",
+                 "metrics.jsonl"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    expected_ks = ["R@1", "R@10", "R@100"] if layout == "sop" else ["R@1", "R@2", "R@4", "R@8"]
+    assert [k for k in lines[-1] if k.startswith("R@")] == expected_ks
