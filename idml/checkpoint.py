@@ -40,10 +40,11 @@ def load_checkpoint(path: str) -> dict:
 
 def rng_state(mixup_generator: torch.Generator) -> dict:
     """Every random state a run draws from, as tensors and plain values."""
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
+        "numpy_extra": (int(numpy_pos), int(numpy_has_gauss), float(numpy_gauss)),
         "torch": torch.get_rng_state(),
         "mixup": mixup_generator.get_state(),
     }
@@ -54,7 +55,7 @@ def rng_state(mixup_generator: torch.Generator) -> dict:
 
 def restore_rng_state(state: dict, mixup_generator: torch.Generator) -> None:
     random.setstate(state["python"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), *state["numpy_extra"]))
     torch.set_rng_state(state["torch"])
     mixup_generator.set_state(state["mixup"])
     if torch.cuda.is_available() and "cuda" in state:

@@ -4,6 +4,7 @@ scans shipped inside the scikit-learn wheel, nothing is downloaded). Classes 0-4
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision import transforms
 
 TRAIN_DIGITS = (0, 1, 2, 3, 4)
 
@@ -30,16 +31,10 @@ class DigitsDataset(Dataset):
     def __getitem__(self, index):
         image = self.images[index]
         if self.augment:
-            image = _random_shift(image, max_shift=max(1, image.shape[-1] // 16))
+            image = AUGMENT(image)
         return image, self.labels[index]
 
 
-def _random_shift(image: torch.Tensor, max_shift: int) -> torch.Tensor:
-    """Translate by up to max_shift pixels, filling with the background value: the
-    digits' counterpart of the random crop (a flip would turn digits into other shapes)."""
-    dy, dx = torch.randint(-max_shift, max_shift + 1, (2,)).tolist()
-    shifted = torch.full_like(image, -1.0)
-    h, w = image.shape[-2:]
-    shifted[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        image[:, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
-    return shifted
+# The digits' counterpart of the photos' random resized crop: small shifts, rotations and
+# scalings, background-filled (a horizontal flip would turn digits into other shapes).
+AUGMENT = transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=-1.0)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The one command for the lent GPU machine (H100/H200; torch 2.11 there, no network, no
+# wandb or DALI): builds idml._C in place for sm_90 with that machine's torch, runs the
+# CUDA tests, then the benchmarks at full size, and prints one table of timings and
+# speed-ups. Budget: about 6 minutes. Usage: bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
+python="${PYTHON:-python3}"
+out="${OUT:-/tmp/idml_gpu_check}"
+mkdir -p "$out"
+"$python" -c "import torch; print('torch', torch.__version__, '| GPU', torch.cuda.get_device_name(0))"
+
+start=$(date +%s)
+"$python" setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+
+"$python" -m pytest tests -q -x -k cuda -p no:cacheprovider 2>&1 | tail -15
+status=${PIPESTATUS[0]}
+
+"$python" -m pytest bench --benchmark-only --bench-scale full -q -p no:cacheprovider \
+  --benchmark-json="$out/benchmarks.json" --benchmark-columns=min,median,rounds 2>&1 | tail -60
+echo "total: $(( $(date +%s) - start )) s"
+exit "$status"

@@ -1,0 +1,52 @@
+"""Atomic writes and checkpoints: a failed write never damages the previous file."""
+import os
+
+import pytest
+import torch
+
+from idml.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from idml.errors import UsageError
+from idml.files import atomic_write, atomic_write_text
+
+
+def test_a_write_that_fails_halfway_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = str(tmp_path / "results.txt")
+    atomic_write_text(path, "old\n")
+
+    def broken(f):
+        f.write(b"half of the new cont")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert open(path).read() == "old\n"
+    assert os.listdir(tmp_path) == ["results.txt"]
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(path, {"model": {"w": torch.arange(3.0)}, "epoch": 4, "best": None})
+    state = load_checkpoint(path)
+    assert state["epoch"] == 4 and torch.equal(state["model"]["w"], torch.arange(3.0))
+
+
+def test_a_truncated_checkpoint_is_reported(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(path, {"model": {"w": torch.randn(1000)}})
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="is not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_rng_state_round_trip_restores_every_stream():
+    import random
+
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(5)
+    saved = rng_state(generator)
+    draws = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item())
+    restore_rng_state(saved, generator)
+    assert (random.random(), np.random.rand(), torch.rand(1).item(),
+            torch.rand(1, generator=generator).item()) == draws
