@@ -2,7 +2,11 @@
 // shared by the CPU kernel (cpu/pa_ism.cpp) and the CUDA kernel (cuda/pa_ism.cu) so both
 // evaluate exactly the same formulas. Everything here works on ONE element (i, c) of the
 // B x C similarity matrix, from the product mu_i . p_c and the squared row/column norms.
+// check_inputs at the end validates the operators' arguments for both backends.
 #pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
@@ -186,6 +190,23 @@ IDML_HD Grad<T> element_grad(T dot, const Row<T>& row, const Col<T>& col, bool p
           T(-0.5) * g_s * s * inv_mu_sq + g_d,
           T(-0.5) * g_s * s * inv_p_sq + g_d,
           g_u};
+}
+
+inline void check_inputs(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& labels,
+                         const at::Tensor& proxies) {
+  TORCH_CHECK(mu.dim() == 2 && sigma.dim() == 2 && proxies.dim() == 2,
+              "pa_ism: mu (B, D), sigma (B, D') and proxies (C, D) must be matrices");
+  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong,
+              "pa_ism: labels must be a 1-d int64 tensor");
+  TORCH_CHECK(sigma.size(0) == mu.size(0) && labels.size(0) == mu.size(0),
+              "pa_ism: mu, sigma and labels must have the same number of rows");
+  TORCH_CHECK(proxies.size(1) == mu.size(1), "pa_ism: proxies and mu must have the same width");
+  TORCH_CHECK(proxies.size(0) > 0, "pa_ism: at least one proxy is needed");
+  TORCH_CHECK(sigma.scalar_type() == mu.scalar_type() && proxies.scalar_type() == mu.scalar_type(),
+              "pa_ism: mu, sigma and proxies must have the same dtype");
+  TORCH_CHECK(sigma.device() == mu.device() && labels.device() == mu.device() &&
+                  proxies.device() == mu.device(),
+              "pa_ism: all inputs must be on the same device");
 }
 
 }  // namespace pa_ism

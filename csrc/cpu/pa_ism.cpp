@@ -23,6 +23,7 @@ namespace {
 using pa_ism::Col;
 using pa_ism::Params;
 using pa_ism::Row;
+using pa_ism::check_inputs;
 
 // Columns per tile: the inner loops run over them (vectorised); the forward keeps a
 // B x kTile buffer of logits per tile, which stays in the L2 cache.
@@ -51,20 +52,6 @@ IDML_MULTIVERSION void scale_rows(const T* x, const T* factor, T* out, int64_t r
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) out[r * n + k] = f * x[r * n + k];
   }
-}
-
-void check_inputs(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& labels,
-                  const at::Tensor& proxies) {
-  TORCH_CHECK(mu.dim() == 2 && sigma.dim() == 2 && proxies.dim() == 2,
-              "pa_ism: mu (B, D), sigma (B, D') and proxies (C, D) must be matrices");
-  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong,
-              "pa_ism: labels must be a 1-d int64 tensor");
-  TORCH_CHECK(sigma.size(0) == mu.size(0) && labels.size(0) == mu.size(0),
-              "pa_ism: mu, sigma and labels must have the same number of rows");
-  TORCH_CHECK(proxies.size(1) == mu.size(1), "pa_ism: proxies and mu must have the same width");
-  TORCH_CHECK(proxies.size(0) > 0, "pa_ism: at least one proxy is needed");
-  TORCH_CHECK(sigma.scalar_type() == mu.scalar_type() && proxies.scalar_type() == mu.scalar_type(),
-              "pa_ism: mu, sigma and proxies must have the same dtype");
 }
 
 // Per tile: columns' squared norms and both log-sum-exps; returns into `partial` the tile's
