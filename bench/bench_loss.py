@@ -1,10 +1,10 @@
 """Forward + backward of the introspective Proxy Anchor loss (DESIGN.md, performance).
 
 The fused op (idml.ops.pa_ism_loss on torch.ops.idml.*) is timed by pytest-benchmark; the
-eager reference formula is timed in the same test and the speed-up recorded. On CUDA the
-three bare matrix products of the loss (mu P^T, A P, A^T mu) in the same precision and
-torch.compile of the reference are recorded too. Target on CPU at (120, 11318): >= 2.5x
-the eager formula (asserted); on GPU: within 1.3x of the three products.
+eager reference formula and the loss's three bare matrix products (mu P^T, A P, A^T mu: the
+floor) in the same precision are timed in the same test and the ratios recorded, on CUDA
+also torch.compile of the reference. Target on CPU at (120, 11318): >= 2.5x the eager
+formula (asserted); on GPU: within 1.3x of the three products.
 """
 import pytest
 import torch
@@ -54,16 +54,22 @@ def test_pa_ism_loss_forward_backward(benchmark, device, shape, dtype):
         synchronize(device)
 
     benchmark(fused)
-    fused_seconds = best_time(fused, device)
-    eager_seconds = best_time(eager, device)
+    # Alternating rounds, so that a burst of load on a shared machine hits both alike.
+    fused_seconds = eager_seconds = float("inf")
+    for _ in range(3):
+        fused_seconds = min(fused_seconds, best_time(fused, device))
+        eager_seconds = min(eager_seconds, best_time(eager, device))
     ratio = record_ratio(benchmark, "reference_eager", eager_seconds, fused_seconds)
 
+    # The floor: the loss's three matrix products alone (mu P^T, A P, A^T mu).
+    mu, _, _, proxies = inputs
+    coeff = torch.randn(B, C, device=device, dtype=dtype)
+    with torch.no_grad():
+        matmuls = lambda: (mu @ proxies.t(), coeff @ proxies, coeff.t() @ mu)  # noqa: E731
+        matmul_seconds = best_time(matmuls, device, repeat=20 if device.type == "cuda" else 5)
+    record_ratio(benchmark, "three_matmuls", matmul_seconds, fused_seconds)
+
     if device.type == "cuda":
-        mu, _, _, proxies = inputs
-        coeff = torch.randn(B, C, device=device, dtype=dtype)
-        with torch.no_grad():
-            matmuls = lambda: (mu @ proxies.t(), coeff @ proxies, coeff.t() @ mu)  # noqa: E731
-            record_ratio(benchmark, "three_matmuls", best_time(matmuls, device, repeat=20), fused_seconds)
         compiled = torch.compile(reference.pa_ism_loss)
         compiled_seconds = best_time(lambda: forward_backward(compiled, *inputs), device, warmup=3)
         record_ratio(benchmark, "reference_compiled", compiled_seconds, fused_seconds)
@@ -71,4 +77,5 @@ def test_pa_ism_loss_forward_backward(benchmark, device, shape, dtype):
     if device.type == "cpu" and (B, C) == (120, 11318):
         assert ratio >= CPU_TARGET, (
             f"fused loss {fused_seconds * 1e3:.1f} ms is only {ratio:.2f}x the eager reference "
-            f"({eager_seconds * 1e3:.1f} ms); the target is {CPU_TARGET}x")
+            f"({eager_seconds * 1e3:.1f} ms); the target is {CPU_TARGET}x. Its three matrix products "
+            f"alone take {matmul_seconds * 1e3:.1f} ms (at most {eager_seconds / matmul_seconds:.2f}x)")

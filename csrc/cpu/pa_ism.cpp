@@ -179,7 +179,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pa_ism_forward_cpu", [&] {
     const Params<scalar_t> p = make_params<scalar_t>(margin, alpha, ism_offset, ism_scale);
     scalar_t* rows = row_stats.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, 16, [&](int64_t i0, int64_t i1) {
+    // Serial below ATen's grain (B x D is small next to the B x C work).
+    at::parallel_for(0, B, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1)),
+                     [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         rows[i] = sum_of_squares(mu.const_data_ptr<scalar_t>() + i * D, D);
         rows[B + i] = sum_of_squares(sigma.const_data_ptr<scalar_t>() + i * sigma.size(1), sigma.size(1));
@@ -196,7 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
       }
     });
   });
-  // Fixed-order sum over tiles: the same result whatever the number of threads.
+  // Per-tile partials summed after the parallel loop: the result does not depend on how
+  // the tiles were shared among threads.
   const at::Tensor totals = partials.sum(0);
   const at::Tensor num_positive = totals[1];
   const at::Tensor loss = totals[0] / num_positive.clamp_min(1) + totals[2] / C;
