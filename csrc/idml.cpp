@@ -16,6 +16,21 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(idml, m) {
   // --- introspective Proxy Anchor loss (IDML_METHOD.md sections 2-3) ---
+  // Forward returns (loss, dots, row_stats, col_stats, num_positive): the scalar loss
+  // (float32, float64 for float64 inputs) and what the backward needs, in that dtype:
+  // dots = mu P^T (B x C), row_stats = [|mu_i|^2; |sigma_i|^2] (2 x B),
+  // col_stats = [|p_c|^2; positive log-sum-exp; negative log-sum-exp] (3 x C),
+  // num_positive = |P+| (0-dim). labels: int64 in [0, C).
+  m.def(
+      "pa_ism_forward(Tensor mu, Tensor sigma, Tensor labels, Tensor proxies, float margin=0.1, "
+      "float alpha=32.0, bool ism=True, float ism_offset=4.0, float ism_scale=5.0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Backward returns (grad_mu, grad_sigma, grad_proxies) in the dtype of the inputs.
+  m.def(
+      "pa_ism_backward(Tensor grad_loss, Tensor mu, Tensor sigma, Tensor labels, Tensor proxies, "
+      "Tensor dots, Tensor row_stats, Tensor col_stats, Tensor num_positive, float margin=0.1, "
+      "float alpha=32.0, bool ism=True, float ism_offset=4.0, float ism_scale=5.0) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // --- retrieval metrics (IDML_METHOD.md section 5) ---
 }

@@ -1,0 +1,323 @@
+"""The fused introspective Proxy Anchor loss (torch.ops.idml.pa_ism_forward/backward and
+idml.ops.pa_ism_loss) against idml/reference.py, an independent float64 evaluation of
+IDML_METHOD.md sections 2-3 written here, and pytorch-metric-learning's ProxyAnchorLoss.
+"""
+import math
+
+import pytest
+import torch
+
+from idml import ops, reference
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+HYPER = dict(margin=0.1, alpha=32.0, ism=True, ism_offset=4.0, ism_scale=5.0)
+
+
+def make_inputs(B, C, D, dtype=torch.float64, device="cpu", sigma_kind="general", labels=None,
+                requires_grad=True):
+    """Raw head outputs as the loss sees them: mu of varying norm, sigma general (any sign)
+    or relu-like (non-negative, many zeros), both with row norms spread over [0.1, 3]."""
+    mu = torch.randn(B, D, dtype=torch.float64) * torch.empty(B, 1, dtype=torch.float64).uniform_(0.1, 3)
+    sigma = torch.randn(B, D, dtype=torch.float64) * torch.empty(B, 1, dtype=torch.float64).uniform_(0.1, 3)
+    if sigma_kind == "relu":
+        sigma = sigma.relu()
+    proxies = torch.randn(C, D, dtype=torch.float64) * 0.5
+    if labels is None:
+        labels = torch.randint(0, C, (B,))
+    tensors = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (mu, sigma, proxies)]
+    return tensors[0], tensors[1], labels.to(device), tensors[2]
+
+
+def loss_and_grads(fn, mu, sigma, labels, proxies, **hyper):
+    loss = fn(mu, sigma, labels, proxies, **hyper)
+    grads = torch.autograd.grad(loss, (mu, sigma, proxies), allow_unused=True)
+    # The reference does not use sigma when ism is off: its gradient is zero.
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, (mu, sigma, proxies))]
+    return loss, grads
+
+
+def assert_close_rel(actual, expected, rtol):
+    """|actual - expected| <= rtol * max|expected| elementwise (relative to the tensor's scale)."""
+    scale = expected.detach().abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+    torch.testing.assert_close(actual.detach(), expected.detach(), rtol=rtol, atol=rtol * scale.item())
+
+
+def assert_matches_reference(mu, sigma, labels, proxies, rtol, **hyper):
+    hyper = {**HYPER, **hyper}
+    loss, grads = loss_and_grads(ops.pa_ism_loss, mu, sigma, labels, proxies, **hyper)
+    ref_loss, ref_grads = loss_and_grads(reference.pa_ism_loss, mu, sigma, labels, proxies, **hyper)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert loss.dtype == ref_loss.dtype
+    assert_close_rel(loss, ref_loss, rtol)
+    for grad, ref_grad, x in zip(grads, ref_grads, (mu, sigma, proxies)):
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        assert_close_rel(grad, ref_grad, rtol)
+
+
+def independent_loss(mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale):
+    """IDML_METHOD.md sections 2-3 element by element, in float64, without reference.py:
+    the distance is |mu_i - p_c|^2 of the difference itself (not from the dot product) and
+    the log-sum-exp is the plain log(1 + sum exp), safe at these sizes in float64."""
+    B, C = mu.shape[0], proxies.shape[0]
+    positive_terms, negative_terms = [], []
+    for c in range(C):
+        p = proxies[c]
+        positive_exps, negative_exps = [], []
+        for i in range(B):
+            m = mu[i]
+            s = (m * p).sum() / (torch.sqrt((m * m).sum() + 1e-12) * torch.sqrt((p * p).sum() + 1e-12))
+            if ism:
+                d = torch.clamp(((m - p) ** 2).sum(), min=1e-8)
+                u = (sigma[i] ** 2).sum()
+                s = 1 - (1 - s) * torch.exp(-(u + ism_offset) / (ism_scale * d))
+            if int(labels[i]) == c:
+                positive_exps.append(torch.exp(-alpha * (s - margin)))
+            else:
+                negative_exps.append(torch.exp(alpha * (s + margin)))
+        if positive_exps:
+            positive_terms.append(torch.log(1 + sum(positive_exps)))
+        negative_terms.append(torch.log(1 + sum(negative_exps)) if negative_exps else mu.new_zeros(()))
+    return sum(positive_terms) / len(positive_terms) + sum(negative_terms) / C
+
+
+def test_kernels_are_built_for_cpu():
+    for op in ("pa_ism_forward", "pa_ism_backward"):
+        assert ops.has_kernel(op, torch.device("cpu")), f"idml._C has no CPU kernel for {op}"
+
+
+@pytest.mark.parametrize("ism", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck_forward(dtype, ism):
+    mu, sigma, labels, proxies = make_inputs(7, 11, 5, dtype=dtype)
+    torch.library.opcheck(torch.ops.idml.pa_ism_forward.default,
+                          (mu, sigma, labels, proxies, 0.1, 32.0, ism, 4.0, 5.0))
+
+
+@pytest.mark.parametrize("ism", [True, False])
+def test_opcheck_backward(ism):
+    mu, sigma, labels, proxies = make_inputs(7, 11, 5, requires_grad=False)
+    _, *saved = torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies, 0.1, 32.0, ism, 4.0, 5.0)
+    grad_loss = torch.tensor(0.7, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.idml.pa_ism_backward.default,
+                          (grad_loss, mu, sigma, labels, proxies, *saved, 0.1, 32.0, ism, 4.0, 5.0))
+
+
+@pytest.mark.parametrize("sigma_kind", ["general", "relu"])
+@pytest.mark.parametrize("ism", [True, False])
+def test_gradcheck_float64(ism, sigma_kind):
+    mu, sigma, labels, proxies = make_inputs(6, 9, 4, sigma_kind=sigma_kind)
+    labels[:3] = 2  # a proxy with several positives
+    assert torch.autograd.gradcheck(
+        lambda m, s, p: ops.pa_ism_loss(m, s, labels, p, 0.1, 8.0, ism, 4.0, 5.0), (mu, sigma, proxies))
+
+
+@pytest.mark.parametrize("sigma_kind", ["general", "relu"])
+@pytest.mark.parametrize("ism", [True, False])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_matches_reference_random(dtype, rtol, ism, sigma_kind):
+    for B, C, D in [(32, 100, 64), (120, 300, 512), (5, 1000, 16)]:
+        mu, sigma, labels, proxies = make_inputs(B, C, D, dtype=dtype, sigma_kind=sigma_kind)
+        assert_matches_reference(mu, sigma, labels, proxies, rtol, ism=ism)
+
+
+@pytest.mark.parametrize("ism", [True, False])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("case", ["no_positive_classes", "B1", "C1", "one_class", "alpha64", "huge_C"])
+def test_matches_reference_edge_cases(case, dtype, rtol, ism):
+    hyper = {}
+    if case == "no_positive_classes":  # 40 proxies, only 3 of them have positives
+        mu, sigma, labels, proxies = make_inputs(16, 40, 8, dtype, labels=torch.tensor([0, 7, 39] * 5 + [7]))
+    elif case == "B1":
+        mu, sigma, labels, proxies = make_inputs(1, 13, 8, dtype)
+    elif case == "C1":
+        mu, sigma, labels, proxies = make_inputs(9, 1, 8, dtype, labels=torch.zeros(9, dtype=torch.long))
+    elif case == "one_class":
+        mu, sigma, labels, proxies = make_inputs(12, 30, 8, dtype, labels=torch.full((12,), 4))
+    elif case == "alpha64":
+        mu, sigma, labels, proxies = make_inputs(20, 50, 16, dtype)
+        hyper["alpha"] = 64.0
+    else:  # huge C, small D
+        mu, sigma, labels, proxies = make_inputs(24, 20000, 4, dtype)
+    assert_matches_reference(mu, sigma, labels, proxies, rtol, ism=ism, **hyper)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mu_exactly_on_a_proxy_gives_the_limit(dtype):
+    """d = 0: the clamp makes sI -> 1 (exp(-(u + a) / (b d)) -> 0), finite and as the reference."""
+    mu, sigma, labels, proxies = make_inputs(6, 10, 8, dtype, requires_grad=False)
+    mu[2] = proxies[5]
+    mu[4] = proxies[labels[4]]
+    mu, sigma, proxies = (x.clone().requires_grad_() for x in (mu, sigma, proxies))
+    _, _, _, col_stats, _ = torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies, 0.1, 32.0, True, 4.0, 5.0)
+    similarity = reference.introspective_similarity(mu, sigma, proxies)
+    assert similarity[2, 5].item() == 1.0 and similarity[4, labels[4]].item() == 1.0
+    assert torch.isfinite(col_stats).all()
+    assert_matches_reference(mu, sigma, labels, proxies, 1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("ism", [True, False])
+@pytest.mark.parametrize("sigma_kind", ["general", "relu"])
+def test_independent_formula(ism, sigma_kind):
+    mu, sigma, labels, proxies = make_inputs(7, 6, 5, sigma_kind=sigma_kind,
+                                             labels=torch.tensor([0, 0, 3, 1, 3, 3, 0]))  # proxies 2, 4, 5: none
+    hyper = {**HYPER, "ism": ism}
+    expected, expected_grads = loss_and_grads(independent_loss, mu, sigma, labels, proxies, **hyper)
+    for fn in (reference.pa_ism_loss, ops.pa_ism_loss):
+        loss, grads = loss_and_grads(fn, mu, sigma, labels, proxies, **hyper)
+        assert_close_rel(loss, expected, 1e-6)
+        for grad, expected_grad in zip(grads, expected_grads):
+            assert_close_rel(grad, expected_grad, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_proxy_anchor_equals_pytorch_metric_learning(dtype):
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    B, C, D = 48, 30, 16
+    mu, sigma, labels, proxies = make_inputs(B, C, D, dtype)
+    pml = pml_losses.ProxyAnchorLoss(num_classes=C, embedding_size=D).to(dtype)
+    pml.proxies.data = proxies.detach().clone()
+    expected = pml(mu, labels)
+    expected.backward()
+    mu_grad = mu.grad.clone()
+    mu.grad = None
+    loss = ops.pa_ism_loss(mu, sigma, labels, proxies, margin=0.1, alpha=32.0, ism=False)
+    loss.backward()
+    rtol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert_close_rel(loss, expected, rtol)
+    assert_close_rel(mu.grad, mu_grad, rtol)
+    assert_close_rel(proxies.grad, pml.proxies.grad, rtol)
+
+
+def test_uncertainty_gradient_vanishes_only_for_normalized_sigma():
+    """IDML_METHOD.md section 2: unit-length sigma (u == 1) gets no gradient through the
+    normalisation; a relu-like sigma does."""
+    mu, raw_sigma, labels, proxies = make_inputs(10, 12, 8, sigma_kind="relu")
+    ops.pa_ism_loss(mu, raw_sigma, labels, proxies).backward()
+    relu_grad = raw_sigma.grad.abs().max()
+    assert relu_grad > 1e-6
+    raw_sigma.grad = None
+    ops.pa_ism_loss(mu, reference.l2_normalize(raw_sigma), labels, proxies).backward()
+    assert raw_sigma.grad.abs().max() < 1e-9 * relu_grad  # rounding only
+
+
+def test_saved_statistics():
+    """The forward saves dots = mu P^T, [|mu|^2; |sigma|^2], [|p|^2; positive and negative
+    log-sum-exp] and |P+|; the loss is their combination."""
+    mu, sigma, labels, proxies = make_inputs(8, 10, 6, requires_grad=False, labels=torch.tensor([1, 1, 2, 9, 9, 9, 1, 2]))
+    loss, dots, row_stats, col_stats, num_positive = torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies)
+    torch.testing.assert_close(dots, mu @ proxies.t())
+    torch.testing.assert_close(row_stats, torch.stack([(mu * mu).sum(1), (sigma * sigma).sum(1)]))
+    torch.testing.assert_close(col_stats[0], (proxies * proxies).sum(1))
+    assert num_positive.item() == 3
+    assert (col_stats[1][[0, 3, 4, 5, 6, 7, 8]] == 0).all() and (col_stats[1][[1, 2, 9]] > 0).all()
+    torch.testing.assert_close(loss, col_stats[1].sum() / 3 + col_stats[2].sum() / 10)
+
+
+def test_mixed_dtypes_are_promoted():
+    """bf16 embeddings (autocast) with float32 proxies: computed in float32, gradients in
+    each input's dtype."""
+    mu, sigma, labels, proxies = make_inputs(16, 20, 8, torch.float32, requires_grad=False)
+    mu, sigma = mu.bfloat16().requires_grad_(), sigma.bfloat16().requires_grad_()
+    proxies.requires_grad_()
+    loss = ops.pa_ism_loss(mu, sigma, labels, proxies)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert mu.grad.dtype == torch.bfloat16 and proxies.grad.dtype == torch.float32
+    expected = reference.pa_ism_loss(mu.float(), sigma.float(), labels, proxies)
+    assert_close_rel(loss, expected, 1e-5)
+
+
+def test_rejects_labels_out_of_range():
+    mu, sigma, labels, proxies = make_inputs(4, 5, 3, requires_grad=False, labels=torch.tensor([0, 1, 5, 2]))
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies)
+
+
+def test_torchscript_calls_the_op():
+    @torch.jit.script
+    def scripted(mu: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+        return torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies, 0.1, 32.0, True, 4.0, 5.0)[0]
+
+    mu, sigma, labels, proxies = make_inputs(9, 14, 6)
+    loss = scripted(mu, sigma, labels, proxies)
+    assert "idml::pa_ism_forward" in str(scripted.graph)
+    assert_close_rel(loss, reference.pa_ism_loss(mu, sigma, labels, proxies), 1e-12)
+    loss.backward()  # autograd registered on the op works from TorchScript too
+    assert proxies.grad is not None and torch.isfinite(proxies.grad).all()
+
+
+def test_torch_compile_fullgraph():
+    """aot_eager: traces through the fake kernels and the autograd formula like inductor
+    does, without inductor's C++ compile (minutes on the 2-core CI machines)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(ops.pa_ism_loss, fullgraph=True, backend="aot_eager")
+    mu, sigma, labels, proxies = make_inputs(10, 17, 8, torch.float32)
+    loss, grads = loss_and_grads(compiled, mu, sigma, labels, proxies, **HYPER)
+    expected, expected_grads = loss_and_grads(reference.pa_ism_loss, mu, sigma, labels, proxies, **HYPER)
+    assert_close_rel(loss, expected, 1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert_close_rel(grad, expected_grad, 1e-5)
+
+
+# --- CUDA -------------------------------------------------------------------------------
+# Half inputs: the product mu P^T is float32 (exact products, float32 accumulation), so the
+# loss matches the float32 reference on the same values to 1e-4. Gradients pass through a
+# coefficient matrix and GEMMs in the input dtype: normwise 2e-2 for bfloat16 (8-bit
+# significand, 2^-9 = 2e-3 per rounding, sums of thousands of terms) and 5e-3 for float16
+# (11-bit significand).
+CUDA_CASES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-4, 2e-2), (torch.float16, 1e-4, 5e-3)]
+
+
+@requires_cuda
+def test_cuda_kernels_are_built():
+    for op in ("pa_ism_forward", "pa_ism_backward"):
+        assert ops.has_kernel(op, torch.device("cuda")), f"idml._C has no CUDA kernel for {op}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("ism", [True, False])
+@pytest.mark.parametrize("dtype, loss_rtol, grad_rtol", CUDA_CASES)
+def test_cuda_matches_reference(dtype, loss_rtol, grad_rtol, ism):
+    for B, C, D, alpha in [(120, 11318, 512, 32.0), (33, 70, 40, 64.0), (1, 1, 8, 32.0), (480, 1000, 128, 32.0)]:
+        mu, sigma, labels, proxies = make_inputs(B, C, D, dtype=dtype, device="cuda", sigma_kind="relu")
+        if B > 4:
+            labels[: B // 4] = labels[0]  # a proxy with many positives
+        hyper = {**HYPER, "ism": ism, "alpha": alpha}
+        loss, grads = loss_and_grads(ops.pa_ism_loss, mu, sigma, labels, proxies, **hyper)
+        ref_loss, ref_grads = loss_and_grads(reference.pa_ism_loss, mu, sigma, labels, proxies, **hyper)
+        assert loss.dtype == torch.float32
+        assert_close_rel(loss, ref_loss, loss_rtol)
+        for grad, ref_grad, x in zip(grads, ref_grads, (mu, sigma, proxies)):
+            assert grad.dtype == dtype and torch.isfinite(grad).all()
+            if dtype == torch.float32:
+                assert_close_rel(grad, ref_grad, grad_rtol)
+            else:
+                error = (grad.float() - ref_grad.float()).norm() / ref_grad.float().norm().clamp_min(1e-30)
+                assert error <= grad_rtol, (dtype, B, C, error.item())
+
+
+@requires_cuda
+def test_cuda_opcheck_and_stream():
+    mu, sigma, labels, proxies = make_inputs(9, 40, 16, torch.float32, device="cuda")
+    torch.library.opcheck(torch.ops.idml.pa_ism_forward.default,
+                          (mu, sigma, labels, proxies, 0.1, 32.0, True, 4.0, 5.0))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # the kernels follow the current stream
+        loss = ops.pa_ism_loss(mu, sigma, labels, proxies)
+    stream.synchronize()
+    assert_close_rel(loss, reference.pa_ism_loss(mu, sigma, labels, proxies), 1e-5)
+
+
+@requires_cuda
+def test_cuda_edge_cases():
+    for case in ("on_proxy", "no_positive_classes", "huge_C"):
+        if case == "huge_C":
+            mu, sigma, labels, proxies = make_inputs(24, 20000, 4, torch.float32, device="cuda")
+        else:
+            mu, sigma, labels, proxies = make_inputs(16, 40, 8, torch.float32, device="cuda", requires_grad=False,
+                                                     labels=torch.tensor([0, 7, 39] * 5 + [7]))
+            if case == "on_proxy":
+                mu[3] = proxies[7]
+            mu, sigma, proxies = (x.clone().requires_grad_() for x in (mu, sigma, proxies))
+        assert_matches_reference(mu, sigma, labels, proxies, 1e-5)
