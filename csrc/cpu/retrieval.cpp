@@ -1,0 +1,223 @@
+// Retrieval ranks: the backend-neutral driver (used by the CUDA kernels too) and the CPU
+// backend. See retrieval.h for the ranking rule and the meaning of the ranks.
+#include "../retrieval.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace idml {
+namespace retrieval {
+
+namespace {
+
+Precision parse_precision(const std::string& name) {
+  if (name == "fp32") return Precision::FP32;
+  if (name == "tf32") return Precision::TF32;
+  if (name == "bf16") return Precision::BF16;
+  TORCH_CHECK(false, "retrieval_ranks: precision must be 'fp32', 'tf32' or 'bf16', got '", name, "'");
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& labels, const char* what) {
+  TORCH_CHECK(x.dim() == 2, "retrieval_ranks: ", what, " must be 2-D [n, d], got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "retrieval_ranks: ", what, " must be floating point");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "retrieval_ranks: ", what,
+              " labels must be 1-D with one label per row");
+  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+              "retrieval_ranks: labels must be integers");
+  TORCH_CHECK(labels.device() == x.device(), "retrieval_ranks: labels must be on the device of ", what);
+  TORCH_CHECK(x.size(0) < std::numeric_limits<int32_t>::max(), "retrieval_ranks: too many rows");
+}
+
+// Rows sorted by label (stable, so equal labels keep their original order).
+struct Sorted {
+  at::Tensor x, labels, order;  // order: original index of each sorted position (int64)
+};
+
+Sorted sort_by_label(const at::Tensor& x, const at::Tensor& labels, Precision precision,
+                     const Backend& backend) {
+  auto [sorted_labels, order] = at::sort(labels.to(at::kLong), /*stable=*/true, 0, false);
+  auto rows = x.index_select(0, order).to(at::kFloat).contiguous();
+  return {backend.prepare(rows, precision).contiguous(), sorted_labels.contiguous(), order};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> compute_ranks(
+    const at::Tensor& queries, const at::Tensor& query_labels,
+    const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
+    int64_t max_r, const std::string& precision_name, const Backend& backend) {
+  const Precision precision = parse_precision(precision_name);
+  TORCH_CHECK(max_r >= 1, "retrieval_ranks: max_r must be >= 1");
+  TORCH_CHECK(references.has_value() == reference_labels.has_value(),
+              "retrieval_ranks: give both references and reference_labels, or neither");
+  check_inputs(queries, query_labels, "queries");
+  const bool symmetric = !references.has_value();
+  if (!symmetric) {
+    check_inputs(*references, *reference_labels, "references");
+    TORCH_CHECK(references->size(1) == queries.size(1) && references->device() == queries.device(),
+                "retrieval_ranks: references must have the queries' width and device");
+  }
+  const auto device = queries.device();
+  const auto long_opts = at::TensorOptions().dtype(at::kLong).device(device);
+
+  const Sorted q = sort_by_label(queries, query_labels, precision, backend);
+  const Sorted r = symmetric ? q : sort_by_label(*references, *reference_labels, precision, backend);
+  const int64_t nq = q.x.size(0), nr = r.x.size(0);
+
+  // Each query's class occupies positions [begin, end) of the sorted references.
+  auto begin = at::searchsorted(r.labels, q.labels, /*out_int32=*/false, /*right=*/false);
+  auto end = at::searchsorted(r.labels, q.labels, /*out_int32=*/false, /*right=*/true);
+  auto num_relevant = (end - begin - (symmetric ? 1 : 0)).clamp_max(max_r);
+  const int64_t cap = nq > 0 ? num_relevant.max().item<int64_t>() : 0;
+
+  auto unsort = [&](const at::Tensor& t) { return at::empty_like(t).index_copy_(0, q.order, t); };
+  if (cap == 0) {
+    return {at::zeros({nq, 0}, long_opts), unsort(num_relevant)};
+  }
+
+  auto float_opts = at::TensorOptions().dtype(at::kFloat).device(device);
+  auto values = at::full({nq, cap}, -std::numeric_limits<float>::infinity(), float_opts);
+  auto index = at::zeros({nq, cap}, long_opts.dtype(at::kInt));
+  auto col_index = r.order.to(at::kInt);
+  auto row_index = symmetric ? col_index : q.order.to(at::kInt);
+
+  // Phase 1: each block of queries against the band of references holding its classes
+  // (contiguous, as both sides are sorted by label); same-class entries sorted in rank
+  // order (stable sort: equal similarities keep the lower index first) give the lists.
+  const auto begin_host = begin.cpu(), end_host = end.cpu();
+  const int64_t* begin_ptr = begin_host.data_ptr<int64_t>();
+  const int64_t* end_ptr = end_host.data_ptr<int64_t>();
+  for (int64_t a0 = 0; a0 < nq; a0 += backend.tile_rows) {
+    const int64_t a1 = std::min(nq, a0 + backend.tile_rows);
+    const int64_t b0 = begin_ptr[a0], b1 = end_ptr[a1 - 1];
+    if (b1 <= b0) continue;
+    auto sim = at::empty({a1 - a0, b1 - b0}, float_opts);
+    backend.gemm(q.x.slice(0, a0, a1), r.x.slice(0, b0, b1), sim, precision);
+    auto same = q.labels.slice(0, a0, a1).unsqueeze(1) == r.labels.slice(0, b0, b1).unsqueeze(0);
+    if (symmetric) {
+      same &= at::arange(a0, a1, long_opts).unsqueeze(1) != at::arange(b0, b1, long_opts).unsqueeze(0);
+    }
+    sim.masked_fill_(same.logical_not(), -std::numeric_limits<float>::infinity());
+    const int64_t k = std::min(cap, b1 - b0);
+    auto [sorted_sim, sorted_col] = at::sort(sim, /*stable=*/true, 1, /*descending=*/true);
+    values.slice(0, a0, a1).slice(1, 0, k).copy_(sorted_sim.slice(1, 0, k));
+    auto cols = sorted_col.slice(1, 0, k).add(b0).reshape({-1});
+    index.slice(0, a0, a1).slice(1, 0, k).copy_(col_index.index_select(0, cols).view({a1 - a0, k}));
+  }
+  auto num_relevant32 = num_relevant.to(at::kInt).contiguous();
+  auto threshold = at::where(num_relevant > 0,
+                             values.gather(1, (num_relevant - 1).clamp_min(0).unsqueeze(1)).squeeze(1),
+                             at::full({}, std::numeric_limits<float>::infinity(), float_opts))
+                       .contiguous();
+
+  // Phase 2: one pass over the similarity matrix in tiles (the upper triangle only in
+  // symmetric mode); the epilogue counts the non-relevant items outranking each listed one.
+  auto counts = at::zeros({nq, cap}, long_opts.dtype(at::kInt));
+  const Lists lists{values.data_ptr<float>(),      index.data_ptr<int32_t>(),
+                    num_relevant32.data_ptr<int32_t>(), threshold.data_ptr<float>(),
+                    counts.data_ptr<int32_t>(),    cap,
+                    q.labels.data_ptr<int64_t>(),  r.labels.data_ptr<int64_t>(),
+                    row_index.data_ptr<int32_t>(), col_index.data_ptr<int32_t>()};
+  auto buffer = at::empty({backend.tile_rows * backend.tile_cols}, float_opts);
+  for (int64_t a0 = 0; a0 < nq; a0 += backend.tile_rows) {
+    const int64_t a1 = std::min(nq, a0 + backend.tile_rows);
+    for (int64_t c0 = symmetric ? a0 : 0; c0 < nr; c0 += backend.tile_cols) {
+      const int64_t c1 = std::min(nr, c0 + backend.tile_cols);
+      auto sim = buffer.narrow(0, 0, (a1 - a0) * (c1 - c0)).view({a1 - a0, c1 - c0});
+      backend.gemm(q.x.slice(0, a0, a1), r.x.slice(0, c0, c1), sim, precision);
+      backend.count(Tile{sim.data_ptr<float>(), a1 - a0, c1 - c0, a0, c0, symmetric}, lists);
+    }
+  }
+
+  // rank of listed item t = t + 1 + #non-relevant items outranking it.
+  auto position = at::arange(cap, long_opts).unsqueeze(0);
+  auto ranks = counts.to(at::kLong).cumsum(1).add_(position + 1);
+  ranks.masked_fill_(position >= num_relevant.unsqueeze(1), 0);
+  return {unsort(ranks), unsort(num_relevant)};
+}
+
+}  // namespace retrieval
+
+namespace {
+
+using retrieval::Lists;
+using retrieval::Precision;
+using retrieval::Tile;
+
+// Candidate (similarity s, original index i, label) for the query at position q.
+inline void count_candidate(const Lists& l, int64_t q, float s, int32_t i, int64_t label) {
+  if (label == l.row_labels[q]) return;  // relevant items are ordered by their list
+  const int32_t R = l.num_relevant[q];
+  const int32_t t = retrieval::first_outranked(l.values + q * l.cap, l.index + q * l.cap, R, s, i);
+  if (t < R) ++l.counts[q * l.cap + t];
+}
+
+void count_cpu(const Tile& tile, const Lists& l) {
+  // Query = row: each thread owns whole rows, hence their counters.
+  at::parallel_for(0, tile.rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t q = tile.row0 + r;
+      const float threshold = l.threshold[q];
+      const float* sim = tile.sim + r * tile.cols;
+      const int64_t c_begin = tile.symmetric ? std::max<int64_t>(0, q + 1 - tile.col0) : 0;
+      for (int64_t c = c_begin; c < tile.cols; ++c) {
+        if (sim[c] >= threshold) {
+          const int64_t i = tile.col0 + c;
+          count_candidate(l, q, sim[c], l.col_index[i], l.col_labels[i]);
+        }
+      }
+    }
+  });
+  if (!tile.symmetric) return;
+  // Query = column (the same pair seen from its other side): threads own column ranges.
+  // In symmetric mode rows and columns share the position arrays, so count_candidate
+  // indexed by the column's position is right.
+  at::parallel_for(0, tile.cols, 256, [&](int64_t c0, int64_t c1) {
+    const float* threshold = l.threshold + tile.col0;
+    for (int64_t r = 0; r < tile.rows; ++r) {
+      const int64_t q = tile.row0 + r;
+      const float* sim = tile.sim + r * tile.cols;
+      for (int64_t c = std::max<int64_t>(c0, q + 1 - tile.col0); c < c1; ++c) {
+        if (sim[c] >= threshold[c]) {
+          count_candidate(l, tile.col0 + c, sim[c], l.row_index[q], l.row_labels[q]);
+        }
+      }
+    }
+  });
+}
+
+// CPU: TF32 has no meaning, so it is exact FP32; BF16 rounds the inputs to bfloat16 and
+// multiplies them in float32 (bf16 x bf16 products are exact in float32), which is what a
+// bf16 tensor-core GEMM with float32 accumulation computes, without its speed.
+retrieval::Backend cpu_backend() {
+  retrieval::Backend backend;
+  backend.tile_rows = 512;
+  backend.tile_cols = 4096;
+  backend.prepare = [](const at::Tensor& x, Precision p) {
+    return p == Precision::BF16 ? x.to(at::kBFloat16).to(at::kFloat) : x;
+  };
+  backend.gemm = [](const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Precision) {
+    at::mm_out(out, a, b.t());
+  };
+  backend.count = count_cpu;
+  return backend;
+}
+
+std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cpu(
+    const at::Tensor& queries, const at::Tensor& query_labels,
+    const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
+    int64_t max_r, c10::string_view precision) {
+  static const retrieval::Backend backend = cpu_backend();
+  return retrieval::compute_ranks(queries, query_labels, references, reference_labels, max_r,
+                                  std::string(precision), backend);
+}
+
+}  // namespace
+}  // namespace idml
+
+TORCH_LIBRARY_IMPL(idml, CPU, m) {
+  m.impl("retrieval_ranks", &idml::retrieval_ranks_cpu);
+}
