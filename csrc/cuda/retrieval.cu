@@ -2,7 +2,8 @@
 // (through ATen) and a counting epilogue kernel. See retrieval.h.
 #include "../retrieval.h"
 
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -48,7 +49,7 @@ __global__ void count_kernel(Tile tile, Lists l) {
 
 void count_cuda(const Tile& tile, const Lists& l) {
   const dim3 grid((tile.cols + kThreads - 1) / kThreads, (tile.rows + kRowsPerBlock - 1) / kRowsPerBlock);
-  count_kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(tile, l);
+  count_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(tile, l);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
