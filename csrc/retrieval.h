@@ -74,7 +74,8 @@ struct Tile {
 enum class Precision { FP32, TF32, BF16 };
 
 struct Backend {
-  int64_t tile_rows, tile_cols;
+  int64_t band_rows;             // queries per block when gathering the relevant lists
+  int64_t tile_rows, tile_cols;  // similarity tile of the counting pass
   // Converts float32 rows to what gemm consumes (e.g. bfloat16 in BF16 mode).
   std::function<at::Tensor(const at::Tensor&, Precision)> prepare;
   // out[rows_a, rows_b] (float32, contiguous) = a @ b^T.

@@ -85,27 +85,31 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
   auto row_index = symmetric ? col_index : q.order.to(at::kInt);
 
   // Phase 1: each block of queries against the band of references holding its classes
-  // (contiguous, as both sides are sorted by label); same-class entries sorted in rank
-  // order (stable sort: equal similarities keep the lower index first) give the lists.
+  // (contiguous, as both sides are sorted by label). A query's class is a contiguous
+  // segment of the band, in original index order; a stable sort of the segment puts it in
+  // rank order (equal similarities keep the lower index first).
   const auto begin_host = begin.cpu(), end_host = end.cpu();
   const int64_t* begin_ptr = begin_host.data_ptr<int64_t>();
   const int64_t* end_ptr = end_host.data_ptr<int64_t>();
-  for (int64_t a0 = 0; a0 < nq; a0 += backend.tile_rows) {
-    const int64_t a1 = std::min(nq, a0 + backend.tile_rows);
+  for (int64_t a0 = 0; a0 < nq; a0 += backend.band_rows) {
+    const int64_t a1 = std::min(nq, a0 + backend.band_rows);
     const int64_t b0 = begin_ptr[a0], b1 = end_ptr[a1 - 1];
-    if (b1 <= b0) continue;
+    int64_t width = 0;
+    for (int64_t a = a0; a < a1; ++a) width = std::max(width, end_ptr[a] - begin_ptr[a]);
+    if (width == 0) continue;
     auto sim = at::empty({a1 - a0, b1 - b0}, float_opts);
     backend.gemm(q.x.slice(0, a0, a1), r.x.slice(0, b0, b1), sim, precision);
-    auto same = q.labels.slice(0, a0, a1).unsqueeze(1) == r.labels.slice(0, b0, b1).unsqueeze(0);
-    if (symmetric) {
-      same &= at::arange(a0, a1, long_opts).unsqueeze(1) != at::arange(b0, b1, long_opts).unsqueeze(0);
-    }
-    sim.masked_fill_(same.logical_not(), -std::numeric_limits<float>::infinity());
-    const int64_t k = std::min(cap, b1 - b0);
-    auto [sorted_sim, sorted_col] = at::sort(sim, /*stable=*/true, 1, /*descending=*/true);
+    auto offset = at::arange(width, long_opts).unsqueeze(0);
+    auto seg_begin = begin.slice(0, a0, a1).unsqueeze(1), seg_end = end.slice(0, a0, a1).unsqueeze(1);
+    auto cols = (seg_begin + offset).clamp_max(b1 - 1);  // reference positions
+    auto unused = (seg_begin + offset) >= seg_end;
+    if (symmetric) unused |= cols == at::arange(a0, a1, long_opts).unsqueeze(1);
+    auto segment = sim.gather(1, cols - b0).masked_fill_(unused, -std::numeric_limits<float>::infinity());
+    const int64_t k = std::min(cap, width);
+    auto [sorted_sim, order] = at::sort(segment, /*stable=*/true, 1, /*descending=*/true);
     values.slice(0, a0, a1).slice(1, 0, k).copy_(sorted_sim.slice(1, 0, k));
-    auto cols = sorted_col.slice(1, 0, k).add(b0).reshape({-1});
-    index.slice(0, a0, a1).slice(1, 0, k).copy_(col_index.index_select(0, cols).view({a1 - a0, k}));
+    auto best_cols = cols.gather(1, order.slice(1, 0, k)).reshape({-1});
+    index.slice(0, a0, a1).slice(1, 0, k).copy_(col_index.index_select(0, best_cols).view({a1 - a0, k}));
   }
   auto num_relevant32 = num_relevant.to(at::kInt).contiguous();
   auto threshold = at::where(num_relevant > 0,
@@ -124,11 +128,16 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
   auto buffer = at::empty({backend.tile_rows * backend.tile_cols}, float_opts);
   for (int64_t a0 = 0; a0 < nq; a0 += backend.tile_rows) {
     const int64_t a1 = std::min(nq, a0 + backend.tile_rows);
-    for (int64_t c0 = symmetric ? a0 : 0; c0 < nr; c0 += backend.tile_cols) {
-      const int64_t c1 = std::min(nr, c0 + backend.tile_cols);
-      auto sim = buffer.narrow(0, 0, (a1 - a0) * (c1 - c0)).view({a1 - a0, c1 - c0});
-      backend.gemm(q.x.slice(0, a0, a1), r.x.slice(0, c0, c1), sim, precision);
-      backend.count(Tile{sim.data_ptr<float>(), a1 - a0, c1 - c0, a0, c0, symmetric}, lists);
+    for (int64_t c0 = symmetric ? a0 : 0, c1; c0 < nr; c0 = c1) {
+      // Across the diagonal, narrower tiles whose rows stop at their last column keep the
+      // products of pairs below the diagonal (discarded) small.
+      const bool diagonal = symmetric && c0 < a1;
+      c1 = std::min(nr, c0 + (diagonal ? backend.tile_rows / 4 : backend.tile_cols));
+      const int64_t rows_end = diagonal ? std::min(a1, c1 - 1) : a1;
+      if (rows_end <= a0) continue;
+      auto sim = buffer.narrow(0, 0, (rows_end - a0) * (c1 - c0)).view({rows_end - a0, c1 - c0});
+      backend.gemm(q.x.slice(0, a0, rows_end), r.x.slice(0, c0, c1), sim, precision);
+      backend.count(Tile{sim.data_ptr<float>(), rows_end - a0, c1 - c0, a0, c0, symmetric}, lists);
     }
   }
 
@@ -155,20 +164,44 @@ inline void count_candidate(const Lists& l, int64_t q, float s, int32_t i, int64
   if (t < R) ++l.counts[q * l.cap + t];
 }
 
+// Calls visit(c) for every c in [begin, end) with sim[c] >= threshold[c]. Almost no
+// element passes, so blocks of 64 are first tested branch-free (this loop vectorises).
+template <typename Threshold, typename Visit>
+inline void for_each_passing(const float* sim, Threshold threshold, int64_t begin, int64_t end,
+                             Visit visit) {
+  constexpr int64_t kBlock = 64;
+  int64_t c = begin;
+  for (; c + kBlock <= end; c += kBlock) {
+    int any = 0;
+    for (int64_t j = 0; j < kBlock; ++j) any |= sim[c + j] >= threshold[c + j];
+    if (!any) continue;
+    for (int64_t j = 0; j < kBlock; ++j) {
+      if (sim[c + j] >= threshold[c + j]) visit(c + j);
+    }
+  }
+  for (; c < end; ++c) {
+    if (sim[c] >= threshold[c]) visit(c);
+  }
+}
+
+// A threshold array that is one value everywhere (the row side's single query).
+struct Broadcast {
+  float value;
+  float operator[](int64_t) const { return value; }
+};
+
 void count_cpu(const Tile& tile, const Lists& l) {
   // Query = row: each thread owns whole rows, hence their counters.
   at::parallel_for(0, tile.rows, 8, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t q = tile.row0 + r;
-      const float threshold = l.threshold[q];
-      const float* sim = tile.sim + r * tile.cols;
+      if (l.num_relevant[q] == 0) continue;
       const int64_t c_begin = tile.symmetric ? std::max<int64_t>(0, q + 1 - tile.col0) : 0;
-      for (int64_t c = c_begin; c < tile.cols; ++c) {
-        if (sim[c] >= threshold) {
-          const int64_t i = tile.col0 + c;
-          count_candidate(l, q, sim[c], l.col_index[i], l.col_labels[i]);
-        }
-      }
+      for_each_passing(tile.sim + r * tile.cols, Broadcast{l.threshold[q]}, c_begin, tile.cols,
+                       [&](int64_t c) {
+                         const int64_t i = tile.col0 + c;
+                         count_candidate(l, q, tile.sim[r * tile.cols + c], l.col_index[i], l.col_labels[i]);
+                       });
     }
   });
   if (!tile.symmetric) return;
@@ -176,15 +209,13 @@ void count_cpu(const Tile& tile, const Lists& l) {
   // In symmetric mode rows and columns share the position arrays, so count_candidate
   // indexed by the column's position is right.
   at::parallel_for(0, tile.cols, 256, [&](int64_t c0, int64_t c1) {
-    const float* threshold = l.threshold + tile.col0;
     for (int64_t r = 0; r < tile.rows; ++r) {
       const int64_t q = tile.row0 + r;
       const float* sim = tile.sim + r * tile.cols;
-      for (int64_t c = std::max<int64_t>(c0, q + 1 - tile.col0); c < c1; ++c) {
-        if (sim[c] >= threshold[c]) {
-          count_candidate(l, tile.col0 + c, sim[c], l.row_index[q], l.row_labels[q]);
-        }
-      }
+      for_each_passing(sim, l.threshold + tile.col0, std::max<int64_t>(c0, q + 1 - tile.col0), c1,
+                       [&](int64_t c) {
+                         count_candidate(l, tile.col0 + c, sim[c], l.row_index[q], l.row_labels[q]);
+                       });
     }
   });
 }
@@ -194,7 +225,9 @@ void count_cpu(const Tile& tile, const Lists& l) {
 // bf16 tensor-core GEMM with float32 accumulation computes, without its speed.
 retrieval::Backend cpu_backend() {
   retrieval::Backend backend;
-  backend.tile_rows = 512;
+  backend.band_rows = 1024;  // few, large calls: each MKL call has a fixed cost
+  // Large tiles keep MKL's packing overhead small; 64 MiB is still O(tile x n).
+  backend.tile_rows = 4096;
   backend.tile_cols = 4096;
   backend.prepare = [](const at::Tensor& x, Precision p) {
     return p == Precision::BF16 ? x.to(at::kBFloat16).to(at::kFloat) : x;
