@@ -3,6 +3,7 @@
 Everything runs in torch on the input's device (no scikit-learn at run time) and is
 deterministic for a seed: random draws come from a seeded CPU generator, assignments
 are blockwise argmins (ties to the lower centroid), and centroid sums avoid atomics.
+Empty clusters keep their centroid.
 """
 import torch
 
@@ -51,18 +52,21 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def update_centroids(x: torch.Tensor, ids: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Means of the clusters (an empty cluster keeps its centroid).
+    """Means of the clusters (an empty cluster keeps its centroid), summed in float64.
 
-    Sums are differences of a float64 running sum over the rows sorted by cluster: no
-    atomics, so the result is the same on every run and device.
+    On CPU index_add_ is sequential, hence deterministic. On CUDA it would use atomics, so
+    sums are there differences of a running sum over the rows sorted by cluster instead.
     """
     k = centroids.shape[0]
-    order = torch.sort(ids, stable=True).indices
     counts = torch.bincount(ids, minlength=k)
-    running = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64),
-                         x.index_select(0, order).double().cumsum(0)])
-    ends = counts.cumsum(0)
-    sums = running[ends] - running[ends - counts]
+    if x.device.type == "cpu":
+        sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, ids, x.double())
+    else:
+        order = torch.sort(ids, stable=True).indices
+        running = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64),
+                             x.index_select(0, order).double().cumsum(0)])
+        ends = counts.cumsum(0)
+        sums = running[ends] - running[ends - counts]
     means = (sums / counts.clamp_min(1).unsqueeze(1)).to(x.dtype)
     return torch.where((counts > 0).unsqueeze(1), means, centroids)
 
