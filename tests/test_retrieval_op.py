@@ -252,3 +252,10 @@ def test_cuda_memory_stays_far_below_n_squared():
     ops.retrieval_metrics(x, labels)
     growth = torch.cuda.max_memory_allocated() - before
     assert growth < 600e6, growth  # n x n float32 would be 6.4 GB; the tile is 128 MiB
+
+
+def test_opcheck():
+    x, labels = clustered(60, 5)
+    gallery, gallery_labels = clustered(40, 5)
+    torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, None, None, 3, "fp32"))
+    torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, gallery, gallery_labels, 1023, "bf16"))
