@@ -7,6 +7,14 @@
 // relevant items, sorted in rank order ("relevant list"); the t-th of them (0-based) has
 // 1-based rank t + 1 + #{non-relevant items outranking it}. Relevant items beyond the cap
 // rank after all listed ones, so they never change these ranks.
+//
+// Same-class items are recognised by label in the counting pass and skipped (their order
+// is the list's), so no similarity is ever compared with a second computation of itself.
+// The listed similarities come from products of the query block with its class band, the
+// candidates' from the tiles; both go through the same GEMM routine in the same precision.
+// Only an exact duplicate of a relevant item with another label relies on the two
+// products rounding alike (MKL does; a cuBLAS split-K kernel for a narrow band might not,
+// which could move such a tie by one place).
 #pragma once
 
 #include <ATen/ATen.h>
