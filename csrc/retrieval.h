@@ -19,6 +19,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -60,8 +61,9 @@ IDML_HOST_DEVICE int32_t first_outranked(const float* values, const int32_t* ind
 struct Lists {
   const float* values;          // [rows, cap] relevant similarities, in rank order
   const int32_t* index;         // [rows, cap] their original reference indices
-  const int32_t* num_relevant;  // [rows] R of each query
-  const float* threshold;       // [rows] similarity of the R-th relevant item (+inf if R = 0)
+  const int32_t* limit;         // [rows] ranks above it are not needed: max(R, max_k)
+  int32_t* length;              // [rows] listed items still counted (R at first, see shorten)
+  float* threshold;             // [rows] similarity of the last counted item (+inf if none)
   int32_t* counts;              // [rows, cap] counts[q][t]: candidates first outranking item t
   int64_t cap;
   const int64_t* row_labels;    // [rows]
@@ -69,6 +71,23 @@ struct Lists {
   const int32_t* row_index;     // [rows] original query index of each position
   const int32_t* col_index;     // [cols] original reference index of each position
 };
+
+// Ranks only grow as candidates are counted: once listed item t has rank > limit, so have
+// all after it, and they need no more counting. Drops them from query q's list and raises
+// its threshold accordingly, so fewer candidates pass it. Call while owning query q.
+IDML_HOST_DEVICE void shorten(const Lists& l, int64_t q) {
+  const int32_t* counts = l.counts + q * l.cap;
+  int64_t rank = 0;  // rank of item t = t + 1 + counts[0] + ... + counts[t]
+  int32_t t = 0;
+  for (; t < l.length[q]; ++t) {
+    rank += 1 + counts[t];
+    if (rank > l.limit[q]) break;
+  }
+  if (t < l.length[q]) {
+    l.length[q] = t;
+    l.threshold[q] = t > 0 ? l.values[q * l.cap + t - 1] : INFINITY;
+  }
+}
 
 // One tile of the similarity matrix: rows [row0, row0 + rows) x cols [col0, col0 + cols),
 // row-major with leading dimension `cols`. In symmetric mode only pairs with column
@@ -92,11 +111,13 @@ struct Backend {
 };
 
 // (ranks [n_queries, cap] int64, num_relevant [n_queries] int64), in the callers' order:
-// ranks[q][t] = 1-based rank of q's (t+1)-th relevant item for t < R_q, else 0.
+// ranks[q][t] = 1-based rank of q's (t+1)-th relevant item for t < R_q, else 0; a rank
+// above max(R_q, max_k) (never needed by R@K for K <= max_k, RP, MAP@R) is reported as
+// max(R_q, max_k) + 1.
 std::tuple<at::Tensor, at::Tensor> compute_ranks(
     const at::Tensor& queries, const at::Tensor& query_labels,
     const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
-    int64_t max_r, const std::string& precision, const Backend& backend);
+    int64_t max_r, int64_t max_k, const std::string& precision, const Backend& backend);
 
 }  // namespace retrieval
 }  // namespace idml

@@ -65,23 +65,29 @@ def retrieval_ranks(
     precision: str = "fp32",
     reference: "torch.Tensor | None" = None,
     reference_labels: "torch.Tensor | None" = None,
+    max_k: "int | None" = None,
 ) -> "tuple[torch.Tensor, torch.Tensor]":
-    """Exact ranks of each query's best min(#relevant, max_r) same-class items.
+    """Ranks of each query's best R = min(#relevant, max_r) same-class items.
 
     Returns (ranks [n, cap] int64, num_relevant [n] int64): ranks[q, t] is the 1-based
     position, in q's ranking of all candidates, of q's (t+1)-th relevant item (0 for
-    t >= num_relevant[q]). Similarity is the dot product of the rows; equal similarities
-    rank the lower (reference) index first. Without `reference` every row is a query
-    against all other rows (itself excluded); with it, against the reference rows.
+    t >= R). Exact up to max(R, max_k); a larger rank is reported as max(R, max_k) + 1
+    (the metrics need no more, and the CPU kernel stops counting there). max_k=None:
+    every rank exact. Similarity is the dot product of the rows; equal similarities rank
+    the lower (reference) index first. Without `reference` every row is a query against
+    all other rows (itself excluded); with it, against the reference rows.
     """
+    if max_k is None:
+        max_k = max(1, emb.shape[0] if reference is None else reference.shape[0])
     if has_kernel("retrieval_ranks", emb.device):
-        return torch.ops.idml.retrieval_ranks(emb, labels, reference, reference_labels, max_r, precision)
-    return _reference_ops.retrieval_ranks(emb, labels, max_r, precision, reference, reference_labels)
+        return torch.ops.idml.retrieval_ranks(emb, labels, reference, reference_labels, max_r, max_k, precision)
+    return _reference_ops.retrieval_ranks(emb, labels, max_r, precision, reference, reference_labels, max_k)
+
 
 if EXTENSION_ERROR is None and hasattr(torch.ops.idml, "retrieval_ranks"):
 
     @torch.library.register_fake("idml::retrieval_ranks")
-    def _retrieval_ranks_fake(queries, query_labels, references, reference_labels, max_r, precision):
+    def _retrieval_ranks_fake(queries, query_labels, references, reference_labels, max_r, max_k, precision):
         cap = torch.library.get_ctx().new_dynamic_size()
         n = queries.shape[0]
         return queries.new_empty((n, cap), dtype=torch.long), queries.new_empty((n,), dtype=torch.long)
@@ -137,5 +143,5 @@ def retrieval_metrics(
     each metric stays within 0.005 (tf32) / 0.02 (bf16) of fp32 (tests/test_retrieval_op.py).
     Memory: O(tile x n) for the tiles plus O(n x min(max_r, largest class)) for the lists.
     """
-    ranks, num_relevant = retrieval_ranks(emb, labels, max_r, precision, reference, reference_labels)
+    ranks, num_relevant = retrieval_ranks(emb, labels, max_r, precision, reference, reference_labels, max(ks))
     return metrics_from_ranks(ranks, num_relevant, ks)

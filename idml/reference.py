@@ -93,6 +93,7 @@ def retrieval_ranks(
     precision: str = "fp32",
     reference: "torch.Tensor | None" = None,
     reference_labels: "torch.Tensor | None" = None,
+    max_k: "int | None" = None,
 ) -> "tuple[torch.Tensor, torch.Tensor]":
     """Plain-PyTorch idml.ops.retrieval_ranks: blocks of queries, each fully sorted.
 
@@ -130,4 +131,7 @@ def retrieval_ranks(
         positions = torch.where(relevant, position, n_ref + 1).sort(dim=1).values[:, :cap]
         keep = torch.arange(cap, device=emb.device) < num_relevant[rows].unsqueeze(1)
         ranks[rows] = torch.where(keep, positions, 0)
+    if max_k is not None:  # ranks above max(R, max_k) reported as max(R, max_k) + 1
+        above = num_relevant.clamp_min(max_k).unsqueeze(1) + 1
+        ranks = torch.where(ranks > above, above, ranks)
     return ranks, num_relevant

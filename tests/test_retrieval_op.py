@@ -72,12 +72,13 @@ def clustered(n, num_classes, dim=6, noise=1.0, grid=8, generator=None, duplicat
 def implementations():
     impls = [("reference", reference.retrieval_ranks)]
     if ops.has_kernel("retrieval_ranks", torch.device("cpu")):
-        impls.append(("op", lambda *a: torch.ops.idml.retrieval_ranks(a[0], a[1], a[4], a[5], a[2], a[3])))
+        impls.append(("op", lambda *a: torch.ops.idml.retrieval_ranks(a[0], a[1], a[4], a[5], a[2], a[6], a[3])))
     return impls
 
 
 def metrics(impl, x, labels, ks=KS, max_r=1023, precision="fp32", ref=None, ref_labels=None):
-    ranks, num_relevant = impl(x, labels, max_r, precision, ref, ref_labels)
+    # max_k = max(ks): ranks past max(R, max_k) are only bounded, as the metrics need.
+    ranks, num_relevant = impl(x, labels, max_r, precision, ref, ref_labels, max(ks))
     return ops.metrics_from_ranks(ranks, num_relevant, ks)
 
 
@@ -124,17 +125,29 @@ def test_query_gallery_equals_brute_force(name, impl, nq, nr, max_r):
 
 
 def test_op_ranks_equal_reference_ranks_several_tiles():
-    # Past the CPU tile size (4096) in both directions and past the band block (1024).
+    # Past the CPU tile size (4096) in both directions and past the band block (1024);
+    # max_k=None: every rank exact; small max_k: ranks past max(R, max_k) bounded alike.
     x, labels = clustered(4500, 900, dim=4, duplicates=200, singletons=5)
-    for max_r in (2, 1023):
-        ranks, num_relevant = ops.retrieval_ranks(x, labels, max_r)
-        expected_ranks, expected_num_relevant = reference.retrieval_ranks(x, labels, max_r)
+    for max_r, max_k in [(2, None), (1023, None), (3, 5), (1023, 1)]:
+        ranks, num_relevant = ops.retrieval_ranks(x, labels, max_r, max_k=max_k)
+        expected_ranks, expected_num_relevant = reference.retrieval_ranks(x, labels, max_r, max_k=max_k)
         assert torch.equal(num_relevant, expected_num_relevant)
         assert torch.equal(ranks, expected_ranks)
     gallery, gallery_labels = clustered(4200, 900, dim=4)
-    ranks, num_relevant = ops.retrieval_ranks(x, labels, 7, "fp32", gallery, gallery_labels)
-    expected = reference.retrieval_ranks(x, labels, 7, "fp32", gallery, gallery_labels)
-    assert torch.equal(ranks, expected[0]) and torch.equal(num_relevant, expected[1])
+    for max_k in (None, 2):
+        got = ops.retrieval_ranks(x, labels, 7, "fp32", gallery, gallery_labels, max_k)
+        expected = reference.retrieval_ranks(x, labels, 7, "fp32", gallery, gallery_labels, max_k)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_ranks_past_the_limit_are_bounded():
+    # Query 0's 3 relevant items (rows 1-3) rank 1, 5 and 6 of 9 (rows 4-6 outrank 2 and 3).
+    x = torch.tensor([[1.0, 0.0]] + [[1.0, 0.0]] + [[0.0, 1.0]] * 2 + [[0.8, 0.6]] * 3 + [[-1.0, 0.0]] * 3)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    assert ops.retrieval_ranks(x, labels)[0][0].tolist() == [1, 5, 6]
+    assert ops.retrieval_ranks(x, labels, max_k=5)[0][0].tolist() == [1, 5, 6]  # limit max(3, 5)
+    assert ops.retrieval_ranks(x, labels, max_k=4)[0][0].tolist() == [1, 5, 5]  # limit 4: 5 = past it
+    assert reference.retrieval_ranks(x, labels, max_k=4)[0][0].tolist() == [1, 5, 5]
 
 
 def test_ties_go_to_the_lower_index():
@@ -161,9 +174,9 @@ def test_query_without_relevant_item_is_an_r_at_k_miss():
 def test_bad_arguments():
     x = torch.randn(5, 3)
     with pytest.raises(RuntimeError, match="precision"):
-        torch.ops.idml.retrieval_ranks(x, torch.zeros(5, dtype=torch.long), None, None, 10, "fp16")
+        torch.ops.idml.retrieval_ranks(x, torch.zeros(5, dtype=torch.long), None, None, 10, 8, "fp16")
     with pytest.raises(RuntimeError, match="one label per row"):
-        torch.ops.idml.retrieval_ranks(x, torch.zeros(4, dtype=torch.long), None, None, 10, "fp32")
+        torch.ops.idml.retrieval_ranks(x, torch.zeros(4, dtype=torch.long), None, None, 10, 8, "fp32")
     with pytest.raises(ValueError, match="precision"):
         reference.retrieval_ranks(x, torch.zeros(5, dtype=torch.long), 10, "fp16")
 
@@ -225,6 +238,9 @@ def test_cuda_op_equals_reference_fp32():
         expected = reference.retrieval_ranks(x.double(), labels, max_r)
         got = ops.retrieval_ranks(x.cuda(), labels.cuda(), max_r)
         assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+        expected = reference.retrieval_ranks(x.double(), labels, max_r, max_k=3)
+        got = ops.retrieval_ranks(x.cuda(), labels.cuda(), max_r, max_k=3)
+        assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
     x, labels = clustered(5000, 200)
     gallery, gallery_labels = clustered(7000, 200)
     expected = reference.retrieval_ranks(x, labels, 9, "fp32", gallery, gallery_labels)
@@ -257,5 +273,5 @@ def test_cuda_memory_stays_far_below_n_squared():
 def test_opcheck():
     x, labels = clustered(60, 5)
     gallery, gallery_labels = clustered(40, 5)
-    torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, None, None, 3, "fp32"))
-    torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, gallery, gallery_labels, 1023, "bf16"))
+    torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, None, None, 3, 4, "fp32"))
+    torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, gallery, gallery_labels, 1023, 1, "bf16"))

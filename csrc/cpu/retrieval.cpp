@@ -48,9 +48,9 @@ Sorted sort_by_label(const at::Tensor& x, const at::Tensor& labels, Precision pr
 std::tuple<at::Tensor, at::Tensor> compute_ranks(
     const at::Tensor& queries, const at::Tensor& query_labels,
     const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
-    int64_t max_r, const std::string& precision_name, const Backend& backend) {
+    int64_t max_r, int64_t max_k, const std::string& precision_name, const Backend& backend) {
   const Precision precision = parse_precision(precision_name);
-  TORCH_CHECK(max_r >= 1, "retrieval_ranks: max_r must be >= 1");
+  TORCH_CHECK(max_r >= 1 && max_k >= 1, "retrieval_ranks: max_r and max_k must be >= 1");
   TORCH_CHECK(references.has_value() == reference_labels.has_value(),
               "retrieval_ranks: give both references and reference_labels, or neither");
   check_inputs(queries, query_labels, "queries");
@@ -111,7 +111,8 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
     auto best_cols = cols.gather(1, order.slice(1, 0, k)).reshape({-1});
     index.slice(0, a0, a1).slice(1, 0, k).copy_(col_index.index_select(0, best_cols).view({a1 - a0, k}));
   }
-  auto num_relevant32 = num_relevant.to(at::kInt).contiguous();
+  auto length = num_relevant.to(at::kInt).contiguous();
+  auto limit = num_relevant.clamp_min(std::min<int64_t>(max_k, nr)).to(at::kInt).contiguous();
   auto threshold = at::where(num_relevant > 0,
                              values.gather(1, (num_relevant - 1).clamp_min(0).unsqueeze(1)).squeeze(1),
                              at::full({}, std::numeric_limits<float>::infinity(), float_opts))
@@ -121,10 +122,11 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
   // symmetric mode); the epilogue counts the non-relevant items outranking each listed one.
   auto counts = at::zeros({nq, cap}, long_opts.dtype(at::kInt));
   const Lists lists{values.data_ptr<float>(),      index.data_ptr<int32_t>(),
-                    num_relevant32.data_ptr<int32_t>(), threshold.data_ptr<float>(),
-                    counts.data_ptr<int32_t>(),    cap,
-                    q.labels.data_ptr<int64_t>(),  r.labels.data_ptr<int64_t>(),
-                    row_index.data_ptr<int32_t>(), col_index.data_ptr<int32_t>()};
+                    limit.data_ptr<int32_t>(),     length.data_ptr<int32_t>(),
+                    threshold.data_ptr<float>(),   counts.data_ptr<int32_t>(),
+                    cap,                           q.labels.data_ptr<int64_t>(),
+                    r.labels.data_ptr<int64_t>(),  row_index.data_ptr<int32_t>(),
+                    col_index.data_ptr<int32_t>()};
   auto buffer = at::empty({backend.tile_rows * backend.tile_cols}, float_opts);
   for (int64_t a0 = 0; a0 < nq; a0 += backend.tile_rows) {
     const int64_t a1 = std::min(nq, a0 + backend.tile_rows);
@@ -141,9 +143,12 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
     }
   }
 
-  // rank of listed item t = t + 1 + #non-relevant items outranking it.
+  // rank of listed item t = t + 1 + #non-relevant items outranking it; items dropped
+  // from the counting (t >= length) and any rank above the limit become limit + 1.
   auto position = at::arange(cap, long_opts).unsqueeze(0);
+  auto above = (limit + 1).to(at::kLong).unsqueeze(1);
   auto ranks = counts.to(at::kLong).cumsum(1).add_(position + 1);
+  ranks = at::where((position >= length.unsqueeze(1)) | (ranks > above), above, ranks);
   ranks.masked_fill_(position >= num_relevant.unsqueeze(1), 0);
   return {unsort(ranks), unsort(num_relevant)};
 }
@@ -159,9 +164,9 @@ using retrieval::Tile;
 // Candidate (similarity s, original index i, label) for the query at position q.
 inline void count_candidate(const Lists& l, int64_t q, float s, int32_t i, int64_t label) {
   if (label == l.row_labels[q]) return;  // relevant items are ordered by their list
-  const int32_t R = l.num_relevant[q];
-  const int32_t t = retrieval::first_outranked(l.values + q * l.cap, l.index + q * l.cap, R, s, i);
-  if (t < R) ++l.counts[q * l.cap + t];
+  const int32_t length = l.length[q];
+  const int32_t t = retrieval::first_outranked(l.values + q * l.cap, l.index + q * l.cap, length, s, i);
+  if (t < length) ++l.counts[q * l.cap + t];
 }
 
 // Calls visit(c) for every c in [begin, end) with sim[c] >= threshold[c]. Almost no
@@ -195,7 +200,8 @@ void count_cpu(const Tile& tile, const Lists& l) {
   at::parallel_for(0, tile.rows, 8, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t q = tile.row0 + r;
-      if (l.num_relevant[q] == 0) continue;
+      retrieval::shorten(l, q);
+      if (l.length[q] == 0) continue;
       const int64_t c_begin = tile.symmetric ? std::max<int64_t>(0, q + 1 - tile.col0) : 0;
       for_each_passing(tile.sim + r * tile.cols, Broadcast{l.threshold[q]}, c_begin, tile.cols,
                        [&](int64_t c) {
@@ -209,6 +215,7 @@ void count_cpu(const Tile& tile, const Lists& l) {
   // In symmetric mode rows and columns share the position arrays, so count_candidate
   // indexed by the column's position is right.
   at::parallel_for(0, tile.cols, 256, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) retrieval::shorten(l, tile.col0 + c);
     for (int64_t r = 0; r < tile.rows; ++r) {
       const int64_t q = tile.row0 + r;
       const float* sim = tile.sim + r * tile.cols;
@@ -242,9 +249,9 @@ retrieval::Backend cpu_backend() {
 std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cpu(
     const at::Tensor& queries, const at::Tensor& query_labels,
     const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
-    int64_t max_r, c10::string_view precision) {
+    int64_t max_r, int64_t max_k, c10::string_view precision) {
   static const retrieval::Backend backend = cpu_backend();
-  return retrieval::compute_ranks(queries, query_labels, references, reference_labels, max_r,
+  return retrieval::compute_ranks(queries, query_labels, references, reference_labels, max_r, max_k,
                                   std::string(precision), backend);
 }
 

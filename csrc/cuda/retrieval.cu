@@ -18,13 +18,15 @@ constexpr int kThreads = 256;     // one thread per tile column
 constexpr int kRowsPerBlock = 16;  // rows each thread walks down
 
 __device__ __forceinline__ void count_candidate(const Lists& l, int64_t q, float s, int32_t i) {
-  const int32_t R = l.num_relevant[q];
-  const int32_t t = retrieval::first_outranked(l.values + q * l.cap, l.index + q * l.cap, R, s, i);
-  if (t < R) atomicAdd(l.counts + q * l.cap + t, 1);
+  const int32_t length = l.length[q];
+  const int32_t t = retrieval::first_outranked(l.values + q * l.cap, l.index + q * l.cap, length, s, i);
+  if (t < length) atomicAdd(l.counts + q * l.cap + t, 1);
 }
 
 // Each element (q, i) of the tile is a candidate for query q and, in symmetric mode, q a
 // candidate for query i. The thresholds reject almost every element before any search.
+// Lists are not shortened here (that needs an owner per query): ranks stay exact, and
+// the driver reports those above the limit alike.
 __global__ void count_kernel(Tile tile, Lists l) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= tile.cols) return;
@@ -90,10 +92,10 @@ retrieval::Backend cuda_backend() {
 std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cuda(
     const at::Tensor& queries, const at::Tensor& query_labels,
     const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
-    int64_t max_r, c10::string_view precision) {
+    int64_t max_r, int64_t max_k, c10::string_view precision) {
   const c10::cuda::CUDAGuard device_guard(queries.device());
   static const retrieval::Backend backend = cuda_backend();
-  return retrieval::compute_ranks(queries, query_labels, references, reference_labels, max_r,
+  return retrieval::compute_ranks(queries, query_labels, references, reference_labels, max_r, max_k,
                                   std::string(precision), backend);
 }
 
