@@ -232,7 +232,9 @@ void count_cpu(const Tile& tile, const Lists& l) {
 // bf16 tensor-core GEMM with float32 accumulation computes, without its speed.
 retrieval::Backend cpu_backend() {
   retrieval::Backend backend;
-  backend.band_rows = 1024;  // few, large calls: each MKL call has a fixed cost
+  // A band product covers its block x block square too (wasted), but each block costs
+  // about ten ATen calls, which dominate when blocks are small.
+  backend.band_rows = 1024;
   // Large tiles keep MKL's packing overhead small; 64 MiB is still O(tile x n).
   backend.tile_rows = 4096;
   backend.tile_cols = 4096;
