@@ -190,12 +190,13 @@ def normalised_clusters(n, num_classes, dim=64, noise=0.8, seed=0):
 
 # Tolerances of the speed modes against fp32 (absolute, on each metric), as documented in
 # idml.ops.retrieval_metrics: near-ties may swap when the dot products are rounded.
-TOLERANCE = {"tf32": 0.005, "bf16": 0.02}
+# (Measured here on CPU for bf16: at most 0.0015 on this data, where R@1 is about 0.4.)
+TOLERANCE = {"tf32": 0.005, "bf16": 0.01}
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_speed_modes_within_tolerance_cpu(precision):
-    x, labels = normalised_clusters(2000, 100)
+    x, labels = normalised_clusters(2000, 100, noise=2.0)  # hard: many near-ties matter
     exact = ops.retrieval_metrics(x, labels, ks=KS)
     fast = ops.retrieval_metrics(x, labels, ks=KS, precision=precision)
     for key in exact:
@@ -251,7 +252,7 @@ def test_cuda_op_equals_reference_fp32():
 @requires_cuda
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_cuda_speed_modes_within_tolerance(precision):
-    x, labels = normalised_clusters(20000, 1000)
+    x, labels = normalised_clusters(20000, 1000, noise=2.0)
     exact = ops.retrieval_metrics(x, labels, ks=KS)
     fast = ops.retrieval_metrics(x.cuda(), labels.cuda(), ks=KS, precision=precision)
     for key in exact:
