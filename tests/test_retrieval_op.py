@@ -140,6 +140,16 @@ def test_op_ranks_equal_reference_ranks_several_tiles():
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+def test_one_huge_class():
+    # A class of 4000 of 4500 rows: its segments are gathered in several chunks of rows.
+    x, labels = clustered(4500, 200, dim=4, duplicates=100)
+    labels[:4000] = 7
+    for max_r in (3, 1023):
+        got = ops.retrieval_ranks(x, labels, max_r, max_k=8)
+        expected = reference.retrieval_ranks(x, labels, max_r, max_k=8)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_ranks_past_the_limit_are_bounded():
     # Query 0's 3 relevant items (rows 1-3) rank 1, 5 and 6 of 9 (rows 4-6 outrank 2 and 3).
     x = torch.tensor([[1.0, 0.0]] + [[1.0, 0.0]] + [[0.0, 1.0]] * 2 + [[0.8, 0.6]] * 3 + [[-1.0, 0.0]] * 3)

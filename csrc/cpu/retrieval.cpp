@@ -84,32 +84,42 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
   auto col_index = r.order.to(at::kInt);
   auto row_index = symmetric ? col_index : q.order.to(at::kInt);
 
-  // Phase 1: each block of queries against the band of references holding its classes
-  // (contiguous, as both sides are sorted by label). A query's class is a contiguous
-  // segment of the band, in original index order; a stable sort of the segment puts it in
-  // rank order (equal similarities keep the lower index first).
+  // Phase 1: each query's class is a contiguous segment of the sorted references, in
+  // original index order; a stable sort of its similarities puts it in rank order (equal
+  // similarities keep the lower index first). Blocks of queries are multiplied with the
+  // band of references holding their classes (contiguous, both sides being sorted by
+  // label); everything else runs once per chunk of rows, to keep launches few.
   const auto begin_host = begin.cpu(), end_host = end.cpu();
   const int64_t* begin_ptr = begin_host.data_ptr<int64_t>();
   const int64_t* end_ptr = end_host.data_ptr<int64_t>();
-  for (int64_t a0 = 0; a0 < nq; a0 += backend.band_rows) {
-    const int64_t a1 = std::min(nq, a0 + backend.band_rows);
-    const int64_t b0 = begin_ptr[a0], b1 = end_ptr[a1 - 1];
-    int64_t width = 0;
-    for (int64_t a = a0; a < a1; ++a) width = std::max(width, end_ptr[a] - begin_ptr[a]);
-    if (width == 0) continue;
-    auto sim = at::empty({a1 - a0, b1 - b0}, float_opts);
-    backend.gemm(q.x.slice(0, a0, a1), r.x.slice(0, b0, b1), sim, precision);
-    auto offset = at::arange(width, long_opts).unsqueeze(0);
-    auto seg_begin = begin.slice(0, a0, a1).unsqueeze(1), seg_end = end.slice(0, a0, a1).unsqueeze(1);
-    auto cols = (seg_begin + offset).clamp_max(b1 - 1);  // reference positions
-    auto unused = (seg_begin + offset) >= seg_end;
-    if (symmetric) unused |= cols == at::arange(a0, a1, long_opts).unsqueeze(1);
-    auto segment = sim.gather(1, cols - b0).masked_fill_(unused, -std::numeric_limits<float>::infinity());
-    const int64_t k = std::min(cap, width);
+  int64_t width = 1;  // widest class segment
+  for (int64_t a = 0; a < nq; ++a) width = std::max(width, end_ptr[a] - begin_ptr[a]);
+  const int64_t k = std::min(cap, width);
+  const int64_t offset_rows = std::max<int64_t>(1, (int64_t{1} << 24) / width / backend.band_rows);
+  const int64_t chunk_rows = offset_rows * backend.band_rows;  // chunk x width <= 2^24 (or one block)
+  auto offset = at::arange(width, long_opts).unsqueeze(0);
+  for (int64_t h0 = 0; h0 < nq; h0 += chunk_rows) {
+    const int64_t h1 = std::min(nq, h0 + chunk_rows);
+    auto seg_begin = begin.slice(0, h0, h1).unsqueeze(1);
+    auto cols = (seg_begin + offset).clamp_max_(nr - 1);  // reference positions
+    auto unused = (seg_begin + offset) >= end.slice(0, h0, h1).unsqueeze(1);
+    if (symmetric) unused |= cols == at::arange(h0, h1, long_opts).unsqueeze(1);
+    auto segment = at::empty({h1 - h0, width}, float_opts);
+    for (int64_t a0 = h0; a0 < h1; a0 += backend.band_rows) {
+      const int64_t a1 = std::min(h1, a0 + backend.band_rows);
+      const int64_t b0 = begin_ptr[a0], b1 = end_ptr[a1 - 1];
+      if (b1 <= b0) continue;  // no class member in this block: all unused
+      auto sim = at::empty({a1 - a0, b1 - b0}, float_opts);
+      backend.gemm(q.x.slice(0, a0, a1), r.x.slice(0, b0, b1), sim, precision);
+      auto band_cols = (cols.slice(0, a0 - h0, a1 - h0) - b0).clamp_(0, b1 - b0 - 1);
+      auto out = segment.slice(0, a0 - h0, a1 - h0);
+      at::gather_out(out, sim, 1, band_cols);
+    }
+    segment.masked_fill_(unused, -std::numeric_limits<float>::infinity());
     auto [sorted_sim, order] = at::sort(segment, /*stable=*/true, 1, /*descending=*/true);
-    values.slice(0, a0, a1).slice(1, 0, k).copy_(sorted_sim.slice(1, 0, k));
+    values.slice(0, h0, h1).slice(1, 0, k).copy_(sorted_sim.slice(1, 0, k));
     auto best_cols = cols.gather(1, order.slice(1, 0, k)).reshape({-1});
-    index.slice(0, a0, a1).slice(1, 0, k).copy_(col_index.index_select(0, best_cols).view({a1 - a0, k}));
+    index.slice(0, h0, h1).slice(1, 0, k).copy_(col_index.index_select(0, best_cols).view({h1 - h0, k}));
   }
   auto length = num_relevant.to(at::kInt).contiguous();
   auto limit = num_relevant.clamp_min(std::min<int64_t>(max_k, nr)).to(at::kInt).contiguous();
