@@ -33,4 +33,11 @@ TORCH_LIBRARY(idml, m) {
       "-> (Tensor, Tensor, Tensor)");
 
   // --- retrieval metrics (IDML_METHOD.md section 5) ---
+  // Ranks of every query's best R = min(#relevant, max_r) same-class items, compared by
+  // dot product, ties to the lower index; references = None: every row is a query against
+  // all other rows. Returns (ranks [n, cap] int64, 0-padded; num_relevant [n] int64);
+  // ranks are exact up to max(R, max_k), larger ones are reported as max(R, max_k) + 1.
+  m.def(
+      "retrieval_ranks(Tensor queries, Tensor query_labels, Tensor? references, "
+      "Tensor? reference_labels, int max_r, int max_k, str precision) -> (Tensor, Tensor)");
 }

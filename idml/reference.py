@@ -74,3 +74,64 @@ def pa_ism_loss(
     # Columns without positives give log(1 + 0) = 0; divide by |P+| (at least 1).
     num_positive_proxies = has_positive.sum().clamp_min(1)
     return pos_term.sum() / num_positive_proxies + neg_term.sum() / num_classes
+
+
+# --- retrieval metrics (IDML_METHOD.md section 5) ----------------------------------------
+
+
+def round_for_precision(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """Inputs as the op's GEMM sees them: bf16 rounds to bfloat16; fp32/tf32 unchanged."""
+    if precision not in ("fp32", "tf32", "bf16"):
+        raise ValueError(f"precision must be 'fp32', 'tf32' or 'bf16', got {precision!r}")
+    return x.to(torch.bfloat16).to(x.dtype) if precision == "bf16" else x
+
+
+def retrieval_ranks(
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    max_r: int = 1023,
+    precision: str = "fp32",
+    reference: "torch.Tensor | None" = None,
+    reference_labels: "torch.Tensor | None" = None,
+    max_k: "int | None" = None,
+) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Plain-PyTorch idml.ops.retrieval_ranks: blocks of queries, each fully sorted.
+
+    Computed in the inputs' precision, float32 at least (float64 stays float64); "tf32"
+    is treated as exact fp32 here, "bf16" rounds the inputs to bfloat16 first.
+    """
+    if (reference is None) != (reference_labels is None):
+        raise ValueError("give both reference and reference_labels, or neither")
+    dtype = torch.promote_types(emb.dtype, torch.float32)
+    queries = round_for_precision(emb.to(dtype), precision)
+    symmetric = reference is None
+    refs = queries if symmetric else round_for_precision(reference.to(dtype), precision)
+    ref_labels = labels if symmetric else reference_labels
+    n, n_ref = queries.shape[0], refs.shape[0]
+    sorted_ref_labels = ref_labels.sort().values
+    class_size = (torch.searchsorted(sorted_ref_labels, labels, right=True)
+                  - torch.searchsorted(sorted_ref_labels, labels))
+    num_relevant = (class_size - int(symmetric)).clamp_max(max_r)
+    cap = int(num_relevant.max()) if n else 0
+    ranks = torch.zeros(n, cap, dtype=torch.long, device=emb.device)
+    if cap == 0:
+        return ranks, num_relevant
+    position = torch.arange(1, n_ref + 1, device=emb.device)
+    block = max(1, (1 << 22) // n_ref)
+    for q0 in range(0, n, block):
+        rows = torch.arange(q0, min(n, q0 + block), device=emb.device)
+        sim = queries[rows] @ refs.t()
+        if symmetric:  # itself last: it then shifts no other item's position
+            sim[rows - q0, rows] = float("-inf")
+        order = torch.sort(sim, dim=1, descending=True, stable=True).indices
+        relevant = ref_labels[order] == labels[rows].unsqueeze(1)
+        if symmetric:
+            relevant &= order != rows.unsqueeze(1)
+        # Positions of relevant items, in rank order first (non-relevant pushed past the end).
+        positions = torch.where(relevant, position, n_ref + 1).sort(dim=1).values[:, :cap]
+        keep = torch.arange(cap, device=emb.device) < num_relevant[rows].unsqueeze(1)
+        ranks[rows] = torch.where(keep, positions, 0)
+    if max_k is not None:  # ranks above max(R, max_k) reported as max(R, max_k) + 1
+        above = num_relevant.clamp_min(max_k).unsqueeze(1) + 1
+        ranks = torch.where(ranks > above, above, ranks)
+    return ranks, num_relevant

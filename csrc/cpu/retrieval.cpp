@@ -1,0 +1,275 @@
+// Retrieval ranks: the backend-neutral driver (used by the CUDA kernels too) and the CPU
+// backend. See retrieval.h for the ranking rule and the meaning of the ranks.
+#include "../retrieval.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace idml {
+namespace retrieval {
+
+namespace {
+
+Precision parse_precision(const std::string& name) {
+  if (name == "fp32") return Precision::FP32;
+  if (name == "tf32") return Precision::TF32;
+  if (name == "bf16") return Precision::BF16;
+  TORCH_CHECK(false, "retrieval_ranks: precision must be 'fp32', 'tf32' or 'bf16', got '", name, "'");
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& labels, const char* what) {
+  TORCH_CHECK(x.dim() == 2, "retrieval_ranks: ", what, " must be 2-D [n, d], got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "retrieval_ranks: ", what, " must be floating point");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "retrieval_ranks: ", what,
+              " labels must be 1-D with one label per row");
+  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+              "retrieval_ranks: labels must be integers");
+  TORCH_CHECK(labels.device() == x.device(), "retrieval_ranks: labels must be on the device of ", what);
+  TORCH_CHECK(x.size(0) < std::numeric_limits<int32_t>::max(), "retrieval_ranks: too many rows");
+}
+
+// Rows sorted by label (stable, so equal labels keep their original order).
+struct Sorted {
+  at::Tensor x, labels, order;  // order: original index of each sorted position (int64)
+};
+
+Sorted sort_by_label(const at::Tensor& x, const at::Tensor& labels, Precision precision,
+                     const Backend& backend) {
+  auto [sorted_labels, order] = at::sort(labels.to(at::kLong), /*stable=*/true, 0, false);
+  auto rows = x.index_select(0, order).to(at::kFloat).contiguous();
+  return {backend.prepare(rows, precision).contiguous(), sorted_labels.contiguous(), order};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> compute_ranks(
+    const at::Tensor& queries, const at::Tensor& query_labels,
+    const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
+    int64_t max_r, int64_t max_k, const std::string& precision_name, const Backend& backend) {
+  const Precision precision = parse_precision(precision_name);
+  TORCH_CHECK(max_r >= 1 && max_k >= 1, "retrieval_ranks: max_r and max_k must be >= 1");
+  TORCH_CHECK(references.has_value() == reference_labels.has_value(),
+              "retrieval_ranks: give both references and reference_labels, or neither");
+  check_inputs(queries, query_labels, "queries");
+  const bool symmetric = !references.has_value();
+  if (!symmetric) {
+    check_inputs(*references, *reference_labels, "references");
+    TORCH_CHECK(references->size(1) == queries.size(1) && references->device() == queries.device(),
+                "retrieval_ranks: references must have the queries' width and device");
+  }
+  const auto device = queries.device();
+  const auto long_opts = at::TensorOptions().dtype(at::kLong).device(device);
+
+  const Sorted q = sort_by_label(queries, query_labels, precision, backend);
+  const Sorted r = symmetric ? q : sort_by_label(*references, *reference_labels, precision, backend);
+  const int64_t nq = q.x.size(0), nr = r.x.size(0);
+
+  // Each query's class occupies positions [begin, end) of the sorted references.
+  auto begin = at::searchsorted(r.labels, q.labels, /*out_int32=*/false, /*right=*/false);
+  auto end = at::searchsorted(r.labels, q.labels, /*out_int32=*/false, /*right=*/true);
+  auto num_relevant = (end - begin - (symmetric ? 1 : 0)).clamp_max(max_r);
+  const int64_t cap = nq > 0 ? num_relevant.max().item<int64_t>() : 0;
+
+  auto unsort = [&](const at::Tensor& t) { return at::empty_like(t).index_copy_(0, q.order, t); };
+  if (cap == 0) {
+    return {at::zeros({nq, 0}, long_opts), unsort(num_relevant)};
+  }
+
+  auto float_opts = at::TensorOptions().dtype(at::kFloat).device(device);
+  auto values = at::full({nq, cap}, -std::numeric_limits<float>::infinity(), float_opts);
+  auto index = at::zeros({nq, cap}, long_opts.dtype(at::kInt));
+  auto col_index = r.order.to(at::kInt);
+  auto row_index = symmetric ? col_index : q.order.to(at::kInt);
+
+  // Phase 1: each query's class is a contiguous segment of the sorted references, in
+  // original index order; a stable sort of its similarities puts it in rank order (equal
+  // similarities keep the lower index first). Blocks of queries are multiplied with the
+  // band of references holding their classes (contiguous, both sides being sorted by
+  // label); everything else runs once per chunk of rows, to keep launches few.
+  const auto begin_host = begin.cpu(), end_host = end.cpu();
+  const int64_t* begin_ptr = begin_host.data_ptr<int64_t>();
+  const int64_t* end_ptr = end_host.data_ptr<int64_t>();
+  int64_t width = 1;  // widest class segment
+  for (int64_t a = 0; a < nq; ++a) width = std::max(width, end_ptr[a] - begin_ptr[a]);
+  const int64_t k = std::min(cap, width);
+  const int64_t offset_rows = std::max<int64_t>(1, (int64_t{1} << 24) / width / backend.band_rows);
+  const int64_t chunk_rows = offset_rows * backend.band_rows;  // chunk x width <= 2^24 (or one block)
+  auto offset = at::arange(width, long_opts).unsqueeze(0);
+  for (int64_t h0 = 0; h0 < nq; h0 += chunk_rows) {
+    const int64_t h1 = std::min(nq, h0 + chunk_rows);
+    auto seg_begin = begin.slice(0, h0, h1).unsqueeze(1);
+    auto cols = (seg_begin + offset).clamp_max_(nr - 1);  // reference positions
+    auto unused = (seg_begin + offset) >= end.slice(0, h0, h1).unsqueeze(1);
+    if (symmetric) unused |= cols == at::arange(h0, h1, long_opts).unsqueeze(1);
+    auto segment = at::empty({h1 - h0, width}, float_opts);
+    for (int64_t a0 = h0; a0 < h1; a0 += backend.band_rows) {
+      const int64_t a1 = std::min(h1, a0 + backend.band_rows);
+      const int64_t b0 = begin_ptr[a0], b1 = end_ptr[a1 - 1];
+      if (b1 <= b0) continue;  // no class member in this block: all unused
+      auto sim = at::empty({a1 - a0, b1 - b0}, float_opts);
+      backend.gemm(q.x.slice(0, a0, a1), r.x.slice(0, b0, b1), sim, precision);
+      auto band_cols = (cols.slice(0, a0 - h0, a1 - h0) - b0).clamp_(0, b1 - b0 - 1);
+      auto out = segment.slice(0, a0 - h0, a1 - h0);
+      at::gather_out(out, sim, 1, band_cols);
+    }
+    segment.masked_fill_(unused, -std::numeric_limits<float>::infinity());
+    auto [sorted_sim, order] = at::sort(segment, /*stable=*/true, 1, /*descending=*/true);
+    values.slice(0, h0, h1).slice(1, 0, k).copy_(sorted_sim.slice(1, 0, k));
+    auto best_cols = cols.gather(1, order.slice(1, 0, k)).reshape({-1});
+    index.slice(0, h0, h1).slice(1, 0, k).copy_(col_index.index_select(0, best_cols).view({h1 - h0, k}));
+  }
+  auto length = num_relevant.to(at::kInt).contiguous();
+  auto limit = num_relevant.clamp_min(std::min<int64_t>(max_k, nr)).to(at::kInt).contiguous();
+  auto threshold = at::where(num_relevant > 0,
+                             values.gather(1, (num_relevant - 1).clamp_min(0).unsqueeze(1)).squeeze(1),
+                             at::full({}, std::numeric_limits<float>::infinity(), float_opts))
+                       .contiguous();
+
+  // Phase 2: one pass over the similarity matrix in tiles (the upper triangle only in
+  // symmetric mode); the epilogue counts the non-relevant items outranking each listed one.
+  auto counts = at::zeros({nq, cap}, long_opts.dtype(at::kInt));
+  const Lists lists{values.data_ptr<float>(),      index.data_ptr<int32_t>(),
+                    limit.data_ptr<int32_t>(),     length.data_ptr<int32_t>(),
+                    threshold.data_ptr<float>(),   counts.data_ptr<int32_t>(),
+                    cap,                           q.labels.data_ptr<int64_t>(),
+                    r.labels.data_ptr<int64_t>(),  row_index.data_ptr<int32_t>(),
+                    col_index.data_ptr<int32_t>()};
+  auto buffer = at::empty({backend.tile_rows * backend.tile_cols}, float_opts);
+  for (int64_t a0 = 0; a0 < nq; a0 += backend.tile_rows) {
+    const int64_t a1 = std::min(nq, a0 + backend.tile_rows);
+    for (int64_t c0 = symmetric ? a0 : 0, c1; c0 < nr; c0 = c1) {
+      // Across the diagonal, narrower tiles whose rows stop at their last column keep the
+      // products of pairs below the diagonal (discarded) small.
+      const bool diagonal = symmetric && c0 < a1;
+      c1 = std::min(nr, c0 + (diagonal ? backend.tile_rows / 4 : backend.tile_cols));
+      const int64_t rows_end = diagonal ? std::min(a1, c1 - 1) : a1;
+      if (rows_end <= a0) continue;
+      auto sim = buffer.narrow(0, 0, (rows_end - a0) * (c1 - c0)).view({rows_end - a0, c1 - c0});
+      backend.gemm(q.x.slice(0, a0, rows_end), r.x.slice(0, c0, c1), sim, precision);
+      backend.count(Tile{sim.data_ptr<float>(), rows_end - a0, c1 - c0, a0, c0, symmetric}, lists);
+    }
+  }
+
+  // rank of listed item t = t + 1 + #non-relevant items outranking it; items dropped
+  // from the counting (t >= length) and any rank above the limit become limit + 1.
+  auto position = at::arange(cap, long_opts).unsqueeze(0);
+  auto above = (limit + 1).to(at::kLong).unsqueeze(1);
+  auto ranks = counts.to(at::kLong).cumsum(1).add_(position + 1);
+  ranks = at::where((position >= length.unsqueeze(1)) | (ranks > above), above, ranks);
+  ranks.masked_fill_(position >= num_relevant.unsqueeze(1), 0);
+  return {unsort(ranks), unsort(num_relevant)};
+}
+
+}  // namespace retrieval
+
+namespace {
+
+using retrieval::Lists;
+using retrieval::Precision;
+using retrieval::Tile;
+
+// Candidate (similarity s, original index i, label) for the query at position q.
+inline void count_candidate(const Lists& l, int64_t q, float s, int32_t i, int64_t label) {
+  if (label == l.row_labels[q]) return;  // relevant items are ordered by their list
+  const int32_t length = l.length[q];
+  const int32_t t = retrieval::first_outranked(l.values + q * l.cap, l.index + q * l.cap, length, s, i);
+  if (t < length) ++l.counts[q * l.cap + t];
+}
+
+// Calls visit(c) for every c in [begin, end) with sim[c] >= threshold[c]. Almost no
+// element passes, so blocks of 64 are first tested branch-free (this loop vectorises).
+template <typename Threshold, typename Visit>
+inline void for_each_passing(const float* sim, Threshold threshold, int64_t begin, int64_t end,
+                             Visit visit) {
+  constexpr int64_t kBlock = 64;
+  int64_t c = begin;
+  for (; c + kBlock <= end; c += kBlock) {
+    int any = 0;
+    for (int64_t j = 0; j < kBlock; ++j) any |= sim[c + j] >= threshold[c + j];
+    if (!any) continue;
+    for (int64_t j = 0; j < kBlock; ++j) {
+      if (sim[c + j] >= threshold[c + j]) visit(c + j);
+    }
+  }
+  for (; c < end; ++c) {
+    if (sim[c] >= threshold[c]) visit(c);
+  }
+}
+
+// A threshold array that is one value everywhere (the row side's single query).
+struct Broadcast {
+  float value;
+  float operator[](int64_t) const { return value; }
+};
+
+void count_cpu(const Tile& tile, const Lists& l) {
+  // Query = row: each thread owns whole rows, hence their counters.
+  at::parallel_for(0, tile.rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t q = tile.row0 + r;
+      retrieval::shorten(l, q);
+      if (l.length[q] == 0) continue;
+      const int64_t c_begin = tile.symmetric ? std::max<int64_t>(0, q + 1 - tile.col0) : 0;
+      for_each_passing(tile.sim + r * tile.cols, Broadcast{l.threshold[q]}, c_begin, tile.cols,
+                       [&](int64_t c) {
+                         const int64_t i = tile.col0 + c;
+                         count_candidate(l, q, tile.sim[r * tile.cols + c], l.col_index[i], l.col_labels[i]);
+                       });
+    }
+  });
+  if (!tile.symmetric) return;
+  // Query = column (the same pair seen from its other side): threads own column ranges.
+  // In symmetric mode rows and columns share the position arrays, so count_candidate
+  // indexed by the column's position is right.
+  at::parallel_for(0, tile.cols, 256, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) retrieval::shorten(l, tile.col0 + c);
+    for (int64_t r = 0; r < tile.rows; ++r) {
+      const int64_t q = tile.row0 + r;
+      const float* sim = tile.sim + r * tile.cols;
+      for_each_passing(sim, l.threshold + tile.col0, std::max<int64_t>(c0, q + 1 - tile.col0), c1,
+                       [&](int64_t c) {
+                         count_candidate(l, tile.col0 + c, sim[c], l.row_index[q], l.row_labels[q]);
+                       });
+    }
+  });
+}
+
+// CPU: TF32 has no meaning, so it is exact FP32; BF16 rounds the inputs to bfloat16 and
+// multiplies them in float32 (bf16 x bf16 products are exact in float32), which is what a
+// bf16 tensor-core GEMM with float32 accumulation computes, without its speed.
+retrieval::Backend cpu_backend() {
+  retrieval::Backend backend;
+  // A band product covers its block x block square too (wasted), but each block costs
+  // about ten ATen calls, which dominate when blocks are small.
+  backend.band_rows = 1024;
+  // Large tiles keep MKL's packing overhead small; 64 MiB is still O(tile x n).
+  backend.tile_rows = 4096;
+  backend.tile_cols = 4096;
+  backend.prepare = [](const at::Tensor& x, Precision p) {
+    return p == Precision::BF16 ? x.to(at::kBFloat16).to(at::kFloat) : x;
+  };
+  backend.gemm = [](const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Precision) {
+    at::mm_out(out, a, b.t());
+  };
+  backend.count = count_cpu;
+  return backend;
+}
+
+std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cpu(
+    const at::Tensor& queries, const at::Tensor& query_labels,
+    const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
+    int64_t max_r, int64_t max_k, c10::string_view precision) {
+  static const retrieval::Backend backend = cpu_backend();
+  return retrieval::compute_ranks(queries, query_labels, references, reference_labels, max_r, max_k,
+                                  std::string(precision), backend);
+}
+
+}  // namespace
+}  // namespace idml
+
+TORCH_LIBRARY_IMPL(idml, CPU, m) {
+  m.impl("retrieval_ranks", &idml::retrieval_ranks_cpu);
+}

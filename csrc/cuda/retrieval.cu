@@ -1,0 +1,107 @@
+// Retrieval ranks on CUDA: the driver of cpu/retrieval.cpp with cuBLAS tile products
+// (through ATen) and a counting epilogue kernel. See retrieval.h.
+#include "../retrieval.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace idml {
+namespace {
+
+using retrieval::Lists;
+using retrieval::Precision;
+using retrieval::Tile;
+
+constexpr int kThreads = 256;     // one thread per tile column
+constexpr int kRowsPerBlock = 16;  // rows each thread walks down
+
+__device__ __forceinline__ void count_candidate(const Lists& l, int64_t q, float s, int32_t i) {
+  const int32_t length = l.length[q];
+  const int32_t t = retrieval::first_outranked(l.values + q * l.cap, l.index + q * l.cap, length, s, i);
+  if (t < length) atomicAdd(l.counts + q * l.cap + t, 1);
+}
+
+// Each element (q, i) of the tile is a candidate for query q and, in symmetric mode, q a
+// candidate for query i. The thresholds reject almost every element before any search.
+// Lists are not shortened here (that needs an owner per query): ranks stay exact, and
+// the driver reports those above the limit alike.
+__global__ void count_kernel(Tile tile, Lists l) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= tile.cols) return;
+  const int64_t i = tile.col0 + c;
+  const int64_t col_label = l.col_labels[i];
+  const int32_t col_index = l.col_index[i];
+  const float col_threshold = tile.symmetric ? l.threshold[i] : INFINITY;
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock;
+  const int64_t r_end = min(tile.rows, r_begin + kRowsPerBlock);
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const int64_t q = tile.row0 + r;
+    if (tile.symmetric && i <= q) continue;
+    const float s = tile.sim[r * tile.cols + c];
+    const bool row_side = s >= l.threshold[q];
+    const bool col_side = s >= col_threshold;
+    if ((row_side || col_side) && col_label != l.row_labels[q]) {
+      if (row_side) count_candidate(l, q, s, col_index);
+      if (col_side) count_candidate(l, i, s, l.row_index[q]);
+    }
+  }
+}
+
+void count_cuda(const Tile& tile, const Lists& l) {
+  const dim3 grid((tile.cols + kThreads - 1) / kThreads, (tile.rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  count_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(tile, l);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Sets cuBLAS's TF32 permission for one product and restores the caller's setting, so
+// FP32 mode is exact even when the user enabled TF32 globally.
+class AllowTF32 {
+ public:
+  explicit AllowTF32(bool allow) : previous_(at::globalContext().allowTF32CuBLAS()) {
+    at::globalContext().setAllowTF32CuBLAS(allow);
+  }
+  ~AllowTF32() { at::globalContext().setAllowTF32CuBLAS(previous_); }
+
+ private:
+  bool previous_;
+};
+
+retrieval::Backend cuda_backend() {
+  retrieval::Backend backend;
+  // A 2048 x 16384 float32 tile (128 MiB) keeps cuBLAS near peak on H100-class GPUs.
+  backend.band_rows = 2048;  // few launches per block matter more than the band square
+  backend.tile_rows = 2048;
+  backend.tile_cols = 16384;
+  backend.prepare = [](const at::Tensor& x, Precision p) {
+    return p == Precision::BF16 ? x.to(at::kBFloat16) : x;
+  };
+  backend.gemm = [](const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Precision p) {
+    if (p == Precision::BF16) {
+      at::mm_out(out, a, b.t(), at::kFloat);  // bf16 inputs, float32 accumulation and output
+    } else {
+      AllowTF32 guard(p == Precision::TF32);
+      at::mm_out(out, a, b.t());
+    }
+  };
+  backend.count = count_cuda;
+  return backend;
+}
+
+std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cuda(
+    const at::Tensor& queries, const at::Tensor& query_labels,
+    const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
+    int64_t max_r, int64_t max_k, c10::string_view precision) {
+  const c10::cuda::CUDAGuard device_guard(queries.device());
+  static const retrieval::Backend backend = cuda_backend();
+  return retrieval::compute_ranks(queries, query_labels, references, reference_labels, max_r, max_k,
+                                  std::string(precision), backend);
+}
+
+}  // namespace
+}  // namespace idml
+
+TORCH_LIBRARY_IMPL(idml, CUDA, m) {
+  m.impl("retrieval_ranks", &idml::retrieval_ranks_cuda);
+}

@@ -1,0 +1,157 @@
+"""k-means, NMI and pairwise F1 for the clustering metrics (IDML_METHOD.md section 5).
+
+Everything runs in torch on the input's device (no scikit-learn at run time) and is
+deterministic for a seed: random draws come from a seeded CPU generator, assignments
+are blockwise argmins (ties to the lower centroid), and centroid sums avoid atomics.
+Empty clusters keep their centroid.
+"""
+import torch
+
+# Largest number of point-centroid distances held at once (a 64 MiB float32 block).
+BLOCK_ELEMENTS = 1 << 24
+
+
+def _row_blocks(n: int, k: int):
+    step = max(1, BLOCK_ELEMENTS // max(k, 1))
+    return ((start, min(n, start + step)) for start in range(0, n, step))
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """k initial centroids [k, d] by k-means++ (D^2 sampling), seeded and deterministic.
+
+    Each draw is u * sum(D^2) located in the running cumulative sum (float64), so the
+    loop never synchronises with the device.
+    """
+    n = x.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    uniforms = torch.rand(k, generator=generator, dtype=torch.float64).to(x.device)
+    first = torch.randint(n, (1,), generator=generator).to(x.device)
+    centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    centroids[0] = x[first[0]]
+    sq_norms = (x * x).sum(dim=1)
+    closest = (sq_norms - 2.0 * (x @ centroids[0]) + sq_norms[first]).clamp_min(0.0).double()
+    for c in range(1, k):
+        cumulative = closest.cumsum(0)
+        target = (uniforms[c] * cumulative[-1]).reshape(1)
+        index = torch.searchsorted(cumulative, target, right=True).clamp_max(n - 1)
+        centroids[c] = x.index_select(0, index)[0]
+        distance = sq_norms - 2.0 * (x @ centroids[c]) + sq_norms.index_select(0, index)
+        closest = torch.minimum(closest, distance.clamp_min(0.0).double())
+    return centroids
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid of every row, in blocks of rows (never n x k)."""
+    centroid_sq = (centroids * centroids).sum(dim=1)
+    ids = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for start, end in _row_blocks(x.shape[0], centroids.shape[0]):
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 does not change the argmin.
+        distance = torch.addmm(centroid_sq.unsqueeze(0), x[start:end], centroids.t(), alpha=-2.0)
+        ids[start:end] = distance.argmin(dim=1)
+    return ids
+
+
+def update_centroids(x: torch.Tensor, ids: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Means of the clusters (an empty cluster keeps its centroid), summed in float64.
+
+    On CPU index_add_ is sequential, hence deterministic. On CUDA it would use atomics, so
+    sums are there differences of a running sum over the rows sorted by cluster instead.
+    """
+    k = centroids.shape[0]
+    counts = torch.bincount(ids, minlength=k)
+    if x.device.type == "cpu":
+        sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, ids, x.double())
+    else:
+        order = torch.sort(ids, stable=True).indices
+        running = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64),
+                             x.index_select(0, order).double().cumsum(0)])
+        ends = counts.cumsum(0)
+        sums = running[ends] - running[ends - counts]
+    means = (sums / counts.clamp_min(1).unsqueeze(1)).to(x.dtype)
+    return torch.where((counts > 0).unsqueeze(1), means, centroids)
+
+
+def lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int, stop_early: bool = True):
+    """`iters` Lloyd iterations from `centroids`: (cluster ids, centroids).
+
+    stop_early ends as soon as an iteration changes no assignment (one sync each).
+    """
+    ids = assign(x, centroids)
+    for _ in range(iters):
+        centroids = update_centroids(x, ids, centroids)
+        new_ids = assign(x, centroids)
+        if stop_early and torch.equal(new_ids, ids):
+            break
+        ids = new_ids
+    return ids, centroids
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0) -> torch.Tensor:
+    """Cluster ids (LongTensor [n], on x's device) of k-means with k-means++ seeding.
+
+    Deterministic for a seed; stops when the assignment is stable or after `iters`
+    Lloyd iterations. Computed in float32 at least.
+    """
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"kmeans: k must be in [1, {x.shape[0]}] (number of rows), got {k}")
+    x = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
+    ids, _ = lloyd(x, kmeans_plus_plus(x, k, seed), iters)
+    return ids
+
+
+def _contingency(labels: torch.Tensor, clusters: torch.Tensor):
+    """Non-empty cells of the label x cluster table: (cell counts, label size and cluster
+    size of each cell, label sizes, cluster sizes), all float64. Never dense: at most n
+    cells, however many classes and clusters."""
+    label_ids = torch.unique(labels, return_inverse=True)[1]
+    cluster_ids = torch.unique(clusters, return_inverse=True)[1]
+    num_clusters = int(cluster_ids.max()) + 1
+    keys, cells = torch.unique(label_ids * num_clusters + cluster_ids, return_counts=True)
+    label_sizes = torch.bincount(label_ids).double()
+    cluster_sizes = torch.bincount(cluster_ids).double()
+    return (cells.double(), label_sizes[keys // num_clusters], cluster_sizes[keys % num_clusters],
+            label_sizes, cluster_sizes)
+
+
+def _entropy(sizes: torch.Tensor, n: int) -> float:
+    p = sizes / n
+    return float(-(p * p.log()).sum())
+
+
+def nmi(labels: torch.Tensor, clusters: torch.Tensor) -> float:
+    """Normalised mutual information, arithmetic normalisation (scikit-learn's default,
+    including its limit cases: one class and one cluster give 1, zero information 0)."""
+    n = labels.numel()
+    if n == 0:
+        return 1.0
+    cells, cell_label_sizes, cell_cluster_sizes, label_sizes, cluster_sizes = _contingency(labels, clusters)
+    if label_sizes.numel() == cluster_sizes.numel() == 1:
+        return 1.0
+    # MI = sum_ij p_ij log(p_ij / (p_i p_j)) with p = counts / n (natural log).
+    outer = cell_label_sizes * cell_cluster_sizes
+    mutual = max(float((cells / n * (torch.log(cells * n) - torch.log(outer))).sum()), 0.0)
+    if mutual == 0.0:
+        return 0.0
+    normaliser = 0.5 * (_entropy(label_sizes, n) + _entropy(cluster_sizes, n))
+    return mutual / max(normaliser, torch.finfo(torch.float64).eps)
+
+
+def pairwise_f1(labels: torch.Tensor, clusters: torch.Tensor) -> float:
+    """F1 of same-cluster pairs against same-class pairs, from the contingency table.
+
+    true positives = sum over cells C(n_ij, 2); precision divides them by the same-cluster
+    pairs sum_j C(b_j, 2), recall by the same-class pairs sum_i C(a_i, 2); 0 when no pair
+    is a true positive.
+    """
+    if labels.numel() == 0:
+        return 0.0
+    cells, _, _, label_sizes, cluster_sizes = _contingency(labels, clusters)
+
+    def pairs(sizes):
+        return float((sizes * (sizes - 1) / 2).sum())
+
+    true_positive = pairs(cells)
+    if true_positive == 0:
+        return 0.0
+    precision, recall = true_positive / pairs(cluster_sizes), true_positive / pairs(label_sizes)
+    return 2 * precision * recall / (precision + recall)

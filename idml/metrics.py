@@ -1,0 +1,31 @@
+"""Evaluation metrics of one epoch (IDML_METHOD.md section 5), on the embeddings' device."""
+import torch
+
+from idml import cluster, ops
+from idml.reference import l2_normalize
+
+
+def compute_metrics(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ks=(1, 2, 4, 8),
+    max_r: int = 1023,
+    clustering: bool = True,
+    seed: int = 0,
+    precision: str = "fp32",
+) -> "dict[str, float]":
+    """R@k for k in ks, RP, MAP@R and (if clustering) NMI and F1, as python floats.
+
+    The embeddings are L2-normalised (x / sqrt(|x|^2 + 1e-12)) and compared by cosine,
+    each one a query against all the others (ties to the lower index); the clustering is
+    k-means (k = number of distinct labels, k-means++ seeded by `seed`) on the normalised
+    embeddings. CUB/Cars use ks = (1, 2, 4, 8), SOP (1, 10, 100).
+    """
+    x = l2_normalize(embeddings.float())
+    labels = labels.to(x.device)
+    result = ops.retrieval_metrics(x, labels, ks=ks, max_r=max_r, precision=precision)
+    if clustering:
+        clusters = cluster.kmeans(x, int(torch.unique(labels).numel()), seed=seed)
+        result["NMI"] = cluster.nmi(labels, clusters)
+        result["F1"] = cluster.pairwise_f1(labels, clusters)
+    return result

@@ -1,0 +1,100 @@
+"""idml.cluster: k-means, NMI (vs scikit-learn) and pairwise F1 (vs a brute-force count)."""
+import itertools
+
+import pytest
+import torch
+
+from idml import cluster
+
+from conftest import requires_cuda
+
+
+def brute_force_f1(labels, clusters):
+    tp = fp = fn = 0
+    for i, j in itertools.combinations(range(len(labels)), 2):
+        same_class, same_cluster = labels[i] == labels[j], clusters[i] == clusters[j]
+        tp += same_class and same_cluster
+        fp += same_cluster and not same_class
+        fn += same_class and not same_cluster
+    if tp == 0:
+        return 0.0
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return 2 * precision * recall / (precision + recall)
+
+
+PARTITIONS = [
+    (torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([5, 5, 7, 7, 9, 9])),  # identical
+    (torch.tensor([0, 0, 0, 0]), torch.tensor([3, 3, 3, 3])),  # one class, one cluster
+    (torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 0, 0])),  # no information
+    (torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3])),  # all singletons
+    (torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1])),
+]
+
+
+def random_partitions():
+    g = torch.Generator().manual_seed(3)
+    for n, a, b in [(10, 3, 4), (200, 7, 5), (500, 60, 80), (300, 300, 20)]:
+        yield torch.randint(a, (n,), generator=g) * 3 - 5, torch.randint(b, (n,), generator=g) + 100
+
+
+@pytest.mark.parametrize("labels,clusters", PARTITIONS + list(random_partitions()))
+def test_nmi_equals_sklearn(labels, clusters):
+    metrics = pytest.importorskip("sklearn.metrics")
+    expected = metrics.normalized_mutual_info_score(labels.numpy(), clusters.numpy())
+    assert cluster.nmi(labels, clusters) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("labels,clusters", PARTITIONS + list(random_partitions()))
+def test_f1_equals_brute_force_pair_count(labels, clusters):
+    expected = brute_force_f1(labels.tolist(), clusters.tolist())
+    assert cluster.pairwise_f1(labels, clusters) == pytest.approx(expected, abs=1e-12)
+
+
+def separated_blobs(n_per, k, dim=16, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    centres = 20 * torch.randn(k, dim, generator=g)
+    labels = torch.arange(k).repeat_interleave(n_per)
+    x = centres[labels] + torch.randn(k * n_per, dim, generator=g)
+    perm = torch.randperm(len(labels), generator=g)
+    return x[perm].to(device), labels[perm].to(device)
+
+
+def test_kmeans_recovers_separated_clusters():
+    x, labels = separated_blobs(50, 10)
+    ids = cluster.kmeans(x, 10, seed=0)
+    assert ids.dtype == torch.long and ids.shape == labels.shape
+    assert cluster.nmi(labels, ids) > 0.99
+    assert cluster.pairwise_f1(labels, ids) > 0.99
+
+
+def test_kmeans_is_deterministic_for_a_seed():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 8, generator=g)
+    first = cluster.kmeans(x, 40, seed=7)
+    assert torch.equal(first, cluster.kmeans(x, 40, seed=7))
+    assert not torch.equal(first, cluster.kmeans(x, 40, seed=8))
+
+
+def test_kmeans_assignment_is_blockwise_and_exact(monkeypatch):
+    # Force many row blocks (never n x k at once); the result must not change.
+    x, _ = separated_blobs(30, 25)
+    expected = cluster.kmeans(x, 25, seed=1)
+    monkeypatch.setattr(cluster, "BLOCK_ELEMENTS", 25 * 7)
+    assert torch.equal(cluster.kmeans(x, 25, seed=1), expected)
+    centroids = x[:25]
+    brute = torch.cdist(x.double(), centroids.double()).argmin(dim=1)
+    assert torch.equal(cluster.assign(x, centroids), brute)
+
+
+def test_kmeans_rejects_bad_k():
+    with pytest.raises(ValueError, match="k must be"):
+        cluster.kmeans(torch.randn(5, 2), 6)
+
+
+@requires_cuda
+def test_cuda_kmeans_on_device_and_deterministic():
+    x, labels = separated_blobs(40, 50, device="cuda")
+    ids = cluster.kmeans(x, 50, seed=0)
+    assert ids.device.type == "cuda"
+    assert torch.equal(ids, cluster.kmeans(x, 50, seed=0))
+    assert cluster.nmi(labels, ids) > 0.99
