@@ -52,21 +52,18 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def update_centroids(x: torch.Tensor, ids: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Means of the clusters (an empty cluster keeps its centroid), summed in float64.
+    """Means of the clusters (an empty cluster keeps its centroid).
 
-    On CPU index_add_ is sequential, hence deterministic. On CUDA it would use atomics, so
-    sums are there differences of a running sum over the rows sorted by cluster instead.
+    Sums are differences of a float64 running sum over the rows sorted by cluster: no
+    atomics (index_add_ on CUDA has them), so every run gives the same result.
     """
     k = centroids.shape[0]
     counts = torch.bincount(ids, minlength=k)
-    if x.device.type == "cpu":
-        sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, ids, x.double())
-    else:
-        order = torch.sort(ids, stable=True).indices
-        running = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64),
-                             x.index_select(0, order).double().cumsum(0)])
-        ends = counts.cumsum(0)
-        sums = running[ends] - running[ends - counts]
+    order = torch.sort(ids, stable=True).indices
+    running = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64),
+                         x.index_select(0, order).double().cumsum(0)])
+    ends = counts.cumsum(0)
+    sums = running[ends] - running[ends - counts]
     means = (sums / counts.clamp_min(1).unsqueeze(1)).to(x.dtype)
     return torch.where((counts > 0).unsqueeze(1), means, centroids)
 
