@@ -9,7 +9,7 @@ within 1.3x of the three products.
 """
 import pytest
 import torch
-from conftest import best_time, record_ratio, synchronize
+from timing import best_time, record_ratio, synchronize
 
 from idml import ops, reference
 

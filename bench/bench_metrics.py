@@ -12,7 +12,7 @@ size, on CUDA <= 60 ms fp32 / 15 ms tf32 at SOP size and <= 2 ms at CUB size. k-
 import pytest
 import torch
 
-from conftest import best_time, record_ratio, synchronize
+from timing import best_time, record_ratio, synchronize
 from idml import cluster, ops
 
 SIZES = {  # name: (full n, small n, number of classes at full scale, ks)

@@ -5,12 +5,9 @@ real sizes of DESIGN.md (SOP: 60,502 x 512, C = 11,318), meant for the GPU machi
 patient CPU. Every benchmark measures its baseline in the same run and records the ratio
 in `benchmark.extra_info`, printed at the end of the session.
 """
-import time
-
 import pytest
 import torch
-
-RATIOS = []
+from timing import RATIOS
 
 
 def pytest_addoption(parser):
@@ -26,33 +23,6 @@ def bench_scale(request):
 @pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def device(request):
     return torch.device(request.param)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_time(fn, device, repeat=5, warmup=1):
-    """Best wall time of fn() in seconds over `repeat` runs (after `warmup` untimed runs)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def record_ratio(benchmark, name, baseline_seconds, candidate_seconds):
-    """Store baseline/candidate (> 1 means the candidate is faster) for the summary."""
-    ratio = baseline_seconds / candidate_seconds
-    benchmark.extra_info[f"speedup_vs_{name}"] = ratio
-    RATIOS.append((benchmark.name, name, baseline_seconds, candidate_seconds, ratio))
-    return ratio
 
 
 def pytest_terminal_summary(terminalreporter):

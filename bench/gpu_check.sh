@@ -15,7 +15,7 @@ start=$(date +%s)
 "$python" setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 
-"$python" -m pytest tests -q -x -k cuda -p no:cacheprovider 2>&1 | tail -15
+"$python" -m pytest tests -q -m cuda -p no:cacheprovider 2>&1 | tail -15
 status=${PIPESTATUS[0]}
 
 "$python" -m pytest bench --benchmark-only --bench-scale full -q -p no:cacheprovider \

@@ -86,6 +86,10 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
                         help="auto: online with credentials, else offline (default)")
     parser.add_argument("--max-steps", type=_positive(int), default=None, help="cap steps per epoch (smoke runs)")
+    parser.add_argument("--max-bad-images", type=int, default=10,
+                        help="unreadable images to skip (with a warning) before stopping (default 10)")
+    parser.add_argument("--checkpoint-every", type=_positive(int), default=None,
+                        help="also write checkpoint_last.pt every N steps (default: at the end of every epoch)")
     parser.add_argument("--eval-clustering", type=int, choices=(0, 1), default=1,
                         help="compute NMI and F1 (k-means) at every evaluation (default 1)")
     return parser
@@ -109,11 +113,16 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def run_guarded(main, argv=None) -> int:
     """Run main(argv); a UsageError becomes one line on stderr and exit code 2."""
+    from idml.train import Interrupted
+
     try:
         main(argv)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return 128 + stop.signal_number
     return 0
 
 

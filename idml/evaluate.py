@@ -7,9 +7,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from idml.data.datasets import BadImageBudget
 from idml.errors import UsageError
 from idml.metrics import compute_metrics
 
+DEFAULT_MAX_BAD_IMAGES = 10
 RECALL_KS = {"SOP": (1, 10, 100)}  # every other dataset: 1, 2, 4, 8
 
 
@@ -25,12 +27,17 @@ def autocast(device: torch.device, amp: str):
 
 
 @torch.no_grad()
-def embed(model, loader: DataLoader, device: torch.device, amp: str = "off", progress: bool = True):
-    """(embeddings float32, labels) of every image of `loader`, on `device`."""
+def embed(model, loader: DataLoader, device: torch.device, amp: str = "off", progress: bool = True,
+          bad_images: BadImageBudget = None):
+    """(embeddings float32, labels) of every readable image of `loader`, on `device`."""
+    bad_images = bad_images or BadImageBudget(DEFAULT_MAX_BAD_IMAGES)
     was_training = model.training
     model.eval()
     embeddings, labels = [], []
-    for images, targets in tqdm(loader, desc="embedding", leave=False, disable=not progress):
+    for images, targets, dropped in tqdm(loader, desc="embedding", leave=False, disable=not progress):
+        bad_images.add(dropped)
+        if images is None:
+            continue
         with autocast(device, amp):
             mu, _ = model(images.to(device, non_blocking=True))
         embeddings.append(mu.float())
@@ -40,8 +47,8 @@ def embed(model, loader: DataLoader, device: torch.device, amp: str = "off", pro
 
 
 def evaluate(model, loader: DataLoader, device: torch.device, dataset: str, amp: str = "off",
-             clustering: bool = True, progress: bool = True) -> Dict[str, float]:
-    embeddings, labels = embed(model, loader, device, amp, progress)
+             clustering: bool = True, progress: bool = True, bad_images: BadImageBudget = None) -> Dict[str, float]:
+    embeddings, labels = embed(model, loader, device, amp, progress, bad_images)
     return compute_metrics(embeddings, labels, ks=recall_ks(dataset), clustering=clustering)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from idml.data.datasets import collate_valid
 from idml.errors import UsageError
 from idml.models import IDMLNet
 
@@ -32,7 +33,8 @@ def seed_everything(seed: int) -> None:
 
 
 def loader_options(workers: int, device: torch.device) -> dict:
-    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                collate_fn=collate_valid)
 
 
 def eval_loader(dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:

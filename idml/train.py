@@ -5,8 +5,12 @@ and the mixed batch forwarded, the three-term introspective Proxy Anchor loss, g
 clipping by value, an optimizer step. After every epoch: StepLR, evaluation on the unseen
 classes, metrics.jsonl, checkpoint_last.pt, and the best checkpoint by R@1.
 """
+import contextlib
 import json
 import os
+import signal
+import threading
+import types
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -17,8 +21,9 @@ from tqdm import tqdm
 from idml import tracking
 from idml.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from idml.data import build_dataset, default_image_size
-from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler
-from idml.errors import UsageError
+from idml.data.datasets import BadImageBudget
+from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler, SeededSamples
+from idml.errors import TrainingDiverged, UsageError
 from idml.evaluate import autocast, evaluate, format_metrics
 from idml.files import atomic_write_text
 from idml.losses import ProxyAnchorISM
@@ -26,6 +31,36 @@ from idml.runtime import build_model, eval_loader, loader_options, resolve_devic
 
 GRADIENT_CLIP = 10.0
 PROXY_LR_FACTOR = 100.0
+PROGRESS_EVERY = 10  # steps between progress updates (each one synchronises with the device)
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after a step; checkpoint_last.pt holds that step."""
+
+    def __init__(self, signal_number: int, checkpoint: str, epoch: int, step: int):
+        self.signal_number, self.checkpoint = signal_number, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signal_number).name} after epoch {epoch + 1}, step {step}; "
+                         f"{checkpoint} holds that step: continue with the same command plus --resume {checkpoint}")
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While inside, SIGTERM and SIGINT only set `.signal`: the loop finishes its step,
+    saves, and stops (torchrun forwards these signals to every rank)."""
+    request = types.SimpleNamespace(signal=None)
+    if threading.current_thread() is not threading.main_thread():
+        yield request  # signal handlers can only be installed from the main thread
+        return
+
+    def handler(signal_number, frame):
+        request.signal = signal_number
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def run_folder(args) -> str:
@@ -76,6 +111,8 @@ def idml_loss(model, criterion, images, labels, lam: float, permutation, amp: st
 class RunState:
     """What a run has done so far; saved in every checkpoint."""
     epoch: int = 0  # epochs completed
+    step: int = 0  # steps completed in the epoch after those
+    epoch_loss_sum: float = 0.0  # sum of those steps' losses
     best: Optional[dict] = None  # {"epoch": e, "metrics": {...}}
     history: List[dict] = field(default_factory=list)  # one entry per evaluation
     wandb_run_id: Optional[str] = None
@@ -94,7 +131,7 @@ class Trainer:
             self.sampler = BalancedBatchSampler(self.train_set.labels, args.batch_size, args.IPC, args.seed)
         else:
             self.sampler = RandomBatchSampler(self.train_set.labels, args.batch_size, args.seed)
-        self.train_loader = DataLoader(self.train_set, batch_sampler=self.sampler,
+        self.train_loader = DataLoader(SeededSamples(self.train_set, args.seed), batch_sampler=self.sampler,
                                        **loader_options(args.workers, self.device))
         self.test_loader = eval_loader(test_set, args.batch_size, args.workers, self.device)
 
@@ -106,6 +143,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, args.lr_decay_step, args.lr_decay_gamma)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         self.mixup_generator = torch.Generator().manual_seed(args.seed)
+        self.stop_request = types.SimpleNamespace(signal=None)  # set by SIGTERM/SIGINT inside run()
+        self.bad_images = BadImageBudget(args.max_bad_images)
         self.state = RunState()
         self.run_dir = run_folder(args)
         if args.resume:
@@ -122,49 +161,83 @@ class Trainer:
         args = self.args
         print(f"training IDML on {args.dataset} ({len(self.train_set)} images, {self.num_classes} classes) "
               f"on {self.device}; run folder {self.run_dir}")
-        if self.state.epoch == 0:
-            self._record(0, None, self._evaluate("before training"))
-        for epoch in range(self.state.epoch, args.epochs):
-            loss = self.train_epoch(epoch)
-            self.scheduler.step()
-            self.state.epoch = epoch + 1
-            self._record(epoch + 1, loss, self._evaluate(f"epoch {epoch + 1}/{args.epochs}"))
+        with stop_requests() as self.stop_request:
+            if self.state.epoch == 0 and self.state.step == 0:
+                self._record(0, None, self._evaluate("before training"))
+            for epoch in range(self.state.epoch, args.epochs):
+                loss = self.train_epoch(epoch)
+                self.scheduler.step()
+                self.state.epoch, self.state.step, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
+                self._record(epoch + 1, loss, self._evaluate(f"epoch {epoch + 1}/{args.epochs}"))
         self._summary()
         if self.wandb is not None:
             self.wandb.finish()
         return self.state
 
     def train_epoch(self, epoch: int) -> float:
+        """Trains epoch `epoch` from step state.step on; returns its mean loss."""
         args = self.args
         self.model.train()
         self.model.set_warmup(epoch < args.warm)
-        self.sampler.set_epoch(epoch)
-        steps = min(len(self.train_loader), args.max_steps or len(self.train_loader))
-        loss_sum = torch.zeros((), device=self.device)
-        progress = tqdm(self.train_loader, total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
-        for step, (images, labels) in enumerate(progress):
+        steps = min(self.sampler.num_batches, args.max_steps or self.sampler.num_batches)
+        self.sampler.set_epoch(epoch, start_step=self.state.step)
+        loss_sum = torch.tensor(self.state.epoch_loss_sum, device=self.device)
+        # The first step whose loss is not finite, kept on the device: checked without a
+        # host synchronisation in every step, only when progress is shown or saved.
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        progress = tqdm(total=steps, initial=self.state.step, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        for step, (images, labels, dropped) in enumerate(self.train_loader, start=self.state.step):
             if step >= steps:
                 break
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            lam, permutation = mixup_draw(images.shape[0], self.mixup_generator)
-            loss = idml_loss(self.model, self.criterion, images, labels, lam, permutation.to(self.device), args.amp)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_value_(list(self.model.parameters()) + list(self.criterion.parameters()),
-                                            GRADIENT_CLIP)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            loss_sum += loss.detach()
-            if step % 10 == 0:
-                progress.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            self.bad_images.add(dropped)
+            if images is None:
+                continue
+            loss = self.train_step(images.to(self.device, non_blocking=True),
+                                   labels.to(self.device, non_blocking=True)).detach()
+            loss_sum += loss
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+            progress.update()
+            done = step + 1
+            save_now = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
+            if done % PROGRESS_EVERY == 0 or save_now or self.stop_request.signal or done == steps:
+                self._stop_if_diverged(int(bad_step), epoch)
+                progress.set_postfix(loss=f"{float(loss):.4f}")
+            if save_now or self.stop_request.signal:
+                self.state.step, self.state.epoch_loss_sum = done, float(loss_sum)
+                self._save_last()
+            if self.stop_request.signal:
+                progress.close()
+                raise Interrupted(self.stop_request.signal, os.path.join(self.run_dir, "checkpoint_last.pt"),
+                                  epoch, done)
         progress.close()
         return float(loss_sum) / max(steps, 1)
 
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on a batch; returns its loss (no host synchronisation)."""
+        lam, permutation = mixup_draw(images.shape[0], self.mixup_generator)
+        loss = idml_loss(self.model, self.criterion, images, labels, lam, permutation.to(self.device),
+                         self.args.amp)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_value_(list(self.model.parameters()) + list(self.criterion.parameters()),
+                                        GRADIENT_CLIP)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss
+
+    def _stop_if_diverged(self, bad_step: int, epoch: int) -> None:
+        if bad_step >= 0:
+            last = os.path.join(self.run_dir, "checkpoint_last.pt")
+            kept = (f"the last good checkpoint {last} is intact (it resumes at epoch {self.state.epoch + 1}, "
+                    f"step {self.state.step})"
+                    if os.path.isfile(last) else "no checkpoint was written yet")
+            raise TrainingDiverged(f"the loss became NaN or infinite at epoch {epoch + 1}, step {bad_step + 1}; "
+                                   f"{kept}: resume from it with a lower --lr (or --amp off)")
+
     def _evaluate(self, when: str) -> dict:
         metrics = evaluate(self.model, self.test_loader, self.device, self.args.dataset, self.args.amp,
-                           clustering=bool(self.args.eval_clustering))
+                           clustering=bool(self.args.eval_clustering), bad_images=self.bad_images)
         print(f"[{when}] unseen classes: {format_metrics(metrics)}", flush=True)
         return metrics
 
@@ -183,7 +256,10 @@ class Trainer:
             save_checkpoint(prefix + ".pth", self._checkpoint())
             atomic_write_text(prefix + "_results.txt", best_results_text(epoch, metrics))
         if epoch > 0:
-            save_checkpoint(os.path.join(self.run_dir, "checkpoint_last.pt"), self._checkpoint())
+            self._save_last()
+
+    def _save_last(self) -> None:
+        save_checkpoint(os.path.join(self.run_dir, "checkpoint_last.pt"), self._checkpoint())
 
     def _checkpoint(self) -> dict:
         return {
@@ -194,6 +270,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.state.epoch,
+            "step": self.state.step,
+            "epoch_loss_sum": self.state.epoch_loss_sum,
             "best": self.state.best,
             "history": self.state.history,
             "rng": rng_state(self.mixup_generator),
@@ -213,10 +291,11 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_state(checkpoint["rng"], self.mixup_generator)
-        self.state = RunState(epoch=checkpoint["epoch"], best=checkpoint["best"], history=checkpoint["history"],
-                              wandb_run_id=checkpoint["wandb_run_id"])
+        self.state = RunState(epoch=checkpoint["epoch"], step=checkpoint["step"],
+                              epoch_loss_sum=checkpoint["epoch_loss_sum"], best=checkpoint["best"],
+                              history=checkpoint["history"], wandb_run_id=checkpoint["wandb_run_id"])
         self.run_dir = os.path.dirname(os.path.abspath(path))
-        print(f"resumed from {path} after epoch {self.state.epoch}")
+        print(f"resumed from {path} at epoch {self.state.epoch + 1}, step {self.state.step}")
 
     def _summary(self) -> None:
         first, last = self.state.history[0], self.state.history[-1]

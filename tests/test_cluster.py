@@ -6,7 +6,6 @@ import torch
 
 from idml import cluster
 
-from conftest import requires_cuda
 
 
 def brute_force_f1(labels, clusters):
@@ -91,7 +90,7 @@ def test_kmeans_rejects_bad_k():
         cluster.kmeans(torch.randn(5, 2), 6)
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_kmeans_on_device_and_deterministic():
     x, labels = separated_blobs(40, 50, device="cuda")
     ids = cluster.kmeans(x, 50, seed=0)

@@ -123,21 +123,46 @@ def test_digits_split_unseen_classes():
     assert torch.equal(test[3][0], test[3][0])
 
 
+def indices(batches):
+    return [[index for index, _ in batch] for batch in batches]
+
+
 def test_random_sampler_drops_the_last_batch_and_is_deterministic_per_epoch():
     labels = list(range(25))
     sampler = RandomBatchSampler(labels, batch_size=10, seed=3)
     first = list(sampler)
     assert len(first) == len(sampler) == 2 and all(len(b) == 10 for b in first)
-    assert len(set(sum(first, []))) == 20
+    assert len(set(sum(indices(first), []))) == 20
     assert list(sampler) == first
     sampler.set_epoch(1)
-    assert list(sampler) != first
+    second = list(sampler)
+    assert indices(second) != indices(first)
+    # every draw of the run carries its own number (its augmentation seed)
+    draws = [draw for batch in first + second for _, draw in batch]
+    assert len(set(draws)) == len(draws)
+
+
+def test_resuming_mid_epoch_yields_the_remaining_batches():
+    sampler = BalancedBatchSampler(np.repeat(np.arange(6), 5), batch_size=6, images_per_class=2, seed=1)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.set_epoch(2, start_step=3)
+    assert len(sampler) == len(whole) - 3 and list(sampler) == whole[3:]
+
+
+def test_seeded_samples_augment_by_draw_not_by_call_order():
+    from idml.data.samplers import SeededSamples
+
+    dataset = SeededSamples(build_dataset("digits", "", train=True, image_size=16), seed=1)
+    a, b = dataset[(3, 100)][0], dataset[(3, 101)][0]
+    torch.rand(5)  # whatever happened in between
+    assert torch.equal(dataset[(3, 100)][0], a) and not torch.equal(a, b)
 
 
 def test_balanced_sampler_batches_hold_ipc_images_of_each_class():
     labels = np.repeat(np.arange(10), 7)
     sampler = BalancedBatchSampler(labels, batch_size=12, images_per_class=3, seed=0)
-    for batch in sampler:
+    for batch in indices(sampler):
         classes, counts = np.unique(labels[batch], return_counts=True)
         assert len(classes) == 4 and (counts == 3).all()
 
@@ -149,7 +174,7 @@ def test_balanced_sampler_batches_hold_ipc_images_of_each_class():
 def test_rank_shards_make_up_the_global_batch(make):
     labels = np.repeat(np.arange(8), 6)
     whole = list(make(labels, 0, 1))
-    shards = [list(make(labels, rank, 3)) for rank in range(3)]
+    shards = [list(make(labels, rank, 3)) for rank in range(3)]  # (index, draw) pairs
     for step, batch in enumerate(whole):
         assert sum((shard[step] for shard in shards), []) == batch
 

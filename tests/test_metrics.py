@@ -4,7 +4,6 @@ import torch
 
 from idml import cluster, metrics, ops, reference
 
-from conftest import requires_cuda
 
 
 def normalised_clusters(n, num_classes, dim=32, noise=1.0, seed=0):
@@ -56,7 +55,7 @@ def test_compute_metrics_without_clustering():
     assert set(metrics.compute_metrics(x, labels, clustering=False)) == {"R@1", "R@2", "R@4", "R@8", "RP", "MAP@R"}
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_compute_metrics_equals_cpu():
     x, labels = normalised_clusters(3000, 100)
     on_gpu = metrics.compute_metrics(x.cuda(), labels.cuda())

@@ -9,7 +9,6 @@ import torch
 
 from idml import ops, reference
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 HYPER = dict(margin=0.1, alpha=32.0, ism=True, ism_offset=4.0, ism_scale=5.0)
 
@@ -269,13 +268,13 @@ def test_torch_compile_fullgraph():
 CUDA_CASES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-4, 2e-2), (torch.float16, 1e-4, 5e-3)]
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_kernels_are_built():
     for op in ("pa_ism_forward", "pa_ism_backward"):
         assert ops.has_kernel(op, torch.device("cuda")), f"idml._C has no CUDA kernel for {op}"
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("ism", [True, False])
 @pytest.mark.parametrize("dtype, loss_rtol, grad_rtol", CUDA_CASES)
 def test_cuda_matches_reference(dtype, loss_rtol, grad_rtol, ism):
@@ -297,7 +296,7 @@ def test_cuda_matches_reference(dtype, loss_rtol, grad_rtol, ism):
                 assert error <= grad_rtol, (dtype, B, C, error.item())
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_opcheck_and_stream():
     mu, sigma, labels, proxies = make_inputs(9, 40, 16, torch.float32, device="cuda")
     torch.library.opcheck(torch.ops.idml.pa_ism_forward.default,
@@ -309,7 +308,7 @@ def test_cuda_opcheck_and_stream():
     assert_close_rel(loss, reference.pa_ism_loss(mu, sigma, labels, proxies), 1e-5)
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_edge_cases():
     for case in ("on_proxy", "no_positive_classes", "huge_C"):
         if case == "huge_C":

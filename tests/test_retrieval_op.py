@@ -16,7 +16,6 @@ import torch
 
 from idml import ops, reference
 
-from conftest import requires_cuda
 
 KS = (1, 2, 4, 8, 16)
 
@@ -242,7 +241,7 @@ def test_memory_stays_far_below_n_squared():
     assert growth < 300e6, f"peak RSS grew by {growth / 1e6:.0f} MB (n x n would be 1600 MB)"
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_op_equals_reference_fp32():
     for n, num_classes, max_r in [(7, 3, 1023), (1100, 300, 3), (3000, 40, 1023), (20000, 3000, 5)]:
         x, labels = clustered(n, num_classes, duplicates=n // 10, singletons=3)
@@ -259,7 +258,7 @@ def test_cuda_op_equals_reference_fp32():
     assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_cuda_speed_modes_within_tolerance(precision):
     x, labels = normalised_clusters(20000, 1000, noise=2.0)
@@ -269,7 +268,7 @@ def test_cuda_speed_modes_within_tolerance(precision):
         assert abs(fast[key] - exact[key]) <= TOLERANCE[precision], key
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_memory_stays_far_below_n_squared():
     x, labels = normalised_clusters(40000, 8000, dim=128)
     x, labels = x.cuda(), labels.cuda()

@@ -6,10 +6,11 @@ the order of the original class ids. Bad layouts raise UsageError naming what wa
 expected where.
 """
 import os
+import warnings
 from typing import List, Tuple
 
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from idml.errors import UsageError
 
@@ -129,9 +130,37 @@ class ImageFileDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
+        """(image, label), or None for a corrupt or truncated file (with a warning):
+        collate_valid drops it and the loops count it against --max-bad-images."""
         path, label = self.items[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
+            return None
         if self.transform is not None:
             image = self.transform(image)
         return image, label
+
+
+def collate_valid(batch):
+    """(images, labels, number of unreadable images dropped); images None if all were."""
+    valid = [sample for sample in batch if sample is not None]
+    dropped = len(batch) - len(valid)
+    if not valid:
+        return None, None, dropped
+    return (*default_collate(valid), dropped)
+
+
+class BadImageBudget:
+    """Counts unreadable images; more than `limit` stops the run with one clear sentence."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
+
+    def add(self, dropped: int) -> None:
+        self.count += dropped
+        if self.count > self.limit:
+            raise UsageError(f"{self.count} images could not be decoded, more than --max-bad-images {self.limit} "
+                             f"(their paths are in the warnings above): repair or remove them, or raise the limit")

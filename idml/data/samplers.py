@@ -1,10 +1,16 @@
-"""Batch samplers of the published recipe, deterministic per (seed, epoch) so that a run
-can be resumed exactly, and sharded: with world_size ranks each rank yields its own
-contiguous slice of every global batch (`batch_size` is the global batch)."""
-from typing import Iterator, List, Sequence
+"""Batch samplers of the published recipe, deterministic per (seed, epoch), and sharded:
+with world_size ranks each rank yields its own contiguous slice of every global batch
+(`batch_size` is the global batch).
+
+For exact resumption, even mid-epoch and whatever the number of loader processes, every
+draw carries its own augmentation seed: the samplers yield (index, draw) pairs and
+SeededSamples seeds torch's generator from (seed, draw) before loading that image.
+"""
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
-from torch.utils.data import Sampler
+import torch
+from torch.utils.data import Dataset, Sampler
 
 from idml.errors import UsageError
 
@@ -25,18 +31,24 @@ class EpochBatchSampler(Sampler):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.start_step = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next iteration yields epoch `epoch`'s batches from step `start_step` on."""
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.num_batches - self.start_step
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         per_rank = self.batch_size // self.world_size
-        for batch in self.global_batches(rng):
-            yield batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        for step, batch in enumerate(self.global_batches(rng)):
+            if step >= self.start_step:  # earlier batches are drawn all the same: the stream stays identical
+                first_draw = (self.epoch * self.num_batches + step) * self.batch_size
+                draws = np.arange(first_draw, first_draw + self.batch_size)
+                yield list(zip(batch[mine].tolist(), draws[mine].tolist()))
 
     def global_batches(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
         raise NotImplementedError
@@ -71,3 +83,21 @@ class BalancedBatchSampler(EpochBatchSampler):
         for _ in range(self.num_batches):
             chosen = rng.choice(len(self.members), self.classes_per_batch, replace=False)
             yield np.concatenate([rng.choice(self.members[c], self.images_per_class, replace=True) for c in chosen])
+
+
+class SeededSamples(Dataset):
+    """Loads (index, draw) items with torch's generator seeded from (seed, draw), so that an
+    image's random augmentation depends on the draw alone, not on which process loads it."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item: Tuple[int, int]):
+        index, draw = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + draw)
+            return self.dataset[index]

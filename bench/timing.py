@@ -1,0 +1,34 @@
+"""Timing helpers of the benchmarks: best-of-n wall time and speed-up ratios measured in
+the same run (kept here, not in conftest.py, so that tests/ and bench/ can run together)."""
+import time
+
+import torch
+
+RATIOS = []
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, device, repeat=5, warmup=1):
+    """Best wall time of fn() in seconds over `repeat` runs (after `warmup` untimed runs)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def record_ratio(benchmark, name, baseline_seconds, candidate_seconds):
+    """Store baseline/candidate (> 1 means the candidate is faster) for the summary."""
+    ratio = baseline_seconds / candidate_seconds
+    benchmark.extra_info[f"speedup_vs_{name}"] = ratio
+    RATIOS.append((benchmark.name, name, baseline_seconds, candidate_seconds, ratio))
+    return ratio
