@@ -74,3 +74,37 @@ def test_resume_with_another_embedding_size_is_refused(tmp_path):
                  "--resume", path, "--wandb", "disabled", "--workers", "0")
     assert_refused(result, "was trained with --embedding-size 64, this run asks for 32")
     assert torch.load(path, weights_only=True)["args"]["embedding_size"] == 64  # untouched
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path):
+    path = str(tmp_path / "checkpoint_last.pt")
+    save_checkpoint(path, {"args": {"model": "resnet34", "embedding_size": 32, "dataset": "digits",
+                                    "uncertainty": "normalized", "l2_norm": 1}, "model": {}})
+    result = run("train.py", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "32",
+                 "--resume", path, "--wandb", "disabled", "--workers", "0")
+    assert_refused(result, "was trained with --model resnet34, this run asks for resnet18")
+
+
+def test_batch_larger_than_the_training_set(tmp_path):
+    result = run("train.py", "--batch-size", "5000", "--pretrained", "none", "--model", "resnet18",
+                 "--wandb", "disabled", "--LOG_DIR", str(tmp_path))
+    assert_refused(result, "--batch-size 5000 is larger than the training set (901 images)")
+
+
+def test_wrong_layout_and_empty_class_are_refused_without_writing(tmp_path):
+    from idml.data.synthetic import write_cub, write_sop
+
+    write_sop(str(tmp_path), 4, 2)
+    listing = tmp_path / "Stanford_Online_Products" / "Ebay_test.txt"
+    header, *lines = listing.read_text().splitlines()
+    listing.write_text("\n".join([header] + [line.rsplit(" ", 1)[0] for line in lines]))  # no path field
+    logs = tmp_path / "logs"
+    result = run("train.py", "--dataset", "SOP", "--data-root", str(tmp_path), "--pretrained", "none",
+                 "--LOG_DIR", str(logs))
+    assert_refused(result, "Ebay_test.txt should read 'image_id class_id super_class_id path'")
+    write_cub(str(tmp_path), 4, 2)
+    (tmp_path / "CUB_200_2011" / "images" / "000.Empty").mkdir()
+    result = run("train.py", "--dataset", "cub", "--data-root", str(tmp_path), "--pretrained", "none",
+                 "--LOG_DIR", str(logs))
+    assert_refused(result, "000.Empty holds no images")
+    assert not logs.exists()  # nothing half-written

@@ -218,8 +218,9 @@ def test_speed_modes_within_tolerance_cpu(precision):
     assert torch.equal(ranks[0], expected[0])
 
 
-def test_memory_stays_far_below_n_squared():
-    # n = 20000: an n x n float32 matrix would be 1.6 GB. Peak RSS growth must stay small.
+def test_memory_stays_far_below_n_squared_at_sop_size():
+    # SOP's test set, n = 60,502 (11,316 classes; narrow rows keep it quick): an n x n float32
+    # matrix would be 14.6 GB, more than CI's machine holds. Peak RSS growth must stay small.
     script = textwrap.dedent("""
         import torch, idml
         from idml import ops
@@ -228,8 +229,8 @@ def test_memory_stays_far_below_n_squared():
                 if line.startswith("VmHWM"):
                     return int(line.split()[1])
         g = torch.Generator().manual_seed(0)
-        labels = torch.randint(4000, (20000,), generator=g)
-        x = torch.nn.functional.normalize(torch.randn(20000, 32, generator=g), dim=1)
+        labels = torch.randint(11316, (60502,), generator=g)
+        x = torch.nn.functional.normalize(torch.randn(60502, 16, generator=g), dim=1)
         ops.retrieval_metrics(x[:300], labels[:300])  # load everything once
         before = peak_kib()
         ops.retrieval_metrics(x, labels, max_r=1023)
@@ -238,7 +239,7 @@ def test_memory_stays_far_below_n_squared():
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     growth = int(out.stdout.strip().splitlines()[-1])
-    assert growth < 300e6, f"peak RSS grew by {growth / 1e6:.0f} MB (n x n would be 1600 MB)"
+    assert growth < 500e6, f"peak RSS grew by {growth / 1e6:.0f} MB (n x n would be 14,600 MB)"
 
 
 @pytest.mark.cuda
