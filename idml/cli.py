@@ -9,14 +9,14 @@ import sys
 
 from idml.errors import UsageError
 
-DATASET_NAMES = {"cub": "cub", "cars": "cars", "sop": "SOP", "digits": "digits"}
+DATASET_NAMES = {"cub": "cub", "cars": "cars", "sop": "SOP", "digits": "digits", "custom": "custom"}
 
 
 def _dataset(value: str) -> str:
     try:
         return DATASET_NAMES[value.lower()]
     except KeyError:
-        raise argparse.ArgumentTypeError(f"expected one of cub, cars, SOP, digits, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected one of cub, cars, SOP, digits, custom, got {value!r}") from None
 
 
 def _positive(kind):
@@ -33,7 +33,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from idml.models import ARCHITECTURES, UNCERTAINTY_MODES
 
     parser.add_argument("--dataset", type=_dataset, default="digits", metavar="{" + ",".join(DATASETS) + "}",
-                        help="data set (default: digits, embedded; cub, cars, SOP read --data-root)")
+                        help="data set (default: digits, embedded; cub, cars, SOP and custom read --data-root)")
     parser.add_argument("--data-root", default="./data",
                         help="folder holding CUB_200_2011/, cars196/ or Stanford_Online_Products/ (default ./data)")
     parser.add_argument("--model", default="resnet50", choices=ARCHITECTURES, help="backbone (default resnet50)")

@@ -11,6 +11,7 @@ def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -
     os.makedirs(folder, exist_ok=True)
     handle, tmp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
         with os.fdopen(handle, mode) as f:
             write(f)
             f.flush()
@@ -24,3 +25,9 @@ def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -182,3 +182,38 @@ def test_rank_shards_make_up_the_global_batch(make):
 def test_sampler_rejects_a_batch_larger_than_the_training_set():
     with pytest.raises(UsageError, match="larger than the training set"):
         RandomBatchSampler(list(range(5)), batch_size=8, seed=0)
+
+
+def write_custom(root, lines_train, lines_test):
+    from PIL import Image as PILImage
+
+    for name in {line.rpartition(" ")[0] for line in lines_train + lines_test}:
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        PILImage.new("RGB", (12, 9), (30, 60, 90)).save(os.path.join(root, name))
+    open(os.path.join(root, "train.txt"), "w").write("\n".join(lines_train) + "\n")
+    open(os.path.join(root, "test.txt"), "w").write("\n".join(lines_test) + "\n")
+
+
+def test_custom_lists_with_spaces_in_paths(tmp_path):
+    from idml.data.datasets import custom_split
+
+    write_custom(str(tmp_path), ["a/one.jpg 7", "a/two words.jpg 7", "b/three.jpg 12"], ["c/four.jpg 3"])
+    train = custom_split(str(tmp_path), True)
+    assert [label for _, label in train] == [0, 0, 1]
+    assert train[1][0] == os.path.join(str(tmp_path), "a/two words.jpg")
+    assert custom_split(str(tmp_path), False) == [(os.path.join(str(tmp_path), "c/four.jpg"), 0)]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("a/one.jpg -2", "class id -2 on line 2 of .*train.txt is out of range"),
+    ("a/one.jpg cat", "line 2 of .*train.txt should read 'relative/path.jpg class_id'"),
+    ("a/missing.jpg 1", "1 images listed in .*train.txt are missing"),
+])
+def test_custom_list_errors_name_the_line(tmp_path, line, message):
+    from idml.data.datasets import custom_split
+
+    write_custom(str(tmp_path), ["a/one.jpg 0"], ["a/one.jpg 1"])
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(UsageError, match=message):
+        custom_split(str(tmp_path), True)

@@ -50,3 +50,11 @@ def test_rng_state_round_trip_restores_every_stream():
     restore_rng_state(saved, generator)
     assert (random.random(), np.random.rand(), torch.rand(1).item(),
             torch.rand(1, generator=generator).item()) == draws
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    atomic_write_text(path, "{}\n")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask

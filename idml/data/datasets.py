@@ -115,7 +115,35 @@ def sop_split(root: str, train: bool) -> Items:
     return _renumber(items)
 
 
-SPLITS = {"cub": cub_split, "cars": cars_split, "SOP": sop_split}
+CUSTOM_LAYOUT = "train.txt and test.txt, one 'relative/path.jpg class_id' per line (class ids: integers >= 0)"
+
+
+def custom_split(root: str, train: bool) -> Items:
+    """Your own images: <data-root>/train.txt and test.txt list `relative/path class_id`,
+    paths relative to <data-root>; the test classes should be unseen in training."""
+    list_file = os.path.join(root, "train.txt" if train else "test.txt")
+    _require(list_file, CUSTOM_LAYOUT, "custom data set", kind="file")
+    items = []
+    with open(list_file) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            path, _, label = line.strip().rpartition(" ")
+            if not path or not label.lstrip("-").isdigit():
+                raise UsageError(f"line {number} of {list_file} should read 'relative/path.jpg class_id', got {line.strip()!r}")
+            if int(label) < 0:
+                raise UsageError(f"class id {label} on line {number} of {list_file} is out of range: "
+                                 f"expected an integer >= 0")
+            items.append((os.path.join(root, path), int(label)))
+    if not items:
+        raise UsageError(f"{list_file} lists no images (expected {CUSTOM_LAYOUT})")
+    missing = [path for path, _ in items if not os.path.isfile(path)]
+    if missing:
+        raise UsageError(f"{len(missing)} images listed in {list_file} are missing, e.g. {missing[0]}")
+    return _renumber(items)
+
+
+SPLITS = {"cub": cub_split, "cars": cars_split, "SOP": sop_split, "custom": custom_split}
 
 
 class ImageFileDataset(Dataset):
