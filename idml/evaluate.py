@@ -1,6 +1,7 @@
 """Evaluation on the unseen test classes (IDML_METHOD.md section 5): embed every test image
 with the semantic head and compute the retrieval and clustering metrics on the device."""
 import contextlib
+import sys
 from typing import Dict, Tuple
 
 import torch
@@ -71,4 +72,10 @@ def evaluate_checkpoint(args) -> Dict[str, float]:
     model.to(device)
     test_set = build_dataset(dataset, args.data_root or saved.data_root, train=False, image_size=image_size)
     loader = eval_loader(test_set, args.batch_size, args.workers, device)
-    return evaluate(model, loader, device, dataset, args.amp, progress=not args.json)
+    embeddings, labels = embed(model, loader, device, args.amp, progress=not args.json)
+    if getattr(args, "plots", None):  # --plots DIR: recall_at_k.png and query_grid.png
+        from idml.plots import evaluation_plots
+
+        for path in evaluation_plots(args.plots, test_set, embeddings, labels, f"{dataset}: {args.resume}"):
+            print(f"wrote {path}", file=sys.stderr)
+    return compute_metrics(embeddings, labels, ks=recall_ks(dataset))
