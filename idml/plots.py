@@ -21,16 +21,25 @@ from idml.files import atomic_write
 _warned = False
 
 
-def _figure(width: float, height: float):
-    """A matplotlib Figure, or None (with one note) when matplotlib is not installed."""
+def have_matplotlib() -> bool:
+    """True when matplotlib imports; else False, with one note per process."""
     global _warned
     try:
-        from matplotlib.figure import Figure
+        import matplotlib.figure  # noqa: F401
     except ImportError:
         if not _warned:
             print("note: matplotlib is not installed, so no plots are written (pip install matplotlib)")
             _warned = True
+        return False
+    return True
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure (no pyplot, no global backend), or None without matplotlib."""
+    if not have_matplotlib():
         return None
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
@@ -99,7 +108,7 @@ def uncertainty_histogram(path: str, values: torch.Tensor, mode: str) -> Optiona
 
 def uncertainty_plot(run_dir: str, model, loader, device, amp: str = "off") -> Optional[str]:
     """uncertainty_histogram.png of the test set (one extra pass over it, at the end of a run)."""
-    if _figure(1, 1) is None:
+    if not have_matplotlib():
         return None
     values = uncertainties(model, loader, device, amp)
     return uncertainty_histogram(os.path.join(run_dir, "uncertainty_histogram.png"), values, model.uncertainty)

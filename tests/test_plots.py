@@ -68,3 +68,16 @@ def test_query_grid_of_image_files_frames_right_and_wrong(tmp_path):
 def test_recall_curve_ks():
     assert recall_curve_ks(10) == [1, 2, 4, 8]
     assert recall_curve_ks(5000)[-1] == 1024
+
+
+def test_without_matplotlib_plots_are_skipped_with_one_note(monkeypatch, tmp_path, capsys):
+    from idml import plots
+
+    monkeypatch.setattr(plots, "_warned", False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    history = [{"epoch": 0, "loss": None, "R@1": 0.5}, {"epoch": 1, "loss": 1.0, "R@1": 0.6}]
+    assert plots.history_plot(str(tmp_path), history) is None
+    assert plots.history_plot(str(tmp_path), history) is None
+    assert capsys.readouterr().out.count("matplotlib is not installed") == 1
+    assert not os.listdir(tmp_path)
