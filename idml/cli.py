@@ -57,13 +57,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_parser() -> argparse.ArgumentParser:
+    from idml.losses import LOSSES
+
     parser = argparse.ArgumentParser(
         prog="scripts/train.py",
         description="Train Introspective Deep Metric Learning (ProxyAnchor + IDML) and evaluate on unseen classes.")
     _add_model_arguments(parser)
     parser.add_argument("--LOG_DIR", default="./logs", help="folder for run folders (default ./logs)")
     parser.add_argument("--remark", default="", help="suffix of the run folder's name")
-    parser.add_argument("--loss", default="Proxy_Anchor", choices=("Proxy_Anchor",), help="loss (Proxy_Anchor)")
+    parser.add_argument("--loss", default="Proxy_Anchor", choices=LOSSES,
+                        help="Proxy_Anchor (IDML, default) or a published baseline via pytorch-metric-learning")
     parser.add_argument("--epochs", type=_positive(int), default=60, help="epochs (default 60)")
     parser.add_argument("--optimizer", choices=("adamw", "sgd", "adam", "rmsprop"), default="adamw")
     parser.add_argument("--lr", type=_positive(float), default=1e-4, help="learning rate (proxies: 100x)")
@@ -108,6 +111,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu", "--gpu-id", dest="gpu", type=int, default=0)
     parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    parser.add_argument("--plots", metavar="DIR", default=None,
+                        help="also write recall_at_k.png and query_grid.png (queries and their neighbours) to DIR")
     return parser
 
 

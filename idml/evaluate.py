@@ -1,6 +1,7 @@
 """Evaluation on the unseen test classes (IDML_METHOD.md section 5): embed every test image
 with the semantic head and compute the retrieval and clustering metrics on the device."""
 import contextlib
+import sys
 from typing import Dict, Tuple
 
 import torch
@@ -29,27 +30,23 @@ def autocast(device: torch.device, amp: str):
 @torch.no_grad()
 def embed(model, loader: DataLoader, device: torch.device, amp: str = "off", progress: bool = True,
           bad_images: BadImageBudget = None):
-    """(embeddings float32, labels) of every readable image of `loader`, on `device`."""
+    """(embeddings, labels, uncertainties |sigma|^2) of every readable image of `loader`,
+    float32 on `device`."""
     bad_images = bad_images or BadImageBudget(DEFAULT_MAX_BAD_IMAGES)
     was_training = model.training
     model.eval()
-    embeddings, labels = [], []
+    embeddings, labels, uncertainties = [], [], []
     for images, targets, dropped in tqdm(loader, desc="embedding", leave=False, disable=not progress):
         bad_images.add(dropped)
         if images is None:
             continue
         with autocast(device, amp):
-            mu, _ = model(images.to(device, non_blocking=True))
+            mu, sigma = model(images.to(device, non_blocking=True))
         embeddings.append(mu.float())
+        uncertainties.append(sigma.float().pow(2).sum(dim=1))
         labels.append(targets.to(device, non_blocking=True))
     model.train(was_training)
-    return torch.cat(embeddings), torch.cat(labels)
-
-
-def evaluate(model, loader: DataLoader, device: torch.device, dataset: str, amp: str = "off",
-             clustering: bool = True, progress: bool = True, bad_images: BadImageBudget = None) -> Dict[str, float]:
-    embeddings, labels = embed(model, loader, device, amp, progress, bad_images)
-    return compute_metrics(embeddings, labels, ks=recall_ks(dataset), clustering=clustering)
+    return torch.cat(embeddings), torch.cat(labels), torch.cat(uncertainties)
 
 
 def format_metrics(metrics: Dict[str, float]) -> str:
@@ -78,4 +75,10 @@ def evaluate_checkpoint(args) -> Dict[str, float]:
     model.to(device)
     test_set = build_dataset(dataset, args.data_root or saved.data_root, train=False, image_size=image_size)
     loader = eval_loader(test_set, args.batch_size, args.workers, device)
-    return evaluate(model, loader, device, dataset, args.amp, progress=not args.json)
+    embeddings, labels, _ = embed(model, loader, device, args.amp, progress=not args.json)
+    if getattr(args, "plots", None):  # --plots DIR: recall_at_k.png and query_grid.png
+        from idml.plots import evaluation_plots
+
+        for path in evaluation_plots(args.plots, test_set, embeddings, labels, f"{dataset}: {args.resume}"):
+            print(f"wrote {path}", file=sys.stderr)
+    return compute_metrics(embeddings, labels, ks=recall_ks(dataset))

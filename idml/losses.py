@@ -47,3 +47,70 @@ class ProxyAnchorISM(nn.Module):
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, "
             f"alpha={self.alpha}, ism={self.ism}, ism_offset={self.ism_offset}, ism_scale={self.ism_scale}"
         )
+
+
+# --- the published baselines (Proxy-Anchor-CVPR2020's losses.py), through pytorch-metric-learning ---
+
+BASELINE_LOSSES = ("Proxy_NCA", "MS", "Contrastive", "Triplet", "NPair")
+LOSSES = ("Proxy_Anchor",) + BASELINE_LOSSES
+
+
+def _pml():
+    try:
+        from pytorch_metric_learning import losses, miners
+    except ImportError:
+        from idml.errors import UsageError
+
+        raise UsageError("the baseline losses (--loss Proxy_NCA, MS, Contrastive, Triplet, NPair) need "
+                         "pytorch-metric-learning: pip install pytorch-metric-learning") from None
+    return losses, miners
+
+
+class BaselineLoss(nn.Module):
+    """A published baseline: `forward(mu, sigma, labels)` ignores sigma and applies the
+    pytorch-metric-learning loss (after its miner, when it has one) to (mu, labels), in
+    float32. Proxy-based losses hold their proxies as parameters of this module (so they
+    train at 100 x lr, as published)."""
+
+    def __init__(self, name: str, loss_func: nn.Module, miner: nn.Module = None):
+        super().__init__()
+        self.name = name
+        self.loss_func = loss_func
+        self.miner = miner
+
+    def forward(self, mu: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mu = mu.float()
+        if self.miner is None:
+            return self.loss_func(mu, labels)
+        return self.loss_func(mu, labels, self.miner(mu, labels))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}"
+
+
+def baseline_loss(name: str, num_classes: int, embedding_size: int) -> BaselineLoss:
+    """The baselines with the published hyperparameters of Proxy-Anchor-CVPR2020 (losses.py)."""
+    losses, miners = _pml()
+    if name == "Proxy_NCA":
+        return BaselineLoss(name, losses.ProxyNCALoss(num_classes=num_classes, embedding_size=embedding_size,
+                                                      softmax_scale=32))
+    if name == "MS":
+        return BaselineLoss(name, losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5),
+                            miners.MultiSimilarityMiner(epsilon=0.1))
+    if name == "Contrastive":  # no miner, as published
+        return BaselineLoss(name, losses.ContrastiveLoss(neg_margin=0.5))
+    if name == "Triplet":
+        return BaselineLoss(name, losses.TripletMarginLoss(margin=0.1),
+                            miners.TripletMarginMiner(margin=0.1, type_of_triplets="semihard"))
+    if name == "NPair":  # the published code passes no arguments (its l2_reg=0 is commented out)
+        return BaselineLoss(name, losses.NPairsLoss())
+    raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
+
+
+def build_criterion(args, num_classes: int) -> nn.Module:
+    """The training criterion of --loss: Proxy Anchor (+ ISM) or a published baseline."""
+    loss = getattr(args, "loss", "Proxy_Anchor")
+    if loss == "Proxy_Anchor":
+        return ProxyAnchorISM(num_classes, args.embedding_size, margin=args.mrg, alpha=args.alpha,
+                              ism=bool(args.ism), ism_offset=args.ism_offset, ism_scale=args.ism_scale)
+    return baseline_loss(loss, num_classes, args.embedding_size)

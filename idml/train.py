@@ -18,15 +18,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from idml import tracking
+from idml import plots, tracking
 from idml.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from idml.data import build_dataset, default_image_size
 from idml.data.datasets import BadImageBudget
 from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler, SeededSamples
 from idml.errors import TrainingDiverged, UsageError
-from idml.evaluate import autocast, evaluate, format_metrics
+from idml.evaluate import autocast, embed, format_metrics, recall_ks
 from idml.files import atomic_write_text
-from idml.losses import ProxyAnchorISM
+from idml.losses import build_criterion
+from idml.metrics import compute_metrics
 from idml.runtime import build_model, eval_loader, loader_options, resolve_device, seed_everything
 
 GRADIENT_CLIP = 10.0
@@ -136,9 +137,7 @@ class Trainer:
         self.test_loader = eval_loader(test_set, args.batch_size, args.workers, self.device)
 
         self.model = build_model(args, args.pretrained).to(self.device)
-        self.criterion = ProxyAnchorISM(self.num_classes, args.embedding_size, margin=args.mrg, alpha=args.alpha,
-                                        ism=bool(args.ism), ism_offset=args.ism_offset,
-                                        ism_scale=args.ism_scale).to(self.device)
+        self.criterion = build_criterion(args, self.num_classes).to(self.device)
         self.optimizer = build_optimizer(args, self.model, self.criterion)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, args.lr_decay_step, args.lr_decay_gamma)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
@@ -169,6 +168,7 @@ class Trainer:
                 self.scheduler.step()
                 self.state.epoch, self.state.step, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
                 self._record(epoch + 1, loss, self._evaluate(f"epoch {epoch + 1}/{args.epochs}"))
+        plots.uncertainty_plot(self.run_dir, self.test_uncertainty, self.model.uncertainty)
         self._summary()
         if self.wandb is not None:
             self.wandb.finish()
@@ -236,8 +236,10 @@ class Trainer:
                                    f"{kept}: resume from it with a lower --lr (or --amp off)")
 
     def _evaluate(self, when: str) -> dict:
-        metrics = evaluate(self.model, self.test_loader, self.device, self.args.dataset, self.args.amp,
-                           clustering=bool(self.args.eval_clustering), bad_images=self.bad_images)
+        args = self.args
+        embeddings, labels, self.test_uncertainty = embed(self.model, self.test_loader, self.device, args.amp,
+                                                          bad_images=self.bad_images)
+        metrics = compute_metrics(embeddings, labels, ks=recall_ks(args.dataset), clustering=bool(args.eval_clustering))
         print(f"[{when}] unseen classes: {format_metrics(metrics)}", flush=True)
         return metrics
 
@@ -248,6 +250,7 @@ class Trainer:
         self.state.history.append(entry)
         atomic_write_text(os.path.join(self.run_dir, "metrics.jsonl"),
                           "".join(json.dumps(e) + "\n" for e in self.state.history))
+        plots.history_plot(self.run_dir, self.state.history)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in entry.items() if v is not None}, step=epoch)
         if epoch > 0 and (self.state.best is None or metrics["R@1"] > self.state.best["metrics"]["R@1"]):
@@ -281,7 +284,7 @@ class Trainer:
     def _resume(self, path: str) -> None:
         checkpoint = load_checkpoint(path)
         saved = checkpoint["args"]
-        for name in ("model", "embedding_size", "dataset", "uncertainty", "l2_norm"):
+        for name in ("model", "embedding_size", "dataset", "uncertainty", "l2_norm", "loss"):
             if saved[name] != getattr(self.args, name):
                 raise UsageError(f"--resume {path} was trained with --{name.replace('_', '-')} {saved[name]}, "
                                  f"this run asks for {getattr(self.args, name)}")

@@ -1,0 +1,266 @@
+"""Image search with an exported model (scripts/export.py):
+
+    python scripts/search.py --model model.pt --gallery DIR --query IMG [IMG ...] -k 10
+
+The gallery folder (images in it and its subfolders; hidden files skipped) is embedded once;
+the index (embeddings, |sigma|^2, file list, a fingerprint of the folder and of the model)
+is cached beside it in DIR/.idml_index.pt, written atomically, and rebuilt when a file is
+added, removed or changed (name, size, mtime) or the model is another one. Each query
+prints its k nearest gallery images by cosine similarity and is flagged when its
+uncertainty |sigma|^2 lies above the gallery's 95th percentile (with --uncertainty
+normalized, as published, |sigma|^2 = 1 for every image: the output says so instead).
+
+Only torch, PIL and tqdm are needed at search time: the model is a TorchScript file.
+"""
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from idml.errors import UsageError
+from idml.files import atomic_write
+
+INDEX_NAME = ".idml_index.pt"
+INDEX_FORMAT = "idml-search-index"
+INDEX_VERSION = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+# --- the gallery folder -------------------------------------------------------------------
+
+def gallery_files(folder: str) -> List[str]:
+    """Image files under `folder` (relative paths, sorted), hidden files and folders skipped."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"--gallery expects a folder of images; {folder} is not a folder")
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(root, name), folder))
+    return sorted(found)
+
+
+def folder_fingerprint(folder: str, files: List[str]) -> str:
+    """sha256 of the sorted (name, size, mtime in ns) of every gallery file."""
+    entries = []
+    for name in files:
+        stat = os.stat(os.path.join(folder, name))
+        entries.append([name, stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- images and the model ---------------------------------------------------------------------
+
+def read_image(path: str) -> torch.Tensor:
+    """uint8 (3, H, W) of an image file (grey, CMYK, RGBA, palette -> RGB)."""
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def image_size(path: str) -> Optional[Tuple[int, int]]:
+    """(width, height) from the header, or None when the file is not a readable image."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:
+        return None
+
+
+def load_model(path: str, device: torch.device):
+    if not os.path.isfile(path):
+        raise UsageError(f"--model expects a TorchScript file written by scripts/export.py; {path} does not exist")
+    from idml.export import quiet_jit
+
+    try:
+        with quiet_jit():
+            model = torch.jit.load(path, map_location=device)
+    except Exception as error:
+        raise UsageError(f"--model {path} is not a TorchScript module written by scripts/export.py "
+                         f"({type(error).__name__})") from None
+    return model.eval()
+
+
+@torch.no_grad()
+def embed_paths(model, paths: List[str], device: torch.device, batch_size: int = 32, progress: bool = True):
+    """(embeddings N x D, uncertainties N, indices of the paths embedded) on the CPU.
+    Images of one size go through the model together; unreadable files are skipped."""
+    sizes = {}
+    for index, path in enumerate(paths):
+        size = image_size(path)
+        if size is None:
+            print(f"warning: skipping {path}: not a readable image", file=sys.stderr)
+        else:
+            sizes.setdefault(size, []).append(index)
+    embeddings, uncertainties, order = [], [], []
+    bar = tqdm(total=sum(len(v) for v in sizes.values()), desc="embedding", unit="img", disable=not progress)
+    for size in sorted(sizes):
+        group = sizes[size]
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            batch = torch.stack([read_image(paths[i]) for i in chunk]).to(device)
+            embedding, uncertainty = model(batch)
+            embeddings.append(embedding.float().cpu())
+            uncertainties.append(uncertainty.float().cpu())
+            order += chunk
+            bar.update(len(chunk))
+    bar.close()
+    if not order:
+        return torch.zeros(0, 0), torch.zeros(0), []
+    # Back into the order of `paths`.
+    embeddings, uncertainties = torch.cat(embeddings), torch.cat(uncertainties)
+    permutation = torch.argsort(torch.tensor(order))
+    return embeddings[permutation], uncertainties[permutation], sorted(order)
+
+
+# --- the cached index -------------------------------------------------------------------------
+
+def index_path(folder: str) -> str:
+    return os.path.join(folder, INDEX_NAME)
+
+
+def load_index(folder: str) -> Optional[dict]:
+    path = index_path(folder)
+    if not os.path.isfile(path):
+        return None
+    try:
+        index = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # unreadable (another version, damaged): rebuild it
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
+        return None
+    return index
+
+
+def build_index(model, folder: str, files: List[str], fingerprint: str, model_id: str, device: torch.device,
+                batch_size: int, progress: bool) -> dict:
+    embeddings, uncertainties, kept = embed_paths(model, [os.path.join(folder, f) for f in files], device,
+                                                  batch_size, progress)
+    if not kept:
+        raise UsageError(f"--gallery {folder} holds no readable images "
+                         f"(looked for {', '.join(IMAGE_EXTENSIONS)} files)")
+    return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": fingerprint, "model": model_id,
+            "files": [files[i] for i in kept], "embeddings": embeddings, "uncertainties": uncertainties}
+
+
+def save_index(folder: str, index: dict) -> bool:
+    buffer = io.BytesIO()
+    torch.save(index, buffer)
+    try:
+        atomic_write(index_path(folder), lambda f: f.write(buffer.getbuffer()))
+    except OSError as error:  # a read-only gallery still works, just without the cache
+        print(f"warning: could not cache the index in {index_path(folder)} ({error}); it is rebuilt next time",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def gallery_index(model, model_path: str, folder: str, device: torch.device, batch_size: int = 32,
+                  progress: bool = True) -> Tuple[dict, bool]:
+    """(index, rebuilt): the cached index when the folder and the model are unchanged, else a new one."""
+    files = gallery_files(folder)
+    if not files:
+        raise UsageError(f"--gallery {folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} files)")
+    fingerprint, model_id = folder_fingerprint(folder, files), file_sha256(model_path)
+    index = load_index(folder)
+    if index is not None and index["fingerprint"] == fingerprint and index["model"] == model_id:
+        return index, False
+    index = build_index(model, folder, files, fingerprint, model_id, device, batch_size, progress)
+    save_index(folder, index)
+    return index, True
+
+
+# --- queries ------------------------------------------------------------------------------------
+
+def nearest(index: dict, embedding: torch.Tensor, k: int) -> List[Tuple[float, str]]:
+    """The k most similar gallery images (cosine; ties to the earlier file)."""
+    similarity = index["embeddings"] @ embedding.float().cpu()
+    order = torch.sort(similarity, descending=True, stable=True).indices[:k]
+    return [(float(similarity[i]), index["files"][i]) for i in order.tolist()]
+
+
+def uncertainty_report(value: float, gallery: torch.Tensor, mode: str, percentile: float) -> Tuple[str, bool]:
+    """(line to print, flagged) for a query's |sigma|^2 against the gallery's distribution."""
+    if mode == "normalized":
+        return ("uncertainty: not informative for this model (trained with --uncertainty normalized, as published: "
+                "|sigma|^2 = 1 for every image); train with --uncertainty relu or softplus to get it"), False
+    threshold = float(torch.quantile(gallery.double(), percentile / 100.0))
+    median = float(gallery.double().median())
+    flagged = value > threshold
+    line = (f"uncertainty |sigma|^2 = {value:.4g} (gallery median {median:.4g}, "
+            f"{percentile:g}th percentile {threshold:.4g})")
+    if flagged:
+        line = (f"HIGH UNCERTAINTY: |sigma|^2 = {value:.4g} is above the gallery's {percentile:g}th percentile "
+                f"({threshold:.4g}; median {median:.4g}): treat these matches with caution")
+    return line, flagged
+
+
+def search_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scripts/search.py",
+        description="Find the images of a folder nearest to a query image, with an exported model "
+                    "(scripts/export.py). The folder's index is cached in DIR/.idml_index.pt.")
+    parser.add_argument("--model", required=True, help="TorchScript file written by scripts/export.py")
+    parser.add_argument("--gallery", required=True, metavar="DIR", help="folder of images to search (recursive)")
+    parser.add_argument("--query", required=True, nargs="+", metavar="IMG", help="query image file(s)")
+    parser.add_argument("-k", type=int, default=10, help="how many neighbours to print (default 10)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the GPU when there is one (default)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--percentile", type=float, default=95.0,
+                        help="flag queries whose |sigma|^2 is above this percentile of the gallery's (default 95)")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the index even if it is up to date")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per query instead of text")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = search_parser().parse_args(argv)
+    if args.k <= 0 or args.batch_size <= 0 or not 0 < args.percentile < 100:
+        raise UsageError("-k and --batch-size must be positive and --percentile between 0 and 100")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given but no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    for query in args.query:
+        if not os.path.isfile(query) or image_size(query) is None:
+            raise UsageError(f"--query expects image files; {query} is not a readable image")
+    model = load_model(args.model, device)
+    if args.rebuild and os.path.isfile(index_path(args.gallery)):
+        os.unlink(index_path(args.gallery))
+    index, rebuilt = gallery_index(model, args.model, args.gallery, device, args.batch_size, progress=not args.json)
+    info = (f"{'indexed' if rebuilt else 'cached index of'} {len(index['files'])} images in {args.gallery} "
+            f"({index_path(args.gallery)})")
+    print(info, file=sys.stderr if args.json else sys.stdout)
+    mode = str(getattr(model, "uncertainty_mode", "unknown"))
+    embeddings, uncertainties, _ = embed_paths(model, args.query, device, args.batch_size, progress=False)
+    for number, query in enumerate(args.query):
+        value = float(uncertainties[number])
+        line, flagged = uncertainty_report(value, index["uncertainties"], mode, args.percentile)
+        neighbours = nearest(index, embeddings[number], args.k)
+        if args.json:
+            print(json.dumps({"query": query, "uncertainty": value, "high_uncertainty": flagged,
+                              "uncertainty_mode": mode,
+                              "neighbours": [{"similarity": s, "path": os.path.join(args.gallery, f)}
+                                             for s, f in neighbours]}))
+            continue
+        print(f"\nquery {query}")
+        print(f"  {line}")
+        for rank, (similarity, name) in enumerate(neighbours, start=1):
+            print(f"  {rank:3d}  {similarity:+.4f}  {os.path.join(args.gallery, name)}")
