@@ -64,25 +64,21 @@ def test_evaluate_refuses_a_foreign_torch_file(tmp_path):
     assert_refused(run("evaluate.py", "--resume", path), "is not an idml checkpoint")
 
 
-def test_resume_with_another_embedding_size_is_refused(tmp_path):
+@pytest.mark.parametrize("saved, message", [
+    ({"embedding_size": 64}, "was trained with --embedding-size 64, this run asks for 32"),
+    ({"model": "resnet34"}, "was trained with --model resnet34, this run asks for resnet18"),
+])
+def test_resume_with_another_model_is_refused(tmp_path, saved, message):
     import torch
 
     path = str(tmp_path / "checkpoint_last.pt")
-    save_checkpoint(path, {"args": {"model": "resnet18", "embedding_size": 64, "dataset": "digits",
-                                    "uncertainty": "normalized", "l2_norm": 1}, "model": {}})
+    saved_args = {"model": "resnet18", "embedding_size": 32, "dataset": "digits", "uncertainty": "normalized",
+                  "l2_norm": 1, "loss": "Proxy_Anchor", **saved}
+    save_checkpoint(path, {"args": saved_args, "model": {}})
     result = run("train.py", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "32",
                  "--resume", path, "--wandb", "disabled", "--workers", "0")
-    assert_refused(result, "was trained with --embedding-size 64, this run asks for 32")
-    assert torch.load(path, weights_only=True)["args"]["embedding_size"] == 64  # untouched
-
-
-def test_resume_with_another_architecture_is_refused(tmp_path):
-    path = str(tmp_path / "checkpoint_last.pt")
-    save_checkpoint(path, {"args": {"model": "resnet34", "embedding_size": 32, "dataset": "digits",
-                                    "uncertainty": "normalized", "l2_norm": 1}, "model": {}})
-    result = run("train.py", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "32",
-                 "--resume", path, "--wandb", "disabled", "--workers", "0")
-    assert_refused(result, "was trained with --model resnet34, this run asks for resnet18")
+    assert_refused(result, message)
+    assert torch.load(path, weights_only=True)["args"] == saved_args  # untouched
 
 
 def test_batch_larger_than_the_training_set(tmp_path):
