@@ -14,8 +14,10 @@ fi
 stamp=".venv/.installed-$(cat "$requirements" requirements.txt | sha1sum | cut -c1-12)-$(basename "$requirements")"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing $requirements (torch is large: a few minutes the first time)"
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -r "$requirements"
+  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -r "$requirements"; } \
+      > .venv/install.log 2>&1; then
+    tail -30 .venv/install.log; echo "setup: installing $requirements failed (whole log: .venv/install.log)"; exit 1
+  fi
   touch "$stamp"
 fi
 # Without a GPU, build the CUDA kernels for the Hopper cards only unless told otherwise
@@ -23,5 +25,8 @@ fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(.venv/bin/python -c 'import torch; print("" if torch.cuda.is_available() else "9.0")')}"
 [ -n "$TORCH_CUDA_ARCH_LIST" ] || unset TORCH_CUDA_ARCH_LIST
 echo "setup: building the idml._C extension (the CUDA kernels take a few minutes the first time)"
-MAX_JOBS="${MAX_JOBS:-2}" .venv/bin/python -m pip install --quiet --no-build-isolation --no-deps -e .
+if ! MAX_JOBS="${MAX_JOBS:-2}" .venv/bin/python -m pip install --no-build-isolation --no-deps -e . \
+    > .venv/build.log 2>&1; then
+  tail -40 .venv/build.log; echo "setup: building idml._C failed (whole log: .venv/build.log)"; exit 1
+fi
 .venv/bin/python -c "import idml.ops as o; assert o.EXTENSION_ERROR is None, o.EXTENSION_ERROR; print('setup: idml', __import__('idml').__version__, 'with its compiled ops is ready')"
