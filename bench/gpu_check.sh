@@ -18,7 +18,7 @@ echo "build: $(( $(date +%s) - start )) s"
 "$python" -m pytest tests -q -m cuda -p no:cacheprovider 2>&1 | tail -15
 status=${PIPESTATUS[0]}
 
-"$python" -m pytest bench --benchmark-only --bench-scale full -q -p no:cacheprovider \
+"$python" -m pytest bench --benchmark-only --bench-scale full -q -p no:cacheprovider -k cuda \
   --benchmark-json="$out/benchmarks.json" --benchmark-columns=min,median,rounds 2>&1 | tail -60
 echo "total: $(( $(date +%s) - start )) s"
 exit "$status"

@@ -1,0 +1,78 @@
+"""One IDML training step (clean + mixed forward, three-term loss, backward, clipping,
+AdamW step): the published recipe vs this project's step, measured in the same run.
+
+published: float32, two separate forwards, the loss as published (bench/published.py).
+idml:      the step of idml.train (one forward of clean and mixed together when BatchNorm is
+           frozen, the fused loss op); on CUDA also bf16 autocast and channels_last.
+Sizes: small = ResNet-18, 64 px, batch 32, 100 classes (CPU-friendly); full = ResNet-50,
+224 px, batch 120, 11,318 classes (SOP) as in DESIGN.md. Target on the GPU: >= 2.0x the
+published recipe's images per second; on CPU: no slower (asserted with 10% noise margin).
+"""
+import pytest
+import torch
+from published import published_formula
+from timing import best_time, record_ratio
+
+from idml import ops
+from idml.losses import ProxyAnchorISM
+from idml.models import IDMLNet
+from idml.train import GRADIENT_CLIP, idml_loss, mixup_draw
+
+SIZES = {"small": ("resnet18", 64, 32, 100), "full": ("resnet50", 224, 120, 11318)}
+CPU_MARGIN = 0.9  # "no slower", allowing for timing noise on a shared machine
+
+
+class Step:
+    def __init__(self, device, arch, image_size, batch, num_classes, fast: bool):
+        torch.manual_seed(0)
+        self.device, self.fast = device, fast
+        self.model = IDMLNet(arch, 512, "none", bn_freeze=True).to(device).train()
+        self.criterion = ProxyAnchorISM(num_classes, 512).to(device)
+        self.amp = "bf16" if fast and device.type == "cuda" else "off"
+        if fast and device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        parameters = list(self.model.parameters()) + list(self.criterion.parameters())
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=1e-5)
+        self.images = torch.randn(batch, 3, image_size, image_size, device=device)
+        if fast and device.type == "cuda":
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.labels = torch.randint(0, num_classes, (batch,), device=device)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def loss(self, lam, permutation):
+        if self.fast:
+            return idml_loss(self.model, self.criterion, self.images, self.labels, lam, permutation, self.amp)
+        mixed = lam * self.images + (1 - lam) * self.images[permutation]
+        (mu, sigma), (mu_mixed, sigma_mixed) = self.model(self.images), self.model(mixed)
+        proxies = self.criterion.proxies
+        return (published_formula(mu, sigma, self.labels, proxies)
+                + lam * published_formula(mu_mixed, sigma_mixed, self.labels, proxies)
+                + (1 - lam) * published_formula(mu_mixed, sigma_mixed, self.labels[permutation], proxies))
+
+    def __call__(self):
+        lam, permutation = mixup_draw(self.images.shape[0], self.generator)
+        loss = self.loss(lam, permutation.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(self.parameters, GRADIENT_CLIP)
+        self.optimizer.step()
+
+
+def test_training_step_images_per_second(benchmark, device, bench_scale):
+    assert ops.has_kernel("pa_ism_forward", device), f"idml._C is not built with a {device.type} loss kernel"
+    arch, image_size, batch, num_classes = SIZES[bench_scale]
+    published = Step(device, arch, image_size, batch, num_classes, fast=False)
+    fast = Step(device, arch, image_size, batch, num_classes, fast=True)
+    benchmark.pedantic(fast, rounds=3, warmup_rounds=1)
+    repeat = 10 if device.type == "cuda" else 3
+    published_seconds = fast_seconds = float("inf")
+    for _ in range(2):  # alternating rounds: a burst of load hits both alike
+        published_seconds = min(published_seconds, best_time(published, device, repeat=repeat))
+        fast_seconds = min(fast_seconds, best_time(fast, device, repeat=repeat))
+    ratio = record_ratio(benchmark, "published_recipe", published_seconds, fast_seconds)
+    benchmark.extra_info["images_per_second"] = batch / fast_seconds
+    benchmark.extra_info["published_images_per_second"] = batch / published_seconds
+    if device.type == "cpu":
+        assert ratio >= CPU_MARGIN, (f"the step takes {fast_seconds * 1e3:.0f} ms, the published recipe's "
+                                     f"{published_seconds * 1e3:.0f} ms")
