@@ -132,9 +132,20 @@ def run_guarded(main, argv=None) -> int:
 
 
 def train_main(argv=None) -> None:
+    from idml.distributed import relaunch_command
     from idml.train import train
 
-    train(train_parser().parse_args(argv))
+    args = train_parser().parse_args(argv)
+    # --gpu -1 with several GPUs: start the DDP run itself, one process per GPU, as
+    # `torchrun --standalone --nproc_per_node=<GPUs> scripts/train.py ...` would.
+    command = relaunch_command([sys.argv[0], *(sys.argv[1:] if argv is None else argv)], args.gpu, args.device)
+    if command is not None:
+        from torch.distributed.run import main as torchrun
+
+        print(f"--gpu -1: starting one process per GPU: torchrun {' '.join(command)}")
+        torchrun(command)
+        return
+    train(args)
 
 
 def evaluate_main(argv=None) -> None:
