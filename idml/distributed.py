@@ -30,6 +30,10 @@ from typing import Iterable, Tuple
 import torch
 import torch.distributed as dist
 
+# torch >= 2.14 renames the tensor collectives (the old names warn that they are deprecated)
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -93,20 +97,20 @@ def my_slice(global_length: int) -> slice:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather_into_tensor along dim 0; backward: reduce-scatter (sum) of the gradient."""
+    """All-gather along dim 0; backward: reduce-scatter (sum) of the gradient."""
 
     @staticmethod
     def forward(ctx, x):
         x = x.contiguous()
         out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x)
+        _all_gather(out, x)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // world_size(), *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
+        _reduce_scatter(out, grad, op=dist.ReduceOp.SUM)
         return out
 
 
@@ -121,7 +125,7 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous())
+    _all_gather(out, x.contiguous())
     return out
 
 
