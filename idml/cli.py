@@ -5,6 +5,7 @@ arguments or data end with one sentence on stderr and exit code 2, never a trace
 """
 import argparse
 import json
+import os
 import sys
 
 from idml.errors import UsageError
@@ -126,7 +127,8 @@ def run_guarded(main, argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Interrupted as stop:
-        print(str(stop), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, every rank stops at the same step
+            print(str(stop), file=sys.stderr)
         return 128 + stop.signal_number
     return 0
 
