@@ -5,6 +5,7 @@ arguments or data end with one sentence on stderr and exit code 2, never a trace
 """
 import argparse
 import json
+import os
 import sys
 
 from idml.errors import UsageError
@@ -126,15 +127,27 @@ def run_guarded(main, argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Interrupted as stop:
-        print(str(stop), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, every rank stops at the same step
+            print(str(stop), file=sys.stderr)
         return 128 + stop.signal_number
     return 0
 
 
 def train_main(argv=None) -> None:
+    from idml.distributed import relaunch_command
     from idml.train import train
 
-    train(train_parser().parse_args(argv))
+    args = train_parser().parse_args(argv)
+    # --gpu -1 with several GPUs: start the DDP run itself, one process per GPU, as
+    # `torchrun --standalone --nproc_per_node=<GPUs> scripts/train.py ...` would.
+    command = relaunch_command([sys.argv[0], *(sys.argv[1:] if argv is None else argv)], args.gpu, args.device)
+    if command is not None:
+        from torch.distributed.run import main as torchrun
+
+        print(f"--gpu -1: starting one process per GPU: torchrun {' '.join(command)}")
+        torchrun(command)
+        return
+    train(args)
 
 
 def evaluate_main(argv=None) -> None:

@@ -7,14 +7,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from idml.data.datasets import collate_valid
+from idml.distributed import launched_by_torchrun, local_rank
 from idml.errors import UsageError
 from idml.models import IDMLNet
 
 
 def resolve_device(device: str, gpu: int) -> torch.device:
-    """--device auto|cpu|cuda with --gpu N (-1: all visible GPUs; the first one here)."""
+    """--device auto|cpu|cuda with --gpu N (-1: all visible GPUs, one process each: see
+    idml.distributed; under torchrun, the process's own GPU LOCAL_RANK)."""
     if device == "cpu":
         return torch.device("cpu")
+    if launched_by_torchrun() and torch.cuda.is_available():  # one GPU per process: LOCAL_RANK's
+        return torch.device("cuda", local_rank())
     if not torch.cuda.is_available():
         if device == "cuda":
             raise UsageError("--device cuda was given but no CUDA GPU is visible (torch.cuda.is_available() is False)")

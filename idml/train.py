@@ -4,6 +4,10 @@ Each epoch: shuffled (or --IPC balanced) batches; per step a mixup of the batch,
 and the mixed batch forwarded, the three-term introspective Proxy Anchor loss, gradient
 clipping by value, an optimizer step. After every epoch: StepLR, evaluation on the unseen
 classes, metrics.jsonl, checkpoint_last.pt, and the best checkpoint by R@1.
+
+Under torchrun every rank runs this same loop on its slice of each global batch; the loss
+is that of the global batch (idml/distributed.py says how). Only rank 0 prints, shows
+progress and writes files; evaluation is sharded over the ranks.
 """
 import contextlib
 import json
@@ -15,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from idml import plots, tracking
+from idml import distributed, plots, tracking
 from idml.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from idml.data import build_dataset, default_image_size
 from idml.data.datasets import BadImageBudget
@@ -28,6 +33,7 @@ from idml.evaluate import autocast, embed, format_metrics, recall_ks
 from idml.files import atomic_write_text
 from idml.losses import build_criterion
 from idml.metrics import compute_metrics
+from idml.models import IDMLNet
 from idml.runtime import build_model, eval_loader, loader_options, resolve_device, seed_everything
 
 GRADIENT_CLIP = 10.0
@@ -94,18 +100,38 @@ def mixup_draw(batch_size: int, generator: torch.Generator):
     return lam, torch.randperm(batch_size, generator=generator)
 
 
-def idml_loss(model, criterion, images, labels, lam: float, permutation, amp: str):
-    """L(clean, y) + lam L(mixed, y) + (1 - lam) L(mixed, y[pi])."""
-    mixed = lam * images + (1.0 - lam) * images[permutation]
-    with autocast(images.device, amp):
-        if model.bn_freeze:  # eval-mode BatchNorm is per-sample: one forward of both halves is exact
-            mu, sigma = model(torch.cat([images, mixed]))
+class CleanAndMixed(nn.Module):
+    """(images, mixed) -> mu, sigma, mu_mixed, sigma_mixed in one forward call (what DDP wraps)."""
+
+    def __init__(self, model: IDMLNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, mixed):
+        if self.model.bn_freeze:  # eval-mode BatchNorm is per-sample: one forward of both halves is exact
+            mu, sigma = self.model(torch.cat([images, mixed]))
             (mu, mu_mixed), (sigma, sigma_mixed) = mu.chunk(2), sigma.chunk(2)
-        else:
-            (mu, sigma), (mu_mixed, sigma_mixed) = model(images), model(mixed)
-    return (criterion(mu, sigma, labels)
-            + lam * criterion(mu_mixed, sigma_mixed, labels)
-            + (1.0 - lam) * criterion(mu_mixed, sigma_mixed, labels[permutation]))
+            return mu, sigma, mu_mixed, sigma_mixed
+        (mu, sigma), (mu_mixed, sigma_mixed) = self.model(images), self.model(mixed)
+        return mu, sigma, mu_mixed, sigma_mixed
+
+
+def idml_loss(model, criterion, images, labels, lam: float, permutation, amp: str):
+    """L(clean, y) + lam L(mixed, y) + (1 - lam) L(mixed, y[pi]) of the global batch.
+
+    `model`: an IDMLNet, or CleanAndMixed (DDP-wrapped when distributed). Distributed,
+    `images` and `labels` are this rank's slice and `permutation` permutes the global batch:
+    the images are gathered to mix, mu and sigma gathered (with gradient) for the loss."""
+    forward = CleanAndMixed(model) if isinstance(model, IDMLNet) else model
+    all_images, all_labels = distributed.gather(images), distributed.gather(labels)
+    mine = permutation[distributed.my_slice(len(permutation))]
+    mixed = lam * images + (1.0 - lam) * all_images[mine]
+    with autocast(images.device, amp):
+        outputs = forward(images, mixed)
+    mu, sigma, mu_mixed, sigma_mixed = (distributed.gather_with_grad(t) for t in outputs)
+    return (criterion(mu, sigma, all_labels)
+            + lam * criterion(mu_mixed, sigma_mixed, all_labels)
+            + (1.0 - lam) * criterion(mu_mixed, sigma_mixed, all_labels[permutation]))
 
 
 @dataclass
@@ -120,23 +146,26 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, args):
+    def __init__(self, args, device: Optional[torch.device] = None):
         self.args = args
-        self.device = resolve_device(args.device, args.gpu)
+        self.device = device or resolve_device(args.device, args.gpu)
         self.image_size = args.image_size or default_image_size(args.dataset)
         seed_everything(args.seed)
         self.train_set = build_dataset(args.dataset, args.data_root, train=True, image_size=self.image_size)
         test_set = build_dataset(args.dataset, args.data_root, train=False, image_size=self.image_size)
         self.num_classes = max(self.train_set.labels) + 1
+        shard = dict(rank=distributed.rank(), world_size=distributed.world_size())  # of every global batch
         if args.IPC:
-            self.sampler = BalancedBatchSampler(self.train_set.labels, args.batch_size, args.IPC, args.seed)
+            self.sampler = BalancedBatchSampler(self.train_set.labels, args.batch_size, args.IPC, args.seed, **shard)
         else:
-            self.sampler = RandomBatchSampler(self.train_set.labels, args.batch_size, args.seed)
+            self.sampler = RandomBatchSampler(self.train_set.labels, args.batch_size, args.seed, **shard)
         self.train_loader = DataLoader(SeededSamples(self.train_set, args.seed), batch_sampler=self.sampler,
                                        **loader_options(args.workers, self.device))
+        if distributed.world_size() > 1:  # each rank embeds its contiguous share, gathered in order
+            test_set = Subset(test_set, range(*distributed.shard(len(test_set))))
         self.test_loader = eval_loader(test_set, args.batch_size, args.workers, self.device)
 
-        self.model = build_model(args, args.pretrained).to(self.device)
+        self.model = self._sync_batch_norm(build_model(args, args.pretrained)).to(self.device)
         self.criterion = build_criterion(args, self.num_classes).to(self.device)
         self.optimizer = build_optimizer(args, self.model, self.criterion)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, args.lr_decay_step, args.lr_decay_gamma)
@@ -149,16 +178,28 @@ class Trainer:
         if args.resume:
             self._resume(args.resume)
         os.makedirs(self.run_dir, exist_ok=True)
-        self.wandb = tracking.open_run(args.wandb, f"{args.dataset}_ProxyAnchor", self.run_dir, vars(args),
-                                       self.state.wandb_run_id)
+        self.wandb = None
+        if distributed.is_main():
+            self.wandb = tracking.open_run(args.wandb, f"{args.dataset}_ProxyAnchor", self.run_dir, vars(args),
+                                           self.state.wandb_run_id)
         if self.wandb is not None:
             self.state.wandb_run_id = self.wandb.id
+
+    def _sync_batch_norm(self, model: IDMLNet) -> IDMLNet:
+        """Training BatchNorm (--bn-freeze 0) on several ranks: statistics of the global batch."""
+        if model.bn_freeze or distributed.world_size() == 1:
+            return model
+        if self.device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        print_main("note: --bn-freeze 0 on several CPU processes: BatchNorm statistics are per process "
+                   "(SyncBatchNorm needs GPUs), so steps differ slightly from a single process")
+        return model
 
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> RunState:
         args = self.args
-        print(f"training IDML on {args.dataset} ({len(self.train_set)} images, {self.num_classes} classes) "
+        print_main(f"training IDML on {args.dataset} ({len(self.train_set)} images, {self.num_classes} classes) "
               f"on {self.device}; run folder {self.run_dir}")
         with stop_requests() as self.stop_request:
             if self.state.epoch == 0 and self.state.step == 0:
@@ -168,8 +209,9 @@ class Trainer:
                 self.scheduler.step()
                 self.state.epoch, self.state.step, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
                 self._record(epoch + 1, loss, self._evaluate(f"epoch {epoch + 1}/{args.epochs}"))
-        plots.uncertainty_plot(self.run_dir, self.test_uncertainty, self.model.uncertainty)
-        self._summary()
+        if distributed.is_main():
+            plots.uncertainty_plot(self.run_dir, self.test_uncertainty, self.model.uncertainty)
+            self._summary()
         if self.wandb is not None:
             self.wandb.finish()
         return self.state
@@ -179,13 +221,16 @@ class Trainer:
         args = self.args
         self.model.train()
         self.model.set_warmup(epoch < args.warm)
+        self.forward_pair = distributed.wrap(CleanAndMixed(self.model), self.device,  # after set_warmup
+                                             find_unused_parameters=args.loss != "Proxy_Anchor")
         steps = min(self.sampler.num_batches, args.max_steps or self.sampler.num_batches)
         self.sampler.set_epoch(epoch, start_step=self.state.step)
         loss_sum = torch.tensor(self.state.epoch_loss_sum, device=self.device)
         # The first step whose loss is not finite, kept on the device: checked without a
         # host synchronisation in every step, only when progress is shown or saved.
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        progress = tqdm(total=steps, initial=self.state.step, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        progress = tqdm(total=steps, initial=self.state.step, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                        disable=not distributed.is_main())
         for step, (images, labels, dropped) in enumerate(self.train_loader, start=self.state.step):
             if step >= steps:
                 break
@@ -198,27 +243,29 @@ class Trainer:
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
             progress.update()
             done = step + 1
+            stop = distributed.any_rank(self.stop_request.signal or 0, self.device)  # every rank stops here
             save_now = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
-            if done % PROGRESS_EVERY == 0 or save_now or self.stop_request.signal or done == steps:
+            if done % PROGRESS_EVERY == 0 or save_now or stop or done == steps:
                 self._stop_if_diverged(int(bad_step), epoch)
                 progress.set_postfix(loss=f"{float(loss):.4f}")
-            if save_now or self.stop_request.signal:
+            if save_now or stop:
                 self.state.step, self.state.epoch_loss_sum = done, float(loss_sum)
                 self._save_last()
-            if self.stop_request.signal:
+            if stop:
                 progress.close()
-                raise Interrupted(self.stop_request.signal, os.path.join(self.run_dir, "checkpoint_last.pt"),
+                raise Interrupted(stop, os.path.join(self.run_dir, "checkpoint_last.pt"),
                                   epoch, done)
         progress.close()
         return float(loss_sum) / max(steps, 1)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimisation step on a batch; returns its loss (no host synchronisation)."""
-        lam, permutation = mixup_draw(images.shape[0], self.mixup_generator)
-        loss = idml_loss(self.model, self.criterion, images, labels, lam, permutation.to(self.device),
+        lam, permutation = mixup_draw(images.shape[0] * distributed.world_size(), self.mixup_generator)
+        loss = idml_loss(self.forward_pair, self.criterion, images, labels, lam, permutation.to(self.device),
                          self.args.amp)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        distributed.average_gradients(self.criterion.parameters())  # DDP averages the model's
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_value_(list(self.model.parameters()) + list(self.criterion.parameters()),
                                         GRADIENT_CLIP)
@@ -237,24 +284,32 @@ class Trainer:
 
     def _evaluate(self, when: str) -> dict:
         args = self.args
-        embeddings, labels, self.test_uncertainty = embed(self.model, self.test_loader, self.device, args.amp,
-                                                          bad_images=self.bad_images)
-        metrics = compute_metrics(embeddings, labels, ks=recall_ks(args.dataset), clustering=bool(args.eval_clustering))
-        print(f"[{when}] unseen classes: {format_metrics(metrics)}", flush=True)
-        return metrics
+        shares = embed(self.model, self.test_loader, self.device, args.amp, progress=distributed.is_main(),
+                       bad_images=self.bad_images)
+        embeddings, labels, self.test_uncertainty = (distributed.gather_eval(t) for t in shares)
+        metrics = None
+        if distributed.is_main():
+            metrics = compute_metrics(embeddings, labels, ks=recall_ks(args.dataset),
+                                      clustering=bool(args.eval_clustering))
+            print(f"[{when}] unseen classes: {format_metrics(metrics)}", flush=True)
+        return distributed.broadcast_object(metrics)
 
     # --- outputs ------------------------------------------------------------------------
 
     def _record(self, epoch: int, loss: Optional[float], metrics: dict) -> None:
         entry = {"epoch": epoch, "loss": loss, **metrics}
         self.state.history.append(entry)
+        is_best = epoch > 0 and (self.state.best is None or metrics["R@1"] > self.state.best["metrics"]["R@1"])
+        if is_best:
+            self.state.best = {"epoch": epoch, "metrics": metrics}
+        if not distributed.is_main():  # the state is the same on every rank; rank 0 writes
+            return
         atomic_write_text(os.path.join(self.run_dir, "metrics.jsonl"),
                           "".join(json.dumps(e) + "\n" for e in self.state.history))
         plots.history_plot(self.run_dir, self.state.history)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in entry.items() if v is not None}, step=epoch)
-        if epoch > 0 and (self.state.best is None or metrics["R@1"] > self.state.best["metrics"]["R@1"]):
-            self.state.best = {"epoch": epoch, "metrics": metrics}
+        if is_best:
             prefix = os.path.join(self.run_dir, f"{self.args.dataset}_{self.args.model}_best")
             save_checkpoint(prefix + ".pth", self._checkpoint())
             atomic_write_text(prefix + "_results.txt", best_results_text(epoch, metrics))
@@ -262,7 +317,8 @@ class Trainer:
             self._save_last()
 
     def _save_last(self) -> None:
-        save_checkpoint(os.path.join(self.run_dir, "checkpoint_last.pt"), self._checkpoint())
+        if distributed.is_main():
+            save_checkpoint(os.path.join(self.run_dir, "checkpoint_last.pt"), self._checkpoint())
 
     def _checkpoint(self) -> dict:
         return {
@@ -298,7 +354,7 @@ class Trainer:
                               epoch_loss_sum=checkpoint["epoch_loss_sum"], best=checkpoint["best"],
                               history=checkpoint["history"], wandb_run_id=checkpoint["wandb_run_id"])
         self.run_dir = os.path.dirname(os.path.abspath(path))
-        print(f"resumed from {path} at epoch {self.state.epoch + 1}, step {self.state.step}")
+        print_main(f"resumed from {path} at epoch {self.state.epoch + 1}, step {self.state.step}")
 
     def _summary(self) -> None:
         first, last = self.state.history[0], self.state.history[-1]
@@ -320,5 +376,12 @@ def best_results_text(epoch: int, metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def print_main(*values, **options) -> None:
+    if distributed.is_main():
+        print(*values, **options)
+
+
 def train(args) -> RunState:
-    return Trainer(args).run()
+    device = resolve_device(args.device, args.gpu)
+    with distributed.session(device):
+        return Trainer(args, device).run()
