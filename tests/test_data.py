@@ -113,10 +113,22 @@ def test_empty_cub_class_is_reported(tmp_path):
 
 
 def test_digits_split_unseen_classes():
+    from idml.data.digits import SYMMETRIES, DigitsDataset
+
+    plain = DigitsDataset(train=True, image_size=24, symmetry_classes=False)
     train = build_dataset("digits", "", train=True, image_size=24)
     test = build_dataset("digits", "", train=False, image_size=24)
-    assert len(train) + len(test) == 1797
-    assert sorted(set(train.labels)) == sorted(set(test.labels)) == [0, 1, 2, 3, 4]
+    assert len(plain) + len(test) == 1797
+    assert sorted(set(plain.labels)) == sorted(set(test.labels)) == [0, 1, 2, 3, 4]
+    # training: each (digit 0-4, symmetry of the square) pair is a class, from the same scans
+    assert len(train) == SYMMETRIES * len(plain) and sorted(set(train.labels)) == list(range(5 * SYMMETRIES))
+    for k in range(SYMMETRIES):
+        item = k * len(plain) + 7
+        assert train.labels[item] == plain.labels[7] * SYMMETRIES + k
+    upright, _ = DigitsDataset(train=True, image_size=24)[7]  # no augmentation: exact
+    mirrored, _ = DigitsDataset(train=True, image_size=24)[4 * len(plain) + 7]
+    turned, _ = DigitsDataset(train=True, image_size=24)[2 * len(plain) + 7]
+    assert torch.equal(mirrored, upright.flip(-1)) and torch.equal(turned, upright.flip(-1).flip(-2))
     image, _ = test[0]
     assert image.shape == (3, 24, 24) and -1.0 <= image.min() and image.max() <= 1.0
     # the test split is not augmented: the same image twice
