@@ -25,7 +25,7 @@ def test_baseline_trains_one_short_epoch(tmp_path, loss):
     assert trainer.criterion.name == loss
     if loss == "Proxy_NCA":
         proxies = trainer.criterion.loss_func.proxies
-        assert proxies.shape == (5, 16)
+        assert proxies.shape == (trainer.num_classes, 16)
         group = next(g for g in trainer.optimizer.param_groups if any(p is proxies for p in g["params"]))
         assert group["lr"] == pytest.approx(args.lr * PROXY_LR_FACTOR)
         before = proxies.detach().clone()

@@ -82,9 +82,9 @@ def test_resume_with_another_model_is_refused(tmp_path, saved, message):
 
 
 def test_batch_larger_than_the_training_set(tmp_path):
-    result = run("train.py", "--batch-size", "5000", "--pretrained", "none", "--model", "resnet18",
+    result = run("train.py", "--batch-size", "9000", "--pretrained", "none", "--model", "resnet18",
                  "--wandb", "disabled", "--LOG_DIR", str(tmp_path))
-    assert_refused(result, "--batch-size 5000 is larger than the training set (901 images)")
+    assert_refused(result, "--batch-size 9000 is larger than the training set (7208 images)")
 
 
 def test_wrong_layout_and_empty_class_are_refused_without_writing(tmp_path):
