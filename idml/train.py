@@ -235,6 +235,9 @@ class Trainer:
             if step >= steps:
                 break
             self.bad_images.add(dropped)
+            if dropped and distributed.world_size() > 1:  # gathers need equal shares: fail instead of hanging
+                raise UsageError(f"{dropped} unreadable image(s) in a batch under torchrun, where every process "
+                                 f"needs a full share of each batch: repair or remove them (paths in the warnings above)")
             if images is None:
                 continue
             loss = self.train_step(images.to(self.device, non_blocking=True),
