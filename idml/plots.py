@@ -12,6 +12,7 @@ Every file is written atomically (idml.files).
 """
 import io
 import os
+import warnings
 from typing import List, Optional
 
 import torch
@@ -28,7 +29,7 @@ def have_matplotlib() -> bool:
         import matplotlib.figure  # noqa: F401
     except ImportError:
         if not _warned:
-            print("note: matplotlib is not installed, so no plots are written (pip install matplotlib)")
+            warnings.warn("matplotlib is not installed, so no plots are written (pip install matplotlib)", stacklevel=3)
             _warned = True
         return False
     return True

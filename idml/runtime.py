@@ -1,6 +1,7 @@
 """What training and evaluation share: the device, the seeds, the data loaders, the model
 built from a run's arguments."""
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ def resolve_device(device: str, gpu: int) -> torch.device:
         if device == "cuda":
             raise UsageError("--device cuda was given but no CUDA GPU is visible (torch.cuda.is_available() is False)")
         if gpu != 0:
-            print(f"note: --gpu {gpu} was given but no GPU is visible: running on the CPU")
+            warnings.warn(f"--gpu {gpu} was given but no GPU is visible: running on the CPU", stacklevel=2)
         return torch.device("cpu")
     if gpu >= torch.cuda.device_count():
         raise UsageError(f"--gpu {gpu} was given but only {torch.cuda.device_count()} GPU(s) are visible")

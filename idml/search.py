@@ -18,6 +18,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -106,7 +107,7 @@ def embed_paths(model, paths: List[str], device: torch.device, batch_size: int =
     for index, path in enumerate(paths):
         size = image_size(path)
         if size is None:
-            print(f"warning: skipping {path}: not a readable image", file=sys.stderr)
+            warnings.warn(f"skipping {path}: not a readable image", stacklevel=2)
         else:
             sizes.setdefault(size, []).append(index)
     embeddings, uncertainties, order = [], [], []
@@ -166,8 +167,8 @@ def save_index(folder: str, index: dict) -> bool:
     try:
         atomic_write(index_path(folder), lambda f: f.write(buffer.getbuffer()))
     except OSError as error:  # a read-only gallery still works, just without the cache
-        print(f"warning: could not cache the index in {index_path(folder)} ({error}); it is rebuilt next time",
-              file=sys.stderr)
+        warnings.warn(f"could not cache the index in {index_path(folder)} ({error}); it is rebuilt next time",
+                      stacklevel=2)
         return False
     return True
 

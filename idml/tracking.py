@@ -4,6 +4,7 @@
 offline (the run is written under the run folder and can be uploaded with `wandb sync`).
 """
 import os
+import warnings
 from typing import Optional
 
 from idml.errors import UsageError
@@ -24,7 +25,7 @@ def open_run(mode: str, project: str, run_dir: str, config: dict, run_id: Option
         import wandb
     except ImportError:
         if mode == "auto":
-            print("note: wandb is not installed, so this run is not logged to wandb (pip install wandb)")
+            warnings.warn("wandb is not installed, so this run is not logged to wandb (pip install wandb)", stacklevel=2)
             return None
         raise UsageError(f"--wandb {mode} needs the wandb package: pip install wandb, or pass --wandb disabled") from None
     if mode == "auto":

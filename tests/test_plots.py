@@ -70,7 +70,7 @@ def test_recall_curve_ks():
     assert recall_curve_ks(5000)[-1] == 1024
 
 
-def test_without_matplotlib_plots_are_skipped_with_one_note(monkeypatch, tmp_path, capsys):
+def test_without_matplotlib_plots_are_skipped_with_one_note(monkeypatch, tmp_path, recwarn):
     from idml import plots
 
     monkeypatch.setattr(plots, "_warned", False)
@@ -79,5 +79,5 @@ def test_without_matplotlib_plots_are_skipped_with_one_note(monkeypatch, tmp_pat
     history = [{"epoch": 0, "loss": None, "R@1": 0.5}, {"epoch": 1, "loss": 1.0, "R@1": 0.6}]
     assert plots.history_plot(str(tmp_path), history) is None
     assert plots.history_plot(str(tmp_path), history) is None
-    assert capsys.readouterr().out.count("matplotlib is not installed") == 1
+    assert sum("matplotlib is not installed" in str(w.message) for w in recwarn) == 1
     assert not os.listdir(tmp_path)

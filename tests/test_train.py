@@ -123,7 +123,7 @@ def test_seed_command_runs_one_short_epoch_on_its_layout(tmp_path, layout):
                         "--workers", "2", "--LOG_DIR", logs)
     assert result.returncode == 0, result.stderr[-3000:]
     if not torch.cuda.is_available():
-        assert "no GPU is visible: running on the CPU" in result.stdout
+        assert "no GPU is visible: running on the CPU" in result.stderr
     assert "unseen-class metrics before training -> after training" in result.stdout
     dataset = {"sop": "SOP"}.get(layout, layout)
     run_dir = glob.glob(os.path.join(logs, f"logs_{dataset}", "resnet50_Proxy_Anchor_embedding512_*"))[0]
