@@ -79,6 +79,43 @@ def test_other_colour_modes_become_rgb(tmp_path, mode):
     assert image.mode == "RGB" and image.size == (20, 10)
 
 
+@pytest.mark.parametrize("width, height", [(160, 120), (90, 161), (64, 64)])
+def test_train_draws_are_the_crops_and_flips_of_train_transform(width, height):
+    """What --loader dali relies on: under the same seed, TrainDraws gives the crop box and
+    the flip that train_transform draws."""
+    import torchvision.transforms.functional as F
+
+    from idml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainDraws, train_transform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    flips = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        expected = train_transform(40)(image)
+        torch.manual_seed(seed)
+        top, left, crop_height, crop_width, flip = TrainDraws(40)(image)
+        crop = F.resized_crop(image, top, left, crop_height, crop_width, [40, 40])
+        got = F.normalize(F.to_tensor(F.hflip(crop) if flip else crop), IMAGENET_MEAN, IMAGENET_STD)
+        assert torch.equal(got, expected)
+        flips.add(flip)
+    assert flips == {False, True}
+
+
+@pytest.mark.parametrize("width, height", [(500, 375), (375, 500), (300, 300), (97, 301), (257, 256)])
+@pytest.mark.parametrize("image_size", [224, 64, 50])
+def test_eval_geometry_is_what_eval_transform_does(width, height, image_size):
+    """Sizes and crop corners as torchvision computes them, half-pixel corners included."""
+    import torchvision.transforms.functional as F
+
+    from idml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_geometry, eval_transform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    (resized_height, resized_width), (top, left) = eval_geometry(width, height, image_size)
+    crop = F.crop(F.resize(image, [resized_height, resized_width]), top, left, image_size, image_size)
+    got = F.normalize(F.to_tensor(crop), IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(got, eval_transform(image_size)(image))
+
+
 @pytest.mark.parametrize("dataset, message", [
     ("cub", "CUB_200_2011/images"),
     ("cars", "cars196/cars_annos.mat"),
