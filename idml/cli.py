@@ -57,6 +57,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
 
 
+def _add_loader_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loader", choices=("pil", "dali"), default="pil",
+                        help="image decoding: pil (DataLoader processes, default) or dali (NVIDIA DALI, GPU "
+                             "decoding when on CUDA; pip install nvidia-dali-cuda130); --workers sets its threads")
+
+
 def train_parser() -> argparse.ArgumentParser:
     from idml.losses import LOSSES
 
@@ -85,7 +91,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bn-freeze", type=int, choices=(0, 1), default=1, help="freeze the backbone's BatchNorm")
     parser.add_argument("--pretrained", default="imagenet",
                         help="backbone weights: imagenet (default), none, or a torchvision state-dict file")
-    parser.add_argument("--loader", choices=("pil",), default="pil", help="image decoding (pil)")
+    _add_loader_argument(parser)
     parser.add_argument("--resume", default=None, help="continue from this checkpoint_last.pt")
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
                         help="auto: online with credentials, else offline (default)")
@@ -108,6 +114,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=_positive(int), default=None, help="default: the checkpoint's")
     parser.add_argument("--batch-size", type=_positive(int), default=120)
     parser.add_argument("--workers", type=int, default=4)
+    _add_loader_argument(parser)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--gpu", "--gpu-id", dest="gpu", type=int, default=0)
     parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")

@@ -74,7 +74,7 @@ def evaluate_checkpoint(args) -> Dict[str, float]:
                          f"{saved.embedding_size} ({str(error).splitlines()[0]})") from None
     model.to(device)
     test_set = build_dataset(dataset, args.data_root or saved.data_root, train=False, image_size=image_size)
-    loader = eval_loader(test_set, args.batch_size, args.workers, device)
+    loader = eval_loader(test_set, args.batch_size, args.workers, device, args.loader, image_size)
     embeddings, labels, _ = embed(model, loader, device, args.amp, progress=not args.json)
     if getattr(args, "plots", None):  # --plots DIR: recall_at_k.png and query_grid.png
         from idml.plots import evaluation_plots

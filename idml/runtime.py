@@ -1,13 +1,14 @@
-"""What training and evaluation share: the device, the seeds, the data loaders, the model
-built from a run's arguments."""
+"""What training and evaluation share: the device, the seeds, the data loaders (--loader pil
+or dali), the model built from a run's arguments."""
 import random
 import warnings
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 
 from idml.data.datasets import collate_valid
+from idml.data.samplers import EpochBatchSampler, SeededSamples
 from idml.distributed import launched_by_torchrun, local_rank
 from idml.errors import UsageError
 from idml.models import IDMLNet
@@ -42,7 +43,25 @@ def loader_options(workers: int, device: torch.device) -> dict:
                 collate_fn=collate_valid)
 
 
-def eval_loader(dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+def train_loader(loader: str, dataset, sampler: EpochBatchSampler, seed: int, workers: int, device: torch.device,
+                 image_size: int):
+    """--loader pil|dali: batches (images, labels, dropped) of the sampler's draws, each
+    augmented from its own seed."""
+    if loader == "dali":
+        from idml.data.dali import DaliLoader
+
+        return DaliLoader(dataset, sampler, sampler.rank_batch_size, image_size, device, workers, seed=seed)
+    return DataLoader(SeededSamples(dataset, seed), batch_sampler=sampler, **loader_options(workers, device))
+
+
+def eval_loader(dataset, batch_size: int, workers: int, device: torch.device, loader: str = "pil",
+                image_size: int = None):
+    """--loader pil|dali: batches (images, labels, dropped) of `dataset` in order."""
+    if loader == "dali":
+        from idml.data.dali import DaliLoader
+
+        batches = BatchSampler(range(len(dataset)), batch_size, drop_last=False)
+        return DaliLoader(dataset, batches, batch_size, image_size, device, workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(workers, device))
 
 

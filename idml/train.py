@@ -20,21 +20,21 @@ from typing import List, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from idml import distributed, plots, tracking
 from idml.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from idml.data import build_dataset, default_image_size
 from idml.data.datasets import BadImageBudget
-from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler, SeededSamples
+from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler
 from idml.errors import TrainingDiverged, UsageError
 from idml.evaluate import autocast, embed, format_metrics, recall_ks
 from idml.files import atomic_write_text
 from idml.losses import build_criterion
 from idml.metrics import compute_metrics
 from idml.models import IDMLNet
-from idml.runtime import build_model, eval_loader, loader_options, resolve_device, seed_everything
+from idml.runtime import build_model, eval_loader, resolve_device, seed_everything, train_loader
 
 GRADIENT_CLIP = 10.0
 PROXY_LR_FACTOR = 100.0
@@ -159,11 +159,12 @@ class Trainer:
             self.sampler = BalancedBatchSampler(self.train_set.labels, args.batch_size, args.IPC, args.seed, **shard)
         else:
             self.sampler = RandomBatchSampler(self.train_set.labels, args.batch_size, args.seed, **shard)
-        self.train_loader = DataLoader(SeededSamples(self.train_set, args.seed), batch_sampler=self.sampler,
-                                       **loader_options(args.workers, self.device))
+        self.train_loader = train_loader(args.loader, self.train_set, self.sampler, args.seed, args.workers,
+                                         self.device, self.image_size)
         if distributed.world_size() > 1:  # each rank embeds its contiguous share, gathered in order
             test_set = Subset(test_set, range(*distributed.shard(len(test_set))))
-        self.test_loader = eval_loader(test_set, args.batch_size, args.workers, self.device)
+        self.test_loader = eval_loader(test_set, args.batch_size, args.workers, self.device, args.loader,
+                                       self.image_size)
 
         self.model = self._sync_batch_norm(build_model(args, args.pretrained)).to(self.device)
         self.criterion = build_criterion(args, self.num_classes).to(self.device)

@@ -146,6 +146,13 @@ def custom_split(root: str, train: bool) -> Items:
 SPLITS = {"cub": cub_split, "cars": cars_split, "SOP": sop_split, "custom": custom_split}
 
 
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on a bad file
+
+
+def warn_unreadable(path: str, error: Exception) -> None:
+    warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=3)
+
+
 class ImageFileDataset(Dataset):
     """(path, label) items decoded with PIL; grey, CMYK and RGBA images become RGB."""
 
@@ -164,8 +171,8 @@ class ImageFileDataset(Dataset):
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
+        except UNREADABLE as error:
+            warn_unreadable(path, error)
             return None
         if self.transform is not None:
             image = self.transform(image)

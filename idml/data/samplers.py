@@ -40,9 +40,14 @@ class EpochBatchSampler(Sampler):
     def __len__(self) -> int:
         return self.num_batches - self.start_step
 
+    @property
+    def rank_batch_size(self) -> int:
+        """The size of this rank's share of every global batch."""
+        return self.batch_size // self.world_size
+
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        per_rank = self.batch_size // self.world_size
+        per_rank = self.rank_batch_size
         mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         for step, batch in enumerate(self.global_batches(rng)):
             if step >= self.start_step:  # earlier batches are drawn all the same: the stream stays identical
