@@ -112,23 +112,52 @@ def test_an_epoch_left_early_does_not_leak_into_the_next(items):
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+def truncate(path, out):
+    """A copy of the JPEG `path` cut in half: its header is valid, only decoding fails."""
+    data = open(path, "rb").read()
+    open(out, "wb").write(data[:len(data) // 2])
+    return str(out)
+
+
 def test_unreadable_files_are_skipped_and_counted(items, tmp_path):
     good = items[:4]
-    not_an_image, truncated = str(tmp_path / "text.jpg"), str(tmp_path / "truncated.jpg")
+    not_an_image, truncated = str(tmp_path / "text.jpg"), truncate(good[0][0], tmp_path / "truncated.jpg")
     open(not_an_image, "w").write("not an image")
-    data = open(good[0][0], "rb").read()
-    open(truncated, "wb").write(data[:len(data) // 2])  # a valid header: only decoding fails
-    listed = [(not_an_image, 0), good[0], good[1], (truncated, 1), good[2], good[3], (not_an_image, 2), (truncated, 3)]
+    # batches of 2: one file PIL cannot identify, one DALI cannot decode, nothing readable, all good
+    listed = [(not_an_image, 0), good[0], good[1], (truncated, 1), (not_an_image, 2), (not_an_image, 3),
+              good[2], good[3]]
     dataset = ImageFileDataset(listed, eval_transform(SIZE))
     with pytest.warns(UserWarning) as caught:
-        batches = list(eval_loader(dataset, 3, 0, CPU, "dali", SIZE))
+        batches = list(eval_loader(dataset, 2, 0, CPU, "dali", SIZE))
     messages = " ".join(str(w.message) for w in caught)
     assert "skipping unreadable image" in messages and "text.jpg" in messages and "truncated.jpg" in messages
     assert "decoding that batch with PIL" in messages  # the batch holding the truncated file
-    assert [b[2] for b in batches] == [1, 1, 2]
-    assert [b[1].tolist() for b in batches[:2]] == [[0, 1], [2, 3]] and batches[2][:2] == (None, None)
+    assert [b[2] for b in batches] == [1, 1, 2, 0]
+    assert [b[1].tolist() for b in batches if b[1] is not None] == [[0], [1], [2, 3]]
+    assert batches[2][:2] == (None, None)
     pil_images, _, _, _ = load(eval_loader(ImageFileDataset(good, eval_transform(SIZE)), 4, 0, CPU, "pil", SIZE))
-    assert (torch.cat([batches[0][0], batches[1][0]]) - pil_images).abs().mean() < MEAN_TOLERANCE
+    images = torch.cat([b[0] for b in batches if b[0] is not None])
+    assert (images - pil_images).abs().mean() < MEAN_TOLERANCE
+    # nothing readable in the first and in the last batch: still in order
+    listed = [(not_an_image, 0), (not_an_image, 1), good[0], good[1], (not_an_image, 2), (not_an_image, 3)]
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        batches = list(eval_loader(ImageFileDataset(listed, eval_transform(SIZE)), 2, 0, CPU, "dali", SIZE))
+    assert [(b[1] if b[1] is None else b[1].tolist(), b[2]) for b in batches] == [(None, 2), ([0, 1], 0), (None, 2)]
+
+
+def test_a_training_batch_dali_cannot_decode_is_the_pil_paths_batch(items, tmp_path):
+    listed = items[:5] + [(truncate(items[0][0], tmp_path / "truncated.jpg"), 1)]
+    dataset = ImageFileDataset(listed, train_transform(SIZE))
+    sampler = RandomBatchSampler(dataset.labels, 3, seed=2)
+    with pytest.warns(UserWarning, match="truncated.jpg"):
+        pil = list(train_loader("pil", dataset, sampler, 4, 0, CPU, SIZE))
+    with pytest.warns(UserWarning) as caught:
+        dali = list(train_loader("dali", dataset, sampler, 4, 0, CPU, SIZE))
+    assert any("decoding that batch with PIL" in str(w.message) for w in caught)
+    assert [b[2] for b in dali] == [b[2] for b in pil] and sorted(b[2] for b in dali) == [0, 1]
+    for (images, labels, dropped), (pil_images, pil_labels, _) in zip(dali, pil):
+        assert torch.equal(labels, pil_labels)
+        assert torch.equal(images, pil_images) if dropped else (images - pil_images).abs().mean() < MEAN_TOLERANCE
 
 
 def test_digits_and_missing_dali_are_refused_with_what_to_do(monkeypatch):

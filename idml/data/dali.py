@@ -39,7 +39,7 @@ from idml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainDraws, eval_g
 from idml.errors import UsageError
 
 PREFETCH = 2  # batches DALI prepares ahead of the one being consumed
-INPUTS = 4  # columns DALI is fed per image: the file bytes and three arguments (TrainArguments, EvalArguments)
+INPUTS = 4  # what DALI is fed per image: the file bytes and three arguments (TrainArguments, EvalArguments)
 DALI_PACKAGE = "nvidia-dali-cuda130"
 
 
@@ -171,31 +171,40 @@ class DaliLoader:
         return len(self.batches)
 
     def __iter__(self):
-        fed = collections.deque()  # (batch, labels, dropped) of every batch handed to DALI, oldest first
+        # What each batch became, in the batches' order: (batch, labels, dropped); labels None
+        # for a batch of unreadable files only, which DALI is not given (it takes no empty batch).
+        pending = collections.deque()
         batches = iter(self.batches)
 
         def source():
-            batch = next(batches)  # StopIteration ends DALI's epoch
-            samples = [self.samples[item] for item in batch]
-            valid = [sample for sample in samples if sample is not None]
-            fed.append((batch, [sample[0] for sample in valid], len(samples) - len(valid)))
-            return [list(column) for column in zip(*valid)][1:] if valid else [[]] * INPUTS
+            while True:
+                batch = next(batches)  # StopIteration ends DALI's epoch
+                samples = [self.samples[item] for item in batch]
+                valid = [sample for sample in samples if sample is not None]
+                pending.append((batch, [sample[0] for sample in valid] or None, len(samples) - len(valid)))
+                if valid:
+                    return [list(column) for column in zip(*valid)][1:]
 
         pipe = build_pipeline(self.dali, source, self.train, self.image_size, self.batch_size, self.device,
                               self.threads)
         while True:
             try:
-                (images,) = pipe.run()
+                (outcome,) = pipe.run()  # the output of the oldest batch DALI was given
             except StopIteration:
-                return
+                outcome = None
             except RuntimeError as error:
                 if "decoders.image" not in str(error):  # only decoding errors have a PIL fallback
                     raise
-                batch, _, _ = fed.popleft()
+                outcome = error
+            while pending and pending[0][1] is None:  # batches before it that DALI was not given
+                yield None, None, pending.popleft()[2]
+            if outcome is None:
+                return
+            batch, labels, dropped = pending.popleft()
+            if isinstance(outcome, RuntimeError):
                 yield self._decode_with_pil(batch)
-                continue
-            _, labels, dropped = fed.popleft()
-            yield (self._to_torch(images), torch.tensor(labels), dropped) if labels else (None, None, dropped)
+            else:
+                yield self._to_torch(outcome), torch.tensor(labels), dropped
 
     def _to_torch(self, images) -> torch.Tensor:
         out = torch.empty((len(images), 3, self.image_size, self.image_size), device=self.device)
