@@ -7,7 +7,7 @@ many worker processes as DALI gets threads: 2 on CPU (the development machine's 
 on CUDA (DESIGN.md: at most 4 CPU threads per GPU). Sizes: small = batch 32, 8 batches;
 full = batch 120, 20 batches. Targets (DESIGN.md): DALI's CPU pipeline >= 1.5x PIL's
 images per second, asserted at full scale (not met on the 2-core development machine:
-1.1-1.2x, bench/RESULTS.md; per image and core DALI's CPU operators cost about what PIL's
+about 1.2x, bench/RESULTS.md; per image and core DALI's CPU operators cost about what PIL's
 do, its antialiased resize more, its region-of-interest decoding less); at small scale on
 the CPU, no slower than PIL. The GPU pipeline: >= 3000 images per second on one H100/H200
 at full scale. Skipped where DALI is not installed (the GPU machine has none).
