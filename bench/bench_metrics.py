@@ -88,6 +88,26 @@ def test_retrieval_metrics(benchmark, compiled_op, device, bench_scale, name, pr
         assert op_s <= target, f"{name} {precision}: {op_s * 1e3:.1f} ms > {target * 1e3:.0f} ms"
 
 
+def test_kmeans_plus_plus_seeding(benchmark, compiled_op, device, bench_scale):
+    """k-means++ seeding at SOP size: k sequential D^2 draws (reported, no target), against
+    scikit-learn's greedy k-means++ on the CPU at small scale."""
+    n, k, _ = size_of("sop", bench_scale)
+    x, _ = embeddings(n, k, device)
+
+    def run():
+        centroids = cluster.kmeans_plus_plus(x, k, seed=0)
+        synchronize(device)
+        return centroids
+
+    slow = device.type == "cpu" and bench_scale == "full"
+    benchmark.pedantic(run, rounds=1 if slow else 3, warmup_rounds=0 if slow else 1)
+    if device.type == "cpu" and not slow:
+        sklearn_cluster = pytest.importorskip("sklearn.cluster")
+        data = x.numpy()
+        sklearn_s = best_time(lambda: sklearn_cluster.kmeans_plusplus(data, k, random_state=0), device, 1, 0)
+        record_ratio(benchmark, "sklearn_kmeans_plusplus", sklearn_s, benchmark.stats.stats.min)
+
+
 def test_kmeans_20_iterations(benchmark, compiled_op, device, bench_scale):
     n, k, _ = size_of("sop", bench_scale)
     x, _ = embeddings(n, k, device)

@@ -20,5 +20,16 @@ status=${PIPESTATUS[0]}
 
 "$python" -m pytest bench --benchmark-only --bench-scale full -q -p no:cacheprovider -k cuda \
   --benchmark-json="$out/benchmarks.json" --benchmark-columns=min,median,rounds 2>&1 | tail -60
+# DDP on the card: torchrun with one process joins an nccl group of one and runs DDP, the
+# gathers and SyncBatchNorm (--bn-freeze 0) for real, then evaluates on the GPU.
+echo "DDP smoke run (torchrun, 1 process, nccl, 2 steps):"
+timeout 300 "$python" -m torch.distributed.run --standalone --nproc_per_node=1 scripts/train.py \
+  --dataset digits --model resnet18 --pretrained none --batch-size 64 --epochs 1 --max-steps 2 --warm 0 \
+  --bn-freeze 0 --workers 2 --wandb disabled --LOG_DIR "$out/ddp" > "$out/ddp.log" 2>&1
+ddp_status=$?
+grep -E "training IDML|unseen classes" "$out/ddp.log" || tail -20 "$out/ddp.log"
+echo "DDP smoke run exit code: $ddp_status"
+[ "$ddp_status" -eq 0 ] || status=$ddp_status
+
 echo "total: $(( $(date +%s) - start )) s"
 exit "$status"
