@@ -12,7 +12,7 @@ published recipe's images per second; on CPU: no slower (asserted with 10% noise
 import pytest
 import torch
 from published import published_formula
-from timing import best_time, record_ratio
+from timing import benchmarked_time, best_time, check_target, record_ratio
 
 from idml import ops
 from idml.losses import ProxyAnchorISM
@@ -22,6 +22,7 @@ from idml.train import GRADIENT_CLIP, idml_loss, mixup_draw
 
 SIZES = {"small": ("resnet18", 64, 32, 100), "full": ("resnet50", 224, 120, 11318)}
 CPU_MARGIN = 0.9  # "no slower", allowing for timing noise on a shared machine
+GPU_TARGET = 2.0  # x the published recipe's images per second (ResNet-50, batch 120, 224 px)
 
 
 class Step:
@@ -62,15 +63,16 @@ def test_training_step_images_per_second(benchmark, device, bench_scale):
     arch, image_size, batch, num_classes = SIZES[bench_scale]
     published = Step(device, arch, image_size, batch, num_classes, fast=False)
     fast = Step(device, arch, image_size, batch, num_classes, fast=True)
-    benchmark.pedantic(fast, rounds=3, warmup_rounds=1)
+    fast_seconds = benchmarked_time(benchmark, fast, device, rounds=3)
     repeat = 10 if device.type == "cuda" else 3
-    published_seconds = fast_seconds = float("inf")
+    published_seconds = float("inf")
     for _ in range(2):  # alternating rounds: a burst of load hits both alike
         published_seconds = min(published_seconds, best_time(published, device, repeat=repeat))
         fast_seconds = min(fast_seconds, best_time(fast, device, repeat=repeat))
     ratio = record_ratio(benchmark, "published_recipe", published_seconds, fast_seconds)
     benchmark.extra_info["images_per_second"] = batch / fast_seconds
     benchmark.extra_info["published_images_per_second"] = batch / published_seconds
-    if device.type == "cpu":
-        assert ratio >= CPU_MARGIN, (f"the step takes {fast_seconds * 1e3:.0f} ms, the published recipe's "
-                                     f"{published_seconds * 1e3:.0f} ms")
+    target = CPU_MARGIN if device.type == "cpu" else GPU_TARGET
+    if device.type == "cpu" or bench_scale == "full":
+        check_target(ratio >= target, f"the step takes {fast_seconds * 1e3:.0f} ms, the published recipe's "
+                                      f"{published_seconds * 1e3:.0f} ms: {ratio:.2f}x, target {target}x")
