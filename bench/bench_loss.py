@@ -80,7 +80,7 @@ def test_pa_ism_loss_forward_backward(benchmark, device, shape, dtype):
         matmul_seconds = best_time(matmuls, device, repeat=20 if device.type == "cuda" else 5)
     record_ratio(benchmark, "three_matmuls", matmul_seconds, fused_seconds)
 
-    if device.type == "cuda":
+    if device.type == "cuda" and (B, C) == (120, 11318):  # each compile costs tens of seconds
         compiled = torch.compile(reference.pa_ism_loss)
         compiled_seconds = best_time(lambda: forward_backward(compiled, *inputs), device, warmup=3)
         record_ratio(benchmark, "reference_compiled", compiled_seconds, fused_seconds)
