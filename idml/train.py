@@ -277,8 +277,10 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimisation step on a batch; returns its loss (no host synchronisation)."""
         lam, permutation = mixup_draw(images.shape[0] * distributed.world_size(), self.mixup_generator)
-        loss = idml_loss(self.forward_pair, self.criterion, images, labels, lam, permutation.to(self.device),
-                         self.amp)
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU to finish
+            permutation = permutation.pin_memory()
+        loss = idml_loss(self.forward_pair, self.criterion, images, labels, lam,
+                         permutation.to(self.device, non_blocking=True), self.amp)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         distributed.average_gradients(self.criterion.parameters())  # DDP averages the model's

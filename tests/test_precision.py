@@ -69,3 +69,21 @@ def test_default_gpu_step_runs_bf16_channels_last_close_to_float32(tmp_path):
     for name in ("semantic.weight", "backbone.layer4.1.conv2.weight"):  # bf16: about 3 significant digits
         relative = (got[name] - expected[name]).norm() / expected[name].norm()
         assert relative < 0.05, f"{name}: bf16 step differs from float32 by {float(relative):.3f} (relative)"
+
+
+@pytest.mark.cuda
+def test_a_gpu_training_step_never_waits_for_the_gpu(tmp_path):
+    """No host synchronisation inside a step (DESIGN.md): CUDA's sync debug mode turns any
+    synchronising call (.item(), nonzero, a blocking copy) into an error."""
+    run = trainer(tmp_path, "--optimizer", "adamw")  # the default optimizer
+    run.model.train()
+    run.forward_pair = run.model
+    images, labels, _ = next(iter(run.train_loader))
+    images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+    run.train_step(images, labels)  # the first step allocates (cuBLAS workspaces, pinned buffers)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run.train_step(images, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
