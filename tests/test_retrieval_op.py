@@ -286,3 +286,31 @@ def test_opcheck():
     gallery, gallery_labels = clustered(40, 5)
     torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, None, None, 3, 4, "fp32"))
     torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, gallery, gallery_labels, 1023, 1, "bf16"))
+
+
+@pytest.mark.cuda
+def test_cuda_tf32_setting_is_scoped_to_the_op():
+    """fp32 mode ignores a global TF32 setting and tf32 mode uses TF32, whichever API the
+    user set it with (the new one alone once made the op raise); the setting is unchanged."""
+    x, labels = normalised_clusters(3000, 100, noise=2.0)
+    x, labels = x.cuda(), labels.cuda()
+    exact = ops.retrieval_ranks(x, labels, 1023, "fp32")[0]
+    assert not torch.equal(ops.retrieval_ranks(x, labels, 1023, "tf32")[0], exact), "tf32 mode changed no rank"
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    scenarios = [  # (how the user enables TF32, how the setting reads back)
+        (lambda: torch.set_float32_matmul_precision("medium"), torch.get_float32_matmul_precision),
+        (lambda: setattr(matmul, "fp32_precision", "tf32"), lambda: matmul.fp32_precision),
+    ]
+    try:
+        for enable, read in scenarios:
+            torch.set_float32_matmul_precision("highest")
+            matmul.fp32_precision = "none"
+            enable()
+            setting = read()
+            assert torch.equal(ops.retrieval_ranks(x, labels, 1023, "fp32")[0], exact), setting
+            assert read() == setting
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = "none"
