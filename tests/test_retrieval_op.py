@@ -289,6 +289,22 @@ def test_opcheck():
 
 
 @pytest.mark.cuda
+def test_cuda_query_gallery_with_an_infinite_similarity():
+    """A product that overflows to +inf in query/gallery mode counts for its query only (it
+    once also counted for the query at the reference's sorted position)."""
+    queries, query_labels = clustered(300, 20)
+    gallery, gallery_labels = clustered(200, 20, generator=torch.Generator().manual_seed(5))
+    queries[0] = queries[0].abs() + 1
+    gallery[7] = gallery[7].abs() + 1
+    queries[0, 0] = gallery[7, 0] = 1e20
+    gallery_labels[7] = query_labels[0] + 1
+    assert (queries @ gallery.t()).isinf().sum() == 1
+    expected = reference.retrieval_ranks(queries, query_labels, 5, "fp32", gallery, gallery_labels, 4)
+    got = ops.retrieval_ranks(queries.cuda(), query_labels.cuda(), 5, "fp32", gallery.cuda(), gallery_labels.cuda(), 4)
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+
+
+@pytest.mark.cuda
 def test_cuda_tf32_setting_is_scoped_to_the_op():
     """fp32 mode ignores a global TF32 setting and tf32 mode uses TF32, whichever API the
     user set it with (the new one alone once made the op raise); the setting is unchanged."""

@@ -42,7 +42,9 @@ __global__ void count_kernel(Tile tile, Lists l) {
     if (tile.symmetric && i <= q) continue;
     const float s = tile.sim[r * tile.cols + c];
     const bool row_side = s >= l.threshold[q];
-    const bool col_side = s >= col_threshold;
+    // Column i is a query only in symmetric mode; elsewhere its threshold, +inf, would still
+    // pass a similarity of +inf (overflowing embeddings) and index the queries' lists by i.
+    const bool col_side = tile.symmetric && s >= col_threshold;
     if ((row_side || col_side) && col_label != l.row_labels[q]) {
       if (row_side) count_candidate(l, q, s, col_index);
       if (col_side) count_candidate(l, i, s, l.row_index[q]);
