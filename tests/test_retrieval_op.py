@@ -289,6 +289,25 @@ def test_opcheck():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_cuda_speed_modes_are_exact_on_the_grid(precision):
+    """Multiples of 1/8 below 8 in magnitude are exact in bfloat16 and TF32, and so are their
+    products and sums in float32: on them both speed modes must give exactly the fp32 ranks
+    (tolerance 0), symmetric and query/gallery, with every rank exact or bounded by max_k."""
+    x, labels = clustered(3000, 300, duplicates=300, singletons=3)
+    gallery, gallery_labels = clustered(2500, 300, duplicates=100)
+    assert max(x.abs().max(), gallery.abs().max()) < 8
+    for max_r, max_k in [(1023, None), (3, 4)]:
+        expected = reference.retrieval_ranks(x.double(), labels, max_r, max_k=max_k)
+        got = ops.retrieval_ranks(x.cuda(), labels.cuda(), max_r, precision, max_k=max_k)
+        assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1]), (max_r, max_k)
+    for max_k in (None, 2):
+        expected = reference.retrieval_ranks(x.double(), labels, 7, "fp32", gallery.double(), gallery_labels, max_k)
+        got = ops.retrieval_ranks(x.cuda(), labels.cuda(), 7, precision, gallery.cuda(), gallery_labels.cuda(), max_k)
+        assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1]), max_k
+
+
+@pytest.mark.cuda
 def test_cuda_query_gallery_with_an_infinite_similarity():
     """A product that overflows to +inf in query/gallery mode counts for its query only (it
     once also counted for the query at the reference's sorted position)."""
@@ -330,3 +349,13 @@ def test_cuda_tf32_setting_is_scoped_to_the_op():
     finally:
         torch.set_float32_matmul_precision("highest")
         matmul.fp32_precision = "none"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_inputs_on_a_second_gpu():
+    x, labels = clustered(1100, 300)
+    expected = reference.retrieval_ranks(x.double(), labels, 5)
+    got = ops.retrieval_ranks(x.to("cuda:1"), labels.to("cuda:1"), 5)
+    assert got[0].device == torch.device("cuda:1")
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
