@@ -12,7 +12,7 @@ size, on CUDA <= 60 ms fp32 / 15 ms tf32 at SOP size and <= 2 ms at CUB size. k-
 import pytest
 import torch
 
-from timing import best_time, record_ratio, synchronize
+from timing import best_time, pedantic_min, record_ratio, synchronize
 from idml import cluster, ops
 
 SIZES = {  # name: (full n, small n, number of classes at full scale, ks)
@@ -73,8 +73,7 @@ def test_retrieval_metrics(benchmark, compiled_op, device, bench_scale, name, pr
     def run():
         return ops.retrieval_metrics(x, labels, ks=ks, precision=precision)
 
-    result = benchmark.pedantic(run, rounds=repeat, warmup_rounds=warmup)
-    op_s = benchmark.stats.stats.min
+    result, op_s = pedantic_min(benchmark, run, device, repeat, warmup)
     benchmark.extra_info.update(result)
     topk_s = best_time(lambda: torch_topk(x, labels, max(ks)), device, repeat, warmup)
     record_ratio(benchmark, "torch_matmul_topk", topk_s, op_s)
@@ -100,8 +99,7 @@ def test_kmeans_20_iterations(benchmark, compiled_op, device, bench_scale):
         return ids
 
     slow = device.type == "cpu" and bench_scale == "full"
-    benchmark.pedantic(run, rounds=1 if slow else 3, warmup_rounds=0 if slow else 1)
-    lloyd_s = benchmark.stats.stats.min
+    _, lloyd_s = pedantic_min(benchmark, run, device, 1 if slow else 3, 0 if slow else 1)
     if device.type == "cpu" and not slow:
         sklearn_cluster = pytest.importorskip("sklearn.cluster")
         data, init = x.numpy(), start.numpy()

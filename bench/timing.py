@@ -26,6 +26,23 @@ def best_time(fn, device, repeat=5, warmup=1):
     return min(times)
 
 
+def pedantic_min(benchmark, fn, device, rounds, warmup):
+    """(fn's result, its best time in seconds) from benchmark.pedantic. Under
+    --benchmark-disable pytest-benchmark calls fn once and keeps no statistics, so the
+    time of that call is taken instead."""
+    times = []
+
+    def timed():
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        return result
+
+    result = benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup)
+    return result, min(times) if benchmark.stats is None else benchmark.stats.stats.min
+
+
 def record_ratio(benchmark, name, baseline_seconds, candidate_seconds):
     """Store baseline/candidate (> 1 means the candidate is faster) for the summary."""
     ratio = baseline_seconds / candidate_seconds
