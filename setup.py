@@ -61,10 +61,19 @@ if CUDA_TOOLKIT:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 
+# The stable ABI (abi3) version the extension is compiled for. torch's BuildExtension
+# defines Py_LIMITED_API for py_limited_api extensions itself, as its own minimum CPython
+# (3.10 in torch 2.11 and 2.14), so it is defined here only for a torch that does not, and
+# the wheel's abi3 tag names the same version.
+LIMITED_API = getattr(cpp_extension, "min_supported_cpython", None)  # e.g. "0x030A0000"
+LIMITED_API_FLAGS = [] if LIMITED_API else ["-DPy_LIMITED_API=0x03090000"]
+ABI3_TAG = f"cp3{int((LIMITED_API or '0x03090000')[4:6], 16)}"  # "0x030A0000" -> "cp310"
+
+
 def extension():
     debug = os.environ.get("IDML_DEBUG") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags += ["-fopenmp"] + LIMITED_API_FLAGS
     sources = [os.path.join("csrc", "idml.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     kwargs = dict(
         name="idml._C",
@@ -75,9 +84,7 @@ def extension():
     )
     if CUDA_TOOLKIT:
         kwargs["sources"] += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        kwargs["extra_compile_args"]["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + [
-            "-DPy_LIMITED_API=0x03090000"
-        ]
+        kwargs["extra_compile_args"]["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + LIMITED_API_FLAGS
         return cpp_extension.CUDAExtension(**kwargs)
     return cpp_extension.CppExtension(**kwargs)
 
@@ -105,5 +112,5 @@ setup(
     },
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": ABI3_TAG}},
 )

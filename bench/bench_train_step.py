@@ -2,8 +2,9 @@
 AdamW step): the published recipe vs this project's step, measured in the same run.
 
 published: float32, two separate forwards, the loss as published (bench/published.py).
-idml:      the step of idml.train (one forward of clean and mixed together when BatchNorm is
-           frozen, the fused loss op); on CUDA also bf16 autocast and channels_last.
+idml:      the step of idml.train as a run with default flags takes it (one forward of clean
+           and mixed together when BatchNorm is frozen, the fused loss op, --amp auto: bf16
+           autocast and channels_last on a GPU, float32 on the CPU).
 Sizes: small = ResNet-18, 64 px, batch 32, 100 classes (CPU-friendly); full = ResNet-50,
 224 px, batch 120, 11,318 classes (SOP) as in DESIGN.md. Target on the GPU: >= 2.0x the
 published recipe's images per second; on CPU: no slower (asserted with 10% noise margin).
@@ -11,32 +12,30 @@ published recipe's images per second; on CPU: no slower (asserted with 10% noise
 import pytest
 import torch
 from published import published_formula
-from timing import best_time, record_ratio
+from timing import benchmarked_time, best_time, check_target, record_ratio
 
 from idml import ops
 from idml.losses import ProxyAnchorISM
 from idml.models import IDMLNet
+from idml.precision import place_model, resolve_amp
 from idml.train import GRADIENT_CLIP, idml_loss, mixup_draw
 
 SIZES = {"small": ("resnet18", 64, 32, 100), "full": ("resnet50", 224, 120, 11318)}
 CPU_MARGIN = 0.9  # "no slower", allowing for timing noise on a shared machine
+GPU_TARGET = 2.0  # x the published recipe's images per second (ResNet-50, batch 120, 224 px)
 
 
 class Step:
     def __init__(self, device, arch, image_size, batch, num_classes, fast: bool):
         torch.manual_seed(0)
         self.device, self.fast = device, fast
-        self.model = IDMLNet(arch, 512, "none", bn_freeze=True).to(device).train()
+        self.amp = resolve_amp("auto" if fast else "off", device)
+        self.model = place_model(IDMLNet(arch, 512, "none", bn_freeze=True), device, self.amp).train()
         self.criterion = ProxyAnchorISM(num_classes, 512).to(device)
-        self.amp = "bf16" if fast and device.type == "cuda" else "off"
-        if fast and device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
         parameters = list(self.model.parameters()) + list(self.criterion.parameters())
         self.parameters = [p for p in parameters if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=1e-5)
         self.images = torch.randn(batch, 3, image_size, image_size, device=device)
-        if fast and device.type == "cuda":
-            self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.labels = torch.randint(0, num_classes, (batch,), device=device)
         self.generator = torch.Generator().manual_seed(0)
 
@@ -64,15 +63,16 @@ def test_training_step_images_per_second(benchmark, device, bench_scale):
     arch, image_size, batch, num_classes = SIZES[bench_scale]
     published = Step(device, arch, image_size, batch, num_classes, fast=False)
     fast = Step(device, arch, image_size, batch, num_classes, fast=True)
-    benchmark.pedantic(fast, rounds=3, warmup_rounds=1)
+    fast_seconds = benchmarked_time(benchmark, fast, device, rounds=3)
     repeat = 10 if device.type == "cuda" else 3
-    published_seconds = fast_seconds = float("inf")
+    published_seconds = float("inf")
     for _ in range(2):  # alternating rounds: a burst of load hits both alike
         published_seconds = min(published_seconds, best_time(published, device, repeat=repeat))
         fast_seconds = min(fast_seconds, best_time(fast, device, repeat=repeat))
     ratio = record_ratio(benchmark, "published_recipe", published_seconds, fast_seconds)
     benchmark.extra_info["images_per_second"] = batch / fast_seconds
     benchmark.extra_info["published_images_per_second"] = batch / published_seconds
-    if device.type == "cpu":
-        assert ratio >= CPU_MARGIN, (f"the step takes {fast_seconds * 1e3:.0f} ms, the published recipe's "
-                                     f"{published_seconds * 1e3:.0f} ms")
+    target = CPU_MARGIN if device.type == "cpu" else GPU_TARGET
+    if device.type == "cpu" or bench_scale == "full":
+        check_target(ratio >= target, f"the step takes {fast_seconds * 1e3:.0f} ms, the published recipe's "
+                                      f"{published_seconds * 1e3:.0f} ms: {ratio:.2f}x, target {target}x")

@@ -6,6 +6,7 @@ patient CPU. Every benchmark measures its baseline in the same run and records t
 in `benchmark.extra_info`, printed at the end of the session.
 """
 import pytest
+import timing
 import torch
 from timing import RATIOS
 
@@ -13,6 +14,10 @@ from timing import RATIOS
 def pytest_addoption(parser):
     parser.addoption("--bench-scale", choices=("small", "full"), default="small",
                      help="problem sizes of the benchmarks (default: small)")
+
+
+def pytest_configure(config):
+    timing.QUICK = bool(config.getoption("benchmark_disable", False))
 
 
 @pytest.fixture

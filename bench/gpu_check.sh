@@ -1,24 +1,57 @@
 #!/usr/bin/env bash
 # The one command for the lent GPU machine (H100/H200; torch 2.11 there, no network, no
 # wandb or DALI): builds idml._C in place for sm_90 with that machine's torch, runs the
-# CUDA tests, then the benchmarks at full size, and prints one table of timings and
-# speed-ups. Budget: about 6 minutes. Usage: bash bench/gpu_check.sh
+# CUDA tests, a 2-step DDP run over nccl, then the benchmarks at full size, and prints one table of timings and
+# speed-ups. Budget: at most about 6 minutes (IDML_CHECK_SECONDS, below). Full logs land in
+# $OUT (default /tmp/idml_gpu_check). Usage: bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1
 python="${PYTHON:-python3}"
 out="${OUT:-/tmp/idml_gpu_check}"
 mkdir -p "$out"
 "$python" -c "import torch; print('torch', torch.__version__, '| GPU', torch.cuda.get_device_name(0))"
 
 start=$(date +%s)
-"$python" setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+deadline=$(( start + ${IDML_CHECK_SECONDS:-330} ))
+# Runs a step for at most $1 seconds and never past the deadline: SIGINT first, so that
+# pytest still prints what it has, SIGKILL 15 s later for a process stuck in a CUDA call.
+limited() {
+  local cap=$1 left=$(( deadline - $(date +%s) ))
+  shift
+  timeout -s INT -k 15 "$(( left < cap ? (left > 1 ? left : 1) : cap ))" "$@"
+}
+stopped() { [ "$1" -eq 124 ] || [ "$1" -eq 137 ] && echo "$2: stopped at its time limit"; }
+
+limited 240 "$python" setup.py build_ext --inplace > "$out/build.log" 2>&1
+build_status=$?
+if [ "$build_status" -ne 0 ]; then
+  stopped "$build_status" build
+  grep -E -m 30 "error|FAILED" "$out/build.log"
+  tail -25 "$out/build.log"
+  exit 1
+fi
 echo "build: $(( $(date +%s) - start )) s"
 
-"$python" -m pytest tests -q -m cuda -p no:cacheprovider 2>&1 | tail -15
+limited 150 "$python" -m pytest tests -q -m cuda -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -25
 status=${PIPESTATUS[0]}
+stopped "$status" tests && status=1
 
-"$python" -m pytest bench --benchmark-only --bench-scale full -q -p no:cacheprovider -k cuda \
-  --benchmark-json="$out/benchmarks.json" --benchmark-columns=min,median,rounds 2>&1 | tail -60
+# DDP on the card: torchrun with one process joins an nccl group of one and runs DDP, the
+# gathers and SyncBatchNorm (--bn-freeze 0) for real, then evaluates on the GPU.
+echo "DDP smoke run (torchrun, 1 process, nccl, 2 steps):"
+limited 120 "$python" -m torch.distributed.run --standalone --nproc_per_node=1 scripts/train.py \
+  --dataset digits --model resnet18 --pretrained none --batch-size 64 --epochs 1 --max-steps 2 --warm 0 \
+  --bn-freeze 0 --workers 2 --wandb disabled --LOG_DIR "$out/ddp" > "$out/ddp.log" 2>&1
+ddp_status=$?
+stopped "$ddp_status" "DDP smoke run"
+grep -E "training IDML|unseen classes" "$out/ddp.log" || tail -20 "$out/ddp.log"
+echo "DDP smoke run exit code: $ddp_status"
+[ "$ddp_status" -eq 0 ] || status=1
+
+limited 300 "$python" -m pytest bench --benchmark-only --bench-scale full -q -p no:cacheprovider \
+  -k cuda --benchmark-json="$out/benchmarks.json" --benchmark-columns=min,median,rounds 2>&1 \
+  | tee "$out/bench.log" | tail -60
+stopped "${PIPESTATUS[0]}" benchmarks
 echo "total: $(( $(date +%s) - start )) s"
 exit "$status"

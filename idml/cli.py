@@ -32,6 +32,7 @@ def _positive(kind):
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from idml.data import DATASETS
     from idml.models import ARCHITECTURES, UNCERTAINTY_MODES
+    from idml.precision import AMP_CHOICES
 
     parser.add_argument("--dataset", type=_dataset, default="digits", metavar="{" + ",".join(DATASETS) + "}",
                         help="data set (default: digits, embedded; cub, cars, SOP and custom read --data-root)")
@@ -52,8 +53,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: the GPU when there is one (default)")
     parser.add_argument("--gpu", "--gpu-id", dest="gpu", type=int, default=0,
                         help="GPU index; -1 = all visible GPUs, as in the published commands (default 0)")
-    parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
-                        help="mixed precision of the forward pass (default off)")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                        help="mixed precision of the forward pass; auto (default): bf16 autocast and channels_last "
+                             "on a GPU with bf16 support, float32 elsewhere; off: float32 as published")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
 
 
@@ -100,12 +102,16 @@ def train_parser() -> argparse.ArgumentParser:
                         help="unreadable images to skip (with a warning) before stopping (default 10)")
     parser.add_argument("--checkpoint-every", type=_positive(int), default=None,
                         help="also write checkpoint_last.pt every N steps (default: at the end of every epoch)")
+    parser.add_argument("--compile", type=int, choices=(0, 1), default=0,
+                        help="1: torch.compile the model and the loss (slow first steps, faster after)")
     parser.add_argument("--eval-clustering", type=int, choices=(0, 1), default=1,
                         help="compute NMI and F1 (k-means) at every evaluation (default 1)")
     return parser
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
+    from idml.precision import AMP_CHOICES
+
     parser = argparse.ArgumentParser(prog="scripts/evaluate.py",
                                      description="Evaluate a trained checkpoint on the unseen test classes.")
     parser.add_argument("--dataset", type=_dataset, default=None, help="default: the checkpoint's")
@@ -117,7 +123,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     _add_loader_argument(parser)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--gpu", "--gpu-id", dest="gpu", type=int, default=0)
-    parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="as in training (default auto)")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument("--plots", metavar="DIR", default=None,
                         help="also write recall_at_k.png and query_grid.png (queries and their neighbours) to DIR")

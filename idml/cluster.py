@@ -54,16 +54,13 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 def update_centroids(x: torch.Tensor, ids: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Means of the clusters (an empty cluster keeps its centroid).
 
-    Sums are differences of a float64 running sum over the rows sorted by cluster: no
-    atomics (index_add_ on CUDA has them), so every run gives the same result.
+    Sums in float64 over the rows sorted by cluster, one segment per cluster: no atomics
+    (index_add_ on CUDA has them), so every run gives the same result.
     """
     k = centroids.shape[0]
     counts = torch.bincount(ids, minlength=k)
     order = torch.sort(ids, stable=True).indices
-    running = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64),
-                         x.index_select(0, order).double().cumsum(0)])
-    ends = counts.cumsum(0)
-    sums = running[ends] - running[ends - counts]
+    sums = torch.segment_reduce(x.index_select(0, order).double(), "sum", lengths=counts)
     means = (sums / counts.clamp_min(1).unsqueeze(1)).to(x.dtype)
     return torch.where((counts > 0).unsqueeze(1), means, centroids)
 

@@ -5,7 +5,8 @@ the process group, and the few collectives training and evaluation need.
 WORLD_SIZE and LOCAL_RANK set; `session()` joins them in one process group (nccl on GPUs,
 gloo on the CPU). Outside torchrun every helper here is a no-op: world_size() is 1,
 is_main() is True and the gathers return their input, so the single-process code path is
-the distributed one with one rank.
+the distributed one with one rank. Under torchrun with one process the collectives and DDP
+run for real (a cheap check of nccl on a single GPU: bench/gpu_check.sh does it).
 
 How a step stays the single-process step on the same global batch (`--batch-size` is the
 global batch; each rank loads its contiguous slice, idml/data/samplers.py):
@@ -51,6 +52,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def describe() -> str:
+    """', N processes (backend)' under torchrun, '' otherwise: for the run's first line."""
+    if not is_distributed():
+        return ""
+    return f", {world_size()} process{'es' if world_size() > 1 else ''} ({dist.get_backend()})"
+
+
 def launched_by_torchrun(env=os.environ) -> bool:
     return "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env
 
@@ -64,7 +72,7 @@ def session(device: torch.device):
     """Inside torchrun: joins the process group for the body, then barrier() and
     destroy_process_group() (a rank that exits without both after autograd collectives aborts
     with SIGABRT, DESIGN.md). Elsewhere: nothing."""
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1 or is_distributed():
+    if not launched_by_torchrun() or is_distributed():
         yield
         return
     if device.type == "cuda":
@@ -117,12 +125,12 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """The equal-sized slices of all ranks concatenated in rank order, differentiable: this
     rank's slice receives the sum over ranks of the gradients flowing into it."""
-    return _GatherWithGrad.apply(x) if world_size() > 1 else x
+    return _GatherWithGrad.apply(x) if is_distributed() else x
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Equal-sized slices of all ranks concatenated in rank order (no gradient)."""
-    if world_size() == 1:
+    if not is_distributed():
         return x
     out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
     _all_gather(out, x.contiguous())
@@ -132,7 +140,7 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 def gather_eval(x: torch.Tensor) -> torch.Tensor:
     """Slices of different lengths (evaluation shards, less any unreadable images)
     concatenated in rank order: padded to the longest, all-gathered, trimmed."""
-    if world_size() == 1:
+    if not is_distributed():
         return x
     sizes = gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
@@ -143,7 +151,7 @@ def gather_eval(x: torch.Tensor) -> torch.Tensor:
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     """All-reduce (mean) the gradients of replicated parameters outside DDP (the proxies)."""
-    if world_size() == 1:
+    if not is_distributed():
         return
     for p in parameters:
         if p.grad is not None:
@@ -154,7 +162,7 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
 def any_rank(value: int, device: torch.device) -> int:
     """The largest of the ranks' values (0 when none is set): a stop request seen by any
     rank stops every rank at the same step."""
-    if world_size() == 1:
+    if not is_distributed():
         return value
     flag = torch.tensor(value, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -163,7 +171,7 @@ def any_rank(value: int, device: torch.device) -> int:
 
 def broadcast_object(obj):
     """Rank 0's `obj` on every rank."""
-    if world_size() == 1:
+    if not is_distributed():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -175,7 +183,7 @@ def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: 
     the parameters that require gradients when it is built (warm-up freezes some: rebuild
     it when that changes); find_unused_parameters where the loss ignores some (baselines
     ignore sigma, so the uncertainty head gets no gradient)."""
-    if world_size() == 1:
+    if not is_distributed():
         return module
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,

@@ -1,6 +1,5 @@
 """Evaluation on the unseen test classes (IDML_METHOD.md section 5): embed every test image
 with the semantic head and compute the retrieval and clustering metrics on the device."""
-import contextlib
 import sys
 from typing import Dict, Tuple
 
@@ -11,6 +10,7 @@ from tqdm import tqdm
 from idml.data.datasets import BadImageBudget
 from idml.errors import UsageError
 from idml.metrics import compute_metrics
+from idml.precision import autocast, place_model, resolve_amp
 
 DEFAULT_MAX_BAD_IMAGES = 10
 RECALL_KS = {"SOP": (1, 10, 100)}  # every other dataset: 1, 2, 4, 8
@@ -20,18 +20,11 @@ def recall_ks(dataset: str) -> Tuple[int, ...]:
     return RECALL_KS.get(dataset, (1, 2, 4, 8))
 
 
-def autocast(device: torch.device, amp: str):
-    """Mixed precision of the forward pass: 'off', 'bf16' or 'fp16'."""
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 @torch.no_grad()
 def embed(model, loader: DataLoader, device: torch.device, amp: str = "off", progress: bool = True,
           bad_images: BadImageBudget = None):
     """(embeddings, labels, uncertainties |sigma|^2) of every readable image of `loader`,
-    float32 on `device`."""
+    float32 on `device`; `amp` is a resolved --amp (idml.precision)."""
     bad_images = bad_images or BadImageBudget(DEFAULT_MAX_BAD_IMAGES)
     was_training = model.training
     model.eval()
@@ -72,10 +65,11 @@ def evaluate_checkpoint(args) -> Dict[str, float]:
     except RuntimeError as error:
         raise UsageError(f"{args.resume}: the weights do not fit a {saved.model} with embedding size "
                          f"{saved.embedding_size} ({str(error).splitlines()[0]})") from None
-    model.to(device)
+    amp = resolve_amp(args.amp, device)
+    model = place_model(model, device, amp)
     test_set = build_dataset(dataset, args.data_root or saved.data_root, train=False, image_size=image_size)
     loader = eval_loader(test_set, args.batch_size, args.workers, device, args.loader, image_size)
-    embeddings, labels, _ = embed(model, loader, device, args.amp, progress=not args.json)
+    embeddings, labels, _ = embed(model, loader, device, amp, progress=not args.json)
     if getattr(args, "plots", None):  # --plots DIR: recall_at_k.png and query_grid.png
         from idml.plots import evaluation_plots
 

@@ -29,11 +29,12 @@ from idml.data import build_dataset, default_image_size
 from idml.data.datasets import BadImageBudget
 from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler
 from idml.errors import TrainingDiverged, UsageError
-from idml.evaluate import autocast, embed, format_metrics, recall_ks
+from idml.evaluate import embed, format_metrics, recall_ks
 from idml.files import atomic_write_text
 from idml.losses import build_criterion
 from idml.metrics import compute_metrics
 from idml.models import IDMLNet
+from idml.precision import autocast, describe, place_model, resolve_amp
 from idml.runtime import build_model, eval_loader, resolve_device, seed_everything, train_loader
 
 GRADIENT_CLIP = 10.0
@@ -119,7 +120,8 @@ class CleanAndMixed(nn.Module):
 def idml_loss(model, criterion, images, labels, lam: float, permutation, amp: str):
     """L(clean, y) + lam L(mixed, y) + (1 - lam) L(mixed, y[pi]) of the global batch.
 
-    `model`: an IDMLNet, or CleanAndMixed (DDP-wrapped when distributed). Distributed,
+    `model`: an IDMLNet, or CleanAndMixed (DDP-wrapped when distributed); `amp`: a resolved
+    --amp (idml.precision). Distributed,
     `images` and `labels` are this rank's slice and `permutation` permutes the global batch:
     the images are gathered to mix, mu and sigma gathered (with gradient) for the loss."""
     forward = CleanAndMixed(model) if isinstance(model, IDMLNet) else model
@@ -166,11 +168,15 @@ class Trainer:
         self.test_loader = eval_loader(test_set, args.batch_size, args.workers, self.device, args.loader,
                                        self.image_size)
 
-        self.model = self._sync_batch_norm(build_model(args, args.pretrained)).to(self.device)
+        self.amp = resolve_amp(args.amp, self.device)
+        self.model = place_model(self._sync_batch_norm(build_model(args, args.pretrained)), self.device, self.amp)
         self.criterion = build_criterion(args, self.num_classes).to(self.device)
+        if args.compile:  # in place: the state_dict keys (checkpoints) stay those of the plain modules
+            self.model.compile()
+            self.criterion.compile()
         self.optimizer = build_optimizer(args, self.model, self.criterion)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, args.lr_decay_step, args.lr_decay_gamma)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.mixup_generator = torch.Generator().manual_seed(args.seed)
         self.stop_request = types.SimpleNamespace(signal=None)  # set by SIGTERM/SIGINT inside run()
         self.bad_images = BadImageBudget(args.max_bad_images)
@@ -188,7 +194,7 @@ class Trainer:
 
     def _sync_batch_norm(self, model: IDMLNet) -> IDMLNet:
         """Training BatchNorm (--bn-freeze 0) on several ranks: statistics of the global batch."""
-        if model.bn_freeze or distributed.world_size() == 1:
+        if model.bn_freeze or not distributed.is_distributed():
             return model
         if self.device.type == "cuda":
             return nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -201,7 +207,9 @@ class Trainer:
     def run(self) -> RunState:
         args = self.args
         print_main(f"training IDML on {args.dataset} ({len(self.train_set)} images, {self.num_classes} classes) "
-              f"on {self.device}; run folder {self.run_dir}")
+              f"on {self.device} ({describe(self.device, self.amp)}{', compiled' if args.compile else ''}"
+              f"{distributed.describe()}); "
+              f"run folder {self.run_dir}")
         with stop_requests() as self.stop_request:
             if self.state.epoch == 0 and self.state.step == 0:
                 self._record(0, None, self._evaluate("before training"))
@@ -247,9 +255,14 @@ class Trainer:
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
             progress.update()
             done = step + 1
-            stop = distributed.any_rank(self.stop_request.signal or 0, self.device)  # every rank stops here
             save_now = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
-            if done % PROGRESS_EVERY == 0 or save_now or stop or done == steps:
+            sync_now = done % PROGRESS_EVERY == 0 or save_now or done == steps
+            # Under torchrun every rank must stop at the same step: the ranks compare their stop
+            # requests only at steps that synchronise anyway, so no other step waits for them.
+            stop = 0
+            if sync_now or distributed.world_size() == 1:
+                stop = distributed.any_rank(self.stop_request.signal or 0, self.device)
+            if sync_now or stop:
                 self._stop_if_diverged(int(bad_step), epoch)
                 progress.set_postfix(loss=f"{float(loss):.4f}")
             if save_now or stop:
@@ -265,8 +278,10 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimisation step on a batch; returns its loss (no host synchronisation)."""
         lam, permutation = mixup_draw(images.shape[0] * distributed.world_size(), self.mixup_generator)
-        loss = idml_loss(self.forward_pair, self.criterion, images, labels, lam, permutation.to(self.device),
-                         self.args.amp)
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU to finish
+            permutation = permutation.pin_memory()
+        loss = idml_loss(self.forward_pair, self.criterion, images, labels, lam,
+                         permutation.to(self.device, non_blocking=True), self.amp)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         distributed.average_gradients(self.criterion.parameters())  # DDP averages the model's
@@ -288,7 +303,7 @@ class Trainer:
 
     def _evaluate(self, when: str) -> dict:
         args = self.args
-        shares = embed(self.model, self.test_loader, self.device, args.amp, progress=distributed.is_main(),
+        shares = embed(self.model, self.test_loader, self.device, self.amp, progress=distributed.is_main(),
                        bad_images=self.bad_images)
         embeddings, labels, self.test_uncertainty = (distributed.gather_eval(t) for t in shares)
         metrics = None

@@ -1,5 +1,11 @@
+import signal
+
 import pytest
 import torch
+
+# A CUDA test takes seconds; minutes mean a hang or a pathological slowdown, and the GPU
+# machine (no pytest-timeout there) lends only minutes in all.
+CUDA_TEST_SECONDS = 120
 
 
 def pytest_configure(config):
@@ -18,3 +24,24 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_time_limit(request):
+    """Fails a CUDA test that runs past CUDA_TEST_SECONDS, so that the others still run. The
+    alarm interrupts Python code only: a kernel that never returns is left to the time
+    limits of bench/gpu_check.sh."""
+    if "cuda" not in request.keywords:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{request.node.nodeid} ran past {CUDA_TEST_SECONDS} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(CUDA_TEST_SECONDS)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

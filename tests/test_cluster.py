@@ -85,6 +85,19 @@ def test_kmeans_assignment_is_blockwise_and_exact(monkeypatch):
     assert torch.equal(cluster.assign(x, centroids), brute)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_centroid_update_is_the_float64_mean_and_keeps_empty_clusters(device):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 16, generator=g)
+    ids = torch.randint(0, 40, (500,), generator=g) * 2  # only even clusters are used
+    centroids = torch.randn(80, 16, generator=g)
+    got = cluster.update_centroids(x.to(device), ids.to(device), centroids.to(device)).cpu()
+    for c in range(80):
+        members = x[ids == c].double()
+        expected = members.mean(dim=0).float() if len(members) else centroids[c]
+        torch.testing.assert_close(got[c], expected, rtol=1e-6, atol=1e-7)
+
+
 def test_kmeans_rejects_bad_k():
     with pytest.raises(ValueError, match="k must be"):
         cluster.kmeans(torch.randn(5, 2), 6)

@@ -4,9 +4,11 @@ the single-process metrics."""
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from idml import distributed
 from idml.checkpoint import load_checkpoint
 from idml.cli import train_parser
 from idml.train import Trainer
+from test_robustness import finish, wait_for_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Deterministic CPU mode; SGD so that parameter updates are linear in the gradients (Adam's
@@ -42,11 +45,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(log_dir, processes=1):
+def command(log_dir, processes=None, *extra):
+    """scripts/train.py with RUN as a plain process (processes=None) or under torchrun."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                 f"--master_port={free_port()}"] if processes > 1 else [sys.executable])
-    result = subprocess.run([*launcher, os.path.join(ROOT, "scripts", "train.py"), *RUN, "--LOG_DIR", str(log_dir)],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+                 f"--master_port={free_port()}"] if processes else [sys.executable])
+    return [*launcher, os.path.join(ROOT, "scripts", "train.py"), *RUN, "--LOG_DIR", str(log_dir), *extra]
+
+
+def train(log_dir, processes=None):
+    result = subprocess.run(command(log_dir, processes), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, = glob.glob(os.path.join(str(log_dir), "logs_digits", "*"))
     return run_dir, result
@@ -56,18 +64,20 @@ def train(log_dir, processes=1):
 def runs(tmp_path_factory):
     single, _ = train(tmp_path_factory.mktemp("single"))
     ddp, result = train(tmp_path_factory.mktemp("ddp"), processes=2)
+    one_process, one_process_result = train(tmp_path_factory.mktemp("ddp1"), processes=1)
     initial = Trainer(train_parser().parse_args(RUN + ["--LOG_DIR", str(tmp_path_factory.mktemp("init"))]))
-    return single, ddp, result, {"model": initial.model.state_dict(), "criterion": initial.criterion.state_dict()}
+    return types.SimpleNamespace(
+        single=single, ddp=ddp, result=result, one_process=one_process, one_process_result=one_process_result,
+        initial={"model": initial.model.state_dict(), "criterion": initial.criterion.state_dict()})
 
 
 def test_two_processes_take_the_single_process_steps(runs):
-    single, ddp, _, initial = runs
-    a = load_checkpoint(os.path.join(single, "checkpoint_last.pt"))
-    b = load_checkpoint(os.path.join(ddp, "checkpoint_last.pt"))
+    a = load_checkpoint(os.path.join(runs.single, "checkpoint_last.pt"))
+    b = load_checkpoint(os.path.join(runs.ddp, "checkpoint_last.pt"))
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (1, 0)
     worst = 0.0
     for part in ("model", "criterion"):
-        for name, start in initial[part].items():
+        for name, start in runs.initial[part].items():
             if not start.is_floating_point():
                 continue
             step_a, step_b = a[part][name] - start, b[part][name] - start
@@ -82,9 +92,8 @@ def test_two_processes_take_the_single_process_steps(runs):
 
 
 def test_sharded_evaluation_gives_the_single_process_metrics(runs):
-    single, ddp, _, _ = runs
-    a = [json.loads(line) for line in open(os.path.join(single, "metrics.jsonl"))]
-    b = [json.loads(line) for line in open(os.path.join(ddp, "metrics.jsonl"))]
+    a = [json.loads(line) for line in open(os.path.join(runs.single, "metrics.jsonl"))]
+    b = [json.loads(line) for line in open(os.path.join(runs.ddp, "metrics.jsonl"))]
     assert [e["epoch"] for e in a] == [e["epoch"] for e in b] == [0, 1]
     assert a[0] == b[0]  # the same weights: exactly the same metrics (896 images over 2 shards)
     # After training the weights differ by float rounding (see UPDATE_RTOL): a tie may flip.
@@ -93,10 +102,40 @@ def test_sharded_evaluation_gives_the_single_process_metrics(runs):
 
 
 def test_only_rank_0_prints_and_writes(runs):
-    single, ddp, result, _ = runs
-    assert result.stdout.count("training IDML on digits") == 1
-    assert result.stdout.count("[epoch 1/1] unseen classes") == 1
-    assert sorted(os.listdir(ddp)) == sorted(os.listdir(single))
+    stdout = runs.result.stdout
+    assert stdout.count("training IDML on digits") == 1 and ", 2 processes (gloo)" in stdout
+    assert stdout.count("[epoch 1/1] unseen classes") == 1
+    assert sorted(os.listdir(runs.ddp)) == sorted(os.listdir(runs.single))
+
+
+def test_one_process_under_torchrun_runs_the_collectives_and_takes_the_same_steps(runs):
+    """torchrun --nproc_per_node=1 joins a process group of one (gloo here, nccl on a GPU:
+    bench/gpu_check.sh) and runs DDP and the gathers for real; the steps stay the plain ones."""
+    assert ", 1 process (gloo)" in runs.one_process_result.stdout
+    a = load_checkpoint(os.path.join(runs.single, "checkpoint_last.pt"))
+    b = load_checkpoint(os.path.join(runs.one_process, "checkpoint_last.pt"))
+    for part in ("model", "criterion"):
+        for name, value in a[part].items():
+            torch.testing.assert_close(b[part][name], value, rtol=1e-6, atol=1e-7, msg=f"{part}.{name}")
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resumes(tmp_path):
+    """torchrun forwards SIGTERM to both ranks; they agree on the next step that synchronises
+    anyway (here a checkpoint every 4 steps), rank 0 saves it, and the run resumes from it."""
+    extra = ("--max-steps", "30", "--checkpoint-every", "4")
+    process = subprocess.Popen(command(tmp_path, 2, *extra), cwd=ROOT, env=ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    path = wait_for_checkpoint(tmp_path, process)
+    process.send_signal(signal.SIGTERM)
+    code, _, err = finish(process)
+    assert code != 0 and err.count("stopped by SIGTERM") == 1, err[-3000:]  # rank 0 reports it
+    stopped = load_checkpoint(path)
+    assert stopped["epoch"] == 0 and 0 < stopped["step"] < 30 and stopped["step"] % 4 == 0
+    resumed = subprocess.run(command(tmp_path, 2, *extra, "--resume", path), cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {path} at epoch 1, step {stopped['step']}" in resumed.stdout
+    assert (load_checkpoint(path)["epoch"], load_checkpoint(path)["step"]) == (1, 0)
 
 
 def _gather_eval_worker(rank, world, port, length, queue):

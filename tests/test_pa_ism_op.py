@@ -320,3 +320,29 @@ def test_cuda_edge_cases():
                 mu[3] = proxies[7]
             mu, sigma, proxies = (x.clone().requires_grad_() for x in (mu, sigma, proxies))
         assert_matches_reference(mu, sigma, labels, proxies, 1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_float64_non_contiguous_inputs():
+    """float64 is dispatched on CUDA too, and transposed/strided inputs are made contiguous:
+    the reference to 1e-10 (float64 rounding only), and opcheck of the backward on CUDA."""
+    B, C, D = 20, 45, 12
+    mu = torch.randn(D, B, dtype=torch.float64, device="cuda").t().requires_grad_()
+    sigma = torch.randn(B, 2 * D, dtype=torch.float64, device="cuda").relu()[:, ::2].requires_grad_()
+    proxies = (0.5 * torch.randn(D, C, dtype=torch.float64, device="cuda")).t().requires_grad_()
+    labels = torch.randint(0, C, (2 * B,), device="cuda")[::2]
+    assert not any(t.is_contiguous() for t in (mu, sigma, proxies, labels))
+    assert_matches_reference(mu, sigma, labels, proxies, 1e-10)
+    args = (mu.detach(), sigma.detach(), labels, proxies.detach())
+    _, *saved = torch.ops.idml.pa_ism_forward(*args, 0.1, 32.0, True, 4.0, 5.0)
+    grad_loss = torch.tensor(0.7, dtype=torch.float64, device="cuda")
+    torch.library.opcheck(torch.ops.idml.pa_ism_backward.default,
+                          (grad_loss, *args, *saved, 0.1, 32.0, True, 4.0, 5.0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_inputs_on_a_second_gpu():
+    """The kernels run on the inputs' device, whichever device is current."""
+    mu, sigma, labels, proxies = make_inputs(16, 50, 8, torch.float32, device="cuda:1")
+    assert_matches_reference(mu, sigma, labels, proxies, 1e-5)

@@ -286,3 +286,76 @@ def test_opcheck():
     gallery, gallery_labels = clustered(40, 5)
     torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, None, None, 3, 4, "fp32"))
     torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, gallery, gallery_labels, 1023, 1, "bf16"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_cuda_speed_modes_are_exact_on_the_grid(precision):
+    """Multiples of 1/8 below 8 in magnitude are exact in bfloat16 and TF32, and so are their
+    products and sums in float32: on them both speed modes must give exactly the fp32 ranks
+    (tolerance 0), symmetric and query/gallery, with every rank exact or bounded by max_k."""
+    x, labels = clustered(3000, 300, duplicates=300, singletons=3)
+    gallery, gallery_labels = clustered(2500, 300, duplicates=100)
+    assert max(x.abs().max(), gallery.abs().max()) < 8
+    for max_r, max_k in [(1023, None), (3, 4)]:
+        expected = reference.retrieval_ranks(x.double(), labels, max_r, max_k=max_k)
+        got = ops.retrieval_ranks(x.cuda(), labels.cuda(), max_r, precision, max_k=max_k)
+        assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1]), (max_r, max_k)
+    for max_k in (None, 2):
+        expected = reference.retrieval_ranks(x.double(), labels, 7, "fp32", gallery.double(), gallery_labels, max_k)
+        got = ops.retrieval_ranks(x.cuda(), labels.cuda(), 7, precision, gallery.cuda(), gallery_labels.cuda(), max_k)
+        assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1]), max_k
+
+
+@pytest.mark.cuda
+def test_cuda_query_gallery_with_an_infinite_similarity():
+    """A product that overflows to +inf in query/gallery mode counts for its query only (it
+    once also counted for the query at the reference's sorted position)."""
+    queries, query_labels = clustered(300, 20)
+    gallery, gallery_labels = clustered(200, 20, generator=torch.Generator().manual_seed(5))
+    queries[0] = queries[0].abs() + 1
+    gallery[7] = gallery[7].abs() + 1
+    queries[0, 0] = gallery[7, 0] = 1e20
+    gallery_labels[7] = query_labels[0] + 1
+    assert (queries @ gallery.t()).isinf().sum() == 1
+    expected = reference.retrieval_ranks(queries, query_labels, 5, "fp32", gallery, gallery_labels, 4)
+    got = ops.retrieval_ranks(queries.cuda(), query_labels.cuda(), 5, "fp32", gallery.cuda(), gallery_labels.cuda(), 4)
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+
+
+@pytest.mark.cuda
+def test_cuda_tf32_setting_is_scoped_to_the_op():
+    """fp32 mode ignores a global TF32 setting and tf32 mode uses TF32, whichever API the
+    user set it with (the new one alone once made the op raise); the setting is unchanged."""
+    x, labels = normalised_clusters(3000, 100, noise=2.0)
+    x, labels = x.cuda(), labels.cuda()
+    exact = ops.retrieval_ranks(x, labels, 1023, "fp32")[0]
+    assert not torch.equal(ops.retrieval_ranks(x, labels, 1023, "tf32")[0], exact), "tf32 mode changed no rank"
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    scenarios = [  # (how the user enables TF32, how the setting reads back)
+        (lambda: torch.set_float32_matmul_precision("medium"), torch.get_float32_matmul_precision),
+        (lambda: setattr(matmul, "fp32_precision", "tf32"), lambda: matmul.fp32_precision),
+    ]
+    try:
+        for enable, read in scenarios:
+            torch.set_float32_matmul_precision("highest")
+            matmul.fp32_precision = "none"
+            enable()
+            setting = read()
+            assert torch.equal(ops.retrieval_ranks(x, labels, 1023, "fp32")[0], exact), setting
+            assert read() == setting
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = "none"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_inputs_on_a_second_gpu():
+    x, labels = clustered(1100, 300)
+    expected = reference.retrieval_ranks(x.double(), labels, 5)
+    got = ops.retrieval_ranks(x.to("cuda:1"), labels.to("cuda:1"), 5)
+    assert got[0].device == torch.device("cuda:1")
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])

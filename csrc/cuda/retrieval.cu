@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 namespace idml {
 namespace {
@@ -41,7 +42,9 @@ __global__ void count_kernel(Tile tile, Lists l) {
     if (tile.symmetric && i <= q) continue;
     const float s = tile.sim[r * tile.cols + c];
     const bool row_side = s >= l.threshold[q];
-    const bool col_side = s >= col_threshold;
+    // Column i is a query only in symmetric mode; elsewhere its threshold, +inf, would still
+    // pass a similarity of +inf (overflowing embeddings) and index the queries' lists by i.
+    const bool col_side = tile.symmetric && s >= col_threshold;
     if ((row_side || col_side) && col_label != l.row_labels[q]) {
       if (row_side) count_candidate(l, q, s, col_index);
       if (col_side) count_candidate(l, i, s, l.row_index[q]);
@@ -57,6 +60,27 @@ void count_cuda(const Tile& tile, const Lists& l) {
 
 // Sets cuBLAS's TF32 permission for one product and restores the caller's setting, so
 // FP32 mode is exact even when the user enabled TF32 globally.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+// cuBLAS reads float32Precision(CUDA, MATMUL), and only that is touched. The legacy getter
+// allowTF32CuBLAS() throws once TF32 was set through the new API alone
+// (torch.backends.cuda.matmul.fp32_precision = "tf32"), and the legacy setter also resets
+// the legacy matmul precision ("medium" would come back as "high", and from then on
+// torch.get_float32_matmul_precision() throws).
+class AllowTF32 {
+ public:
+  explicit AllowTF32(bool allow)
+      : previous_(at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL)) {
+    set(allow ? at::Float32Precision::TF32 : at::Float32Precision::IEEE);
+  }
+  ~AllowTF32() { set(previous_); }
+
+ private:
+  static void set(at::Float32Precision precision) {
+    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, precision);
+  }
+  at::Float32Precision previous_;
+};
+#else  // older torch: the legacy flag, there also what cuBLAS reads
 class AllowTF32 {
  public:
   explicit AllowTF32(bool allow) : previous_(at::globalContext().allowTF32CuBLAS()) {
@@ -67,6 +91,7 @@ class AllowTF32 {
  private:
   bool previous_;
 };
+#endif
 
 retrieval::Backend cuda_backend() {
   retrieval::Backend backend;
