@@ -179,6 +179,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.mixup_generator = torch.Generator().manual_seed(args.seed)
         self.stop_request = types.SimpleNamespace(signal=None)  # set by SIGTERM/SIGINT inside run()
+        self.forward_pair, self._wrapped_for = None, None  # the (DDP-wrapped) model, built by train_epoch
         self.bad_images = BadImageBudget(args.max_bad_images)
         self.state = RunState()
         self.run_dir = run_folder(args)
@@ -230,8 +231,11 @@ class Trainer:
         args = self.args
         self.model.train()
         self.model.set_warmup(epoch < args.warm)
-        self.forward_pair = distributed.wrap(CleanAndMixed(self.model), self.device,  # after set_warmup
-                                             find_unused_parameters=args.loss != "Proxy_Anchor")
+        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        if trainable != self._wrapped_for:  # DDP registers the trainable parameters when built
+            self.forward_pair = distributed.wrap(CleanAndMixed(self.model), self.device,
+                                                 find_unused_parameters=args.loss != "Proxy_Anchor")
+            self._wrapped_for = trainable
         steps = min(self.sampler.num_batches, args.max_steps or self.sampler.num_batches)
         self.sampler.set_epoch(epoch, start_step=self.state.step)
         loss_sum = torch.tensor(self.state.epoch_loss_sum, device=self.device)
