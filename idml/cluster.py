@@ -27,16 +27,20 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     uniforms = torch.rand(k, generator=generator, dtype=torch.float64).to(x.device)
     first = torch.randint(n, (1,), generator=generator).to(x.device)
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    centroids[0] = x[first[0]]
     sq_norms = (x * x).sum(dim=1)
-    closest = (sq_norms - 2.0 * (x @ centroids[0]) + sq_norms[first]).clamp_min(0.0).double()
+
+    def squared_distances(c: int, index: torch.Tensor) -> torch.Tensor:
+        """Makes row `index` centroid c; |x - x_i|^2 = |x|^2 + |x_i|^2 - 2 x.x_i (one addmv:
+        the loop runs k times, so every kernel launch saved counts on a GPU)."""
+        centroid = x.index_select(0, index)
+        centroids[c:c + 1] = centroid
+        return torch.addmv(sq_norms + sq_norms.index_select(0, index), x, centroid[0], alpha=-2.0).clamp_min_(0.0)
+
+    closest = squared_distances(0, first).double()
     for c in range(1, k):
         cumulative = closest.cumsum(0)
-        target = (uniforms[c] * cumulative[-1]).reshape(1)
-        index = torch.searchsorted(cumulative, target, right=True).clamp_max(n - 1)
-        centroids[c] = x.index_select(0, index)[0]
-        distance = sq_norms - 2.0 * (x @ centroids[c]) + sq_norms.index_select(0, index)
-        closest = torch.minimum(closest, distance.clamp_min(0.0).double())
+        index = torch.searchsorted(cumulative, uniforms[c:c + 1] * cumulative[-1:], right=True).clamp_max_(n - 1)
+        torch.minimum(closest, squared_distances(c, index), out=closest)
     return centroids
 
 
