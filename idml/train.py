@@ -101,6 +101,17 @@ def mixup_draw(batch_size: int, generator: torch.Generator):
     return lam, torch.randperm(batch_size, generator=generator)
 
 
+def refill_share(images: Optional[torch.Tensor], labels: Optional[torch.Tensor], dropped: int):
+    """Under torchrun every process brings a full share of each batch (the gathers need equal
+    sizes): the places of `dropped` unreadable images are taken by repeats of the share's
+    readable ones, which then weigh twice in that step's loss."""
+    if images is None:
+        raise UsageError(f"all {dropped} images of this process's share of a batch were unreadable, and under "
+                         f"torchrun every process needs a share: repair or remove them (paths in the warnings above)")
+    repeats = torch.arange(dropped) % images.shape[0]
+    return torch.cat([images, images[repeats]]), torch.cat([labels, labels[repeats]])
+
+
 class CleanAndMixed(nn.Module):
     """(images, mixed) -> mu, sigma, mu_mixed, sigma_mixed in one forward call (what DDP wraps)."""
 
@@ -248,9 +259,8 @@ class Trainer:
             if step >= steps:
                 break
             self.bad_images.add(dropped)
-            if dropped and distributed.world_size() > 1:  # gathers need equal shares: fail instead of hanging
-                raise UsageError(f"{dropped} unreadable image(s) in a batch under torchrun, where every process "
-                                 f"needs a full share of each batch: repair or remove them (paths in the warnings above)")
+            if dropped and distributed.world_size() > 1:
+                images, labels = refill_share(images, labels, dropped)
             if images is None:
                 continue
             loss = self.train_step(images.to(self.device, non_blocking=True),

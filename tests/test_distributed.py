@@ -19,7 +19,10 @@ from idml import distributed
 from idml.checkpoint import load_checkpoint
 from idml.cli import train_parser
 from idml.train import Trainer
-from test_robustness import finish, wait_for_checkpoint
+from idml import train as train_module
+from idml.data.synthetic import write_cub
+from idml.errors import UsageError
+from test_robustness import corrupt_some_images, finish, wait_for_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Deterministic CPU mode; SGD so that parameter updates are linear in the gradients (Adam's
@@ -136,6 +139,30 @@ def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resumes(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {path} at epoch 1, step {stopped['step']}" in resumed.stdout
     assert (load_checkpoint(path)["epoch"], load_checkpoint(path)["step"]) == (1, 0)
+
+
+def test_unreadable_images_under_torchrun_are_skipped_and_the_shares_refilled(tmp_path):
+    """Both processes keep equal shares (the gathers need them) when one loses images: the run
+    trains, warns, counts the images against --max-bad-images and stops past the limit."""
+    write_cub(str(tmp_path / "data"), 4, 6)
+    bad = corrupt_some_images(str(tmp_path / "data"), 2)
+    cub = ["--dataset", "cub", "--data-root", str(tmp_path / "data"), "--image-size", "32", "--batch-size", "8",
+           "--max-steps", "3"]
+    result = subprocess.run(command(tmp_path / "ok", 2, *cub), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping unreadable image" in result.stderr and any(os.path.basename(p) in result.stderr for p in bad)
+    refused = subprocess.run(command(tmp_path / "refused", 2, *cub, "--max-bad-images", "0"), cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "more than --max-bad-images 0" in refused.stderr
+
+
+def test_a_share_refill_repeats_the_readable_images():
+    images, labels = torch.arange(3.0).view(3, 1), torch.tensor([4, 5, 6])
+    refilled, refilled_labels = train_module.refill_share(images, labels, 4)
+    assert refilled.view(-1).tolist() == [0, 1, 2, 0, 1, 2, 0] and refilled_labels.tolist() == [4, 5, 6, 4, 5, 6, 4]
+    with pytest.raises(UsageError, match="all 3 images of this process's share"):
+        train_module.refill_share(None, None, 3)
 
 
 def _gather_eval_worker(rank, world, port, length, queue):
