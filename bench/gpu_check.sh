@@ -45,7 +45,7 @@ limited 120 "$python" -m torch.distributed.run --standalone --nproc_per_node=1 s
   --bn-freeze 0 --workers 2 --wandb disabled --LOG_DIR "$out/ddp" > "$out/ddp.log" 2>&1
 ddp_status=$?
 stopped "$ddp_status" "DDP smoke run"
-grep -E "training IDML|unseen classes" "$out/ddp.log" || tail -20 "$out/ddp.log"
+tr '\r' '\n' < "$out/ddp.log" | grep -E "^training IDML|unseen classes:" || tail -20 "$out/ddp.log"
 echo "DDP smoke run exit code: $ddp_status"
 [ "$ddp_status" -eq 0 ] || status=1
 
