@@ -30,10 +30,19 @@ def device(request):
     return torch.device(request.param)
 
 
+def machine() -> str:
+    """What ran the benchmarks: the GPU's name (or the CPU's core count) and torch's version."""
+    where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"{where}, torch {torch.__version__}"
+
+
 def pytest_terminal_summary(terminalreporter):
+    """The speed-ups as one markdown table, ready for bench/RESULTS.md."""
     if not RATIOS:
         return
-    terminalreporter.section("speed-ups measured in this run (baseline time / candidate time)")
+    terminalreporter.section(f"speed-ups measured in this run ({machine()}): baseline time / candidate time")
+    terminalreporter.write_line("| benchmark | candidate | baseline | ratio |")
+    terminalreporter.write_line("|---|---|---|---|")
     for test, baseline, base_s, cand_s, ratio in RATIOS:
         terminalreporter.write_line(
-            f"{test:60s} vs {baseline:24s} {base_s * 1e3:10.3f} ms / {cand_s * 1e3:10.3f} ms = {ratio:6.2f}x")
+            f"| {test} | {cand_s * 1e3:.3f} ms | {baseline} {base_s * 1e3:.3f} ms | {ratio:.2f}x |")
