@@ -94,7 +94,7 @@ setup(
     version="0.1.0",
     description="Introspective Deep Metric Learning for image retrieval, with fused C++/CUDA ops",
     packages=find_packages(include=["idml", "idml.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.9+), installs the pinned dependencies and builds the extension
+# Creates .venv (Python 3.10+), installs the pinned dependencies and builds the extension
 # idml._C in place. Safe to run again: it reinstalls only when a requirements file changed
 # and rebuilds only what changed. Usage: bash scripts/setup.sh [requirements file]
 set -euo pipefail
