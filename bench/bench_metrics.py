@@ -12,7 +12,7 @@ size, on CUDA <= 60 ms fp32 / 15 ms tf32 at SOP size and <= 2 ms at CUB size. k-
 import pytest
 import torch
 
-from timing import benchmarked_time, best_time, check_target, record_ratio, synchronize
+from timing import benchmarked_time, best_time, check_target, full_size_on_cpu, record_ratio
 from idml import cluster, ops
 
 SIZES = {  # name: (full n, small n, number of classes at full scale, ks)
@@ -67,8 +67,7 @@ def test_retrieval_metrics(benchmark, compiled_op, device, bench_scale, name, pr
         pytest.skip("tf32 is exact fp32 on CPU")
     n, num_classes, ks = size_of(name, bench_scale)
     x, labels = embeddings(n, num_classes, device)
-    slow = device.type == "cpu" and bench_scale == "full"
-    repeat, warmup = (1, 0) if slow else (5, 1)
+    repeat, warmup = (1, 0) if full_size_on_cpu(device, bench_scale) else (5, 1)
 
     def run():
         return ops.retrieval_metrics(x, labels, ks=ks, precision=precision)
@@ -87,6 +86,12 @@ def test_retrieval_metrics(benchmark, compiled_op, device, bench_scale, name, pr
         check_target(op_s <= target, f"{name} {precision}: {op_s * 1e3:.1f} ms > {target * 1e3:.0f} ms")
 
 
+def kmeans_rounds(device, bench_scale) -> dict:
+    if full_size_on_cpu(device, bench_scale):
+        return dict(rounds=1, warmup_rounds=0)
+    return dict(rounds=3, warmup_rounds=1)
+
+
 def test_kmeans_plus_plus_seeding(benchmark, compiled_op, device, bench_scale):
     """k-means++ seeding at SOP size: k sequential D^2 draws (reported, no target), against
     scikit-learn's k-means++ with one trial per draw (the same algorithm) on the CPU at small
@@ -94,14 +99,9 @@ def test_kmeans_plus_plus_seeding(benchmark, compiled_op, device, bench_scale):
     n, k, _ = size_of("sop", bench_scale)
     x, _ = embeddings(n, k, device)
 
-    def run():
-        centroids = cluster.kmeans_plus_plus(x, k, seed=0)
-        synchronize(device)
-        return centroids
-
-    slow = device.type == "cpu" and bench_scale == "full"
-    seeding_s = benchmarked_time(benchmark, run, device, rounds=1 if slow else 3, warmup_rounds=0 if slow else 1)
-    if device.type == "cpu" and not slow:
+    seeding_s = benchmarked_time(benchmark, lambda: cluster.kmeans_plus_plus(x, k, seed=0), device,
+                                 **kmeans_rounds(device, bench_scale))
+    if device.type == "cpu" and not full_size_on_cpu(device, bench_scale):
         sklearn_cluster = pytest.importorskip("sklearn.cluster")
         data = x.numpy()
         sklearn_s = best_time(lambda: sklearn_cluster.kmeans_plusplus(data, k, random_state=0, n_local_trials=1), device, 1, 0)
@@ -114,14 +114,9 @@ def test_kmeans_20_iterations(benchmark, compiled_op, device, bench_scale):
     g = torch.Generator().manual_seed(0)
     start = x[torch.randperm(n, generator=g)[:k].to(device)]
 
-    def run():
-        ids, _ = cluster.lloyd(x, start, iters=20, stop_early=False)
-        synchronize(device)
-        return ids
-
-    slow = device.type == "cpu" and bench_scale == "full"
-    lloyd_s = benchmarked_time(benchmark, run, device, rounds=1 if slow else 3, warmup_rounds=0 if slow else 1)
-    if device.type == "cpu" and not slow:
+    lloyd_s = benchmarked_time(benchmark, lambda: cluster.lloyd(x, start, iters=20, stop_early=False), device,
+                               **kmeans_rounds(device, bench_scale))
+    if device.type == "cpu" and not full_size_on_cpu(device, bench_scale):
         sklearn_cluster = pytest.importorskip("sklearn.cluster")
         data, init = x.numpy(), start.numpy()
 

@@ -42,11 +42,23 @@ def record_ratio(benchmark, name, baseline_seconds, candidate_seconds):
 
 
 def benchmarked_time(benchmark, fn, device, rounds, warmup_rounds=1):
-    """fn timed by pytest-benchmark: its best round in seconds (in the quick mode, one run)."""
+    """fn timed by pytest-benchmark until the device has finished it: its best round in
+    seconds (in the quick mode, one run)."""
     if QUICK:
         return best_time(fn, device)
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup_rounds)
+
+    def finished():
+        result = fn()
+        synchronize(device)
+        return result
+
+    benchmark.pedantic(finished, rounds=rounds, warmup_rounds=warmup_rounds)
     return benchmark.stats.stats.min
+
+
+def full_size_on_cpu(device, bench_scale) -> bool:
+    """A full-size run on the CPU takes seconds to minutes per call: time it once, unwarmed."""
+    return device.type == "cpu" and bench_scale == "full"
 
 
 def check_target(met: bool, message: str) -> None:
