@@ -1,4 +1,5 @@
-"""Command lines of scripts/train.py and scripts/evaluate.py.
+"""Command lines of scripts/train.py, evaluate.py, export.py and search.py: their flags and
+what they print (the library modules return what they compute).
 
 Every flag of the published commands is accepted verbatim (`--gpu -1` included). Bad
 arguments or data end with one sentence on stderr and exit code 2, never a traceback.
@@ -173,3 +174,70 @@ def evaluate_main(argv=None) -> None:
     else:
         for name, value in metrics.items():
             print(f"{name:6s} {value * 100:6.2f}")
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scripts/export.py",
+        description="Export a trained checkpoint as a TorchScript module: uint8 images (N, 3, H, W) -> "
+                    "(L2-normalised embedding N x D, uncertainty |sigma|^2 N), preprocessing inside.")
+    parser.add_argument("--resume", required=True, help="checkpoint written by scripts/train.py")
+    parser.add_argument("--out", required=True, help="where to write the TorchScript module (e.g. model.pt)")
+    return parser
+
+
+def export_main(argv=None) -> None:
+    from idml.export import export_checkpoint
+
+    args = export_parser().parse_args(argv)
+    summary = export_checkpoint(args.resume, args.out)
+    print(f"wrote {summary['out']}: uint8 (N, 3, H, W) -> embedding N x {summary['embedding_size']} "
+          f"+ uncertainty N (input {summary['input_size']} px, uncertainty {summary['uncertainty']})")
+    print(f"TorchScript vs eager on a random batch: max |diff| embedding {summary['max_embedding_diff']:.2e}, "
+          f"uncertainty {summary['max_uncertainty_diff']:.2e}")
+
+
+def search_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scripts/search.py",
+        description="Find the images of a folder nearest to a query image, with an exported model "
+                    "(scripts/export.py). The folder's index is cached in DIR/.idml_index.pt.")
+    parser.add_argument("--model", required=True, help="TorchScript file written by scripts/export.py")
+    parser.add_argument("--gallery", required=True, metavar="DIR", help="folder of images to search (recursive)")
+    parser.add_argument("--query", required=True, nargs="+", metavar="IMG", help="query image file(s)")
+    parser.add_argument("-k", type=int, default=10, help="how many neighbours to print (default 10)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the GPU when there is one (default)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--percentile", type=float, default=95.0,
+                        help="flag queries whose |sigma|^2 is above this percentile of the gallery's (default 95)")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the index even if it is up to date")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per query instead of text")
+    return parser
+
+
+def search_main(argv=None) -> None:
+    import torch
+
+    from idml.search import search
+
+    args = search_parser().parse_args(argv)
+    if args.k <= 0 or args.batch_size <= 0 or not 0 < args.percentile < 100:
+        raise UsageError("-k and --batch-size must be positive and --percentile between 0 and 100")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given but no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    info, results = search(args.model, args.gallery, args.query, args.k, device, args.batch_size, args.percentile,
+                           args.rebuild, progress=not args.json)
+    print(info, file=sys.stderr if args.json else sys.stdout)
+    for result in results:
+        if args.json:
+            neighbours = [{"similarity": s, "path": path} for s, path in result["neighbours"]]
+            print(json.dumps({"query": result["query"], "uncertainty": result["uncertainty"],
+                              "high_uncertainty": result["high_uncertainty"],
+                              "uncertainty_mode": result["uncertainty_mode"], "neighbours": neighbours}))
+            continue
+        print(f"\nquery {result['query']}")
+        print(f"  {result['report']}")
+        for rank, (similarity, path) in enumerate(result["neighbours"], start=1):
+            print(f"  {rank:3d}  {similarity:+.4f}  {path}")

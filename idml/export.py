@@ -216,24 +216,3 @@ def eager_reference(model, wrapper: ExportedEmbedder, images: torch.Tensor):
     mu, sigma = model.eval()(wrapper.preprocess(images))
     mu = mu / torch.sqrt((mu * mu).sum(dim=1, keepdim=True) + 1e-12)
     return mu, (sigma * sigma).sum(dim=1)
-
-
-def export_parser():
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="scripts/export.py",
-        description="Export a trained checkpoint as a TorchScript module: uint8 images (N, 3, H, W) -> "
-                    "(L2-normalised embedding N x D, uncertainty |sigma|^2 N), preprocessing inside.")
-    parser.add_argument("--resume", required=True, help="checkpoint written by scripts/train.py")
-    parser.add_argument("--out", required=True, help="where to write the TorchScript module (e.g. model.pt)")
-    return parser
-
-
-def main(argv=None) -> None:
-    args = export_parser().parse_args(argv)
-    summary = export_checkpoint(args.resume, args.out)
-    print(f"wrote {summary['out']}: uint8 (N, 3, H, W) -> embedding N x {summary['embedding_size']} "
-          f"+ uncertainty N (input {summary['input_size']} px, uncertainty {summary['uncertainty']})")
-    print(f"TorchScript vs eager on a random batch: max |diff| embedding {summary['max_embedding_diff']:.2e}, "
-          f"uncertainty {summary['max_uncertainty_diff']:.2e}")

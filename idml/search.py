@@ -5,19 +5,18 @@
 The gallery folder (images in it and its subfolders; hidden files skipped) is embedded once;
 the index (embeddings, |sigma|^2, file list, a fingerprint of the folder and of the model)
 is cached beside it in DIR/.idml_index.pt, written atomically, and rebuilt when a file is
-added, removed or changed (name, size, mtime) or the model is another one. Each query
-prints its k nearest gallery images by cosine similarity and is flagged when its
-uncertainty |sigma|^2 lies above the gallery's 95th percentile (with --uncertainty
-normalized, as published, |sigma|^2 = 1 for every image: the output says so instead).
+added, removed or changed (name, size, mtime) or the model is another one. `search()` returns
+each query's k nearest gallery images by cosine similarity, flagged when its uncertainty
+|sigma|^2 lies above the gallery's 95th percentile (with --uncertainty normalized, as
+published, |sigma|^2 = 1 for every image: the report says so instead); idml/cli.py prints
+them.
 
 Only torch, PIL and tqdm are needed at search time: the model is a TorchScript file.
 """
-import argparse
 import hashlib
 import io
 import json
 import os
-import sys
 import warnings
 from typing import List, Optional, Tuple
 
@@ -213,55 +212,28 @@ def uncertainty_report(value: float, gallery: torch.Tensor, mode: str, percentil
     return line, flagged
 
 
-def search_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scripts/search.py",
-        description="Find the images of a folder nearest to a query image, with an exported model "
-                    "(scripts/export.py). The folder's index is cached in DIR/.idml_index.pt.")
-    parser.add_argument("--model", required=True, help="TorchScript file written by scripts/export.py")
-    parser.add_argument("--gallery", required=True, metavar="DIR", help="folder of images to search (recursive)")
-    parser.add_argument("--query", required=True, nargs="+", metavar="IMG", help="query image file(s)")
-    parser.add_argument("-k", type=int, default=10, help="how many neighbours to print (default 10)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: the GPU when there is one (default)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument("--percentile", type=float, default=95.0,
-                        help="flag queries whose |sigma|^2 is above this percentile of the gallery's (default 95)")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the index even if it is up to date")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per query instead of text")
-    return parser
-
-
-def main(argv=None) -> None:
-    args = search_parser().parse_args(argv)
-    if args.k <= 0 or args.batch_size <= 0 or not 0 < args.percentile < 100:
-        raise UsageError("-k and --batch-size must be positive and --percentile between 0 and 100")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was given but no CUDA GPU is visible (torch.cuda.is_available() is False)")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    for query in args.query:
+def search(model_path: str, gallery: str, queries: List[str], k: int, device: torch.device, batch_size: int = 32,
+           percentile: float = 95.0, rebuild: bool = False, progress: bool = True) -> Tuple[str, List[dict]]:
+    """Each query's k nearest gallery images: (a sentence on the index used, one result per
+    query with "query", "uncertainty" |sigma|^2, "high_uncertainty", "uncertainty_mode",
+    "report" (uncertainty_report's line) and "neighbours" [(similarity, path)])."""
+    for query in queries:
         if not os.path.isfile(query) or image_size(query) is None:
             raise UsageError(f"--query expects image files; {query} is not a readable image")
-    model = load_model(args.model, device)
-    if args.rebuild and os.path.isfile(index_path(args.gallery)):
-        os.unlink(index_path(args.gallery))
-    index, rebuilt = gallery_index(model, args.model, args.gallery, device, args.batch_size, progress=not args.json)
-    info = (f"{'indexed' if rebuilt else 'cached index of'} {len(index['files'])} images in {args.gallery} "
-            f"({index_path(args.gallery)})")
-    print(info, file=sys.stderr if args.json else sys.stdout)
+    model = load_model(model_path, device)
+    if rebuild and os.path.isfile(index_path(gallery)):
+        os.unlink(index_path(gallery))
+    index, rebuilt = gallery_index(model, model_path, gallery, device, batch_size, progress=progress)
+    info = (f"{'indexed' if rebuilt else 'cached index of'} {len(index['files'])} images in {gallery} "
+            f"({index_path(gallery)})")
     mode = str(getattr(model, "uncertainty_mode", "unknown"))
-    embeddings, uncertainties, _ = embed_paths(model, args.query, device, args.batch_size, progress=False)
-    for number, query in enumerate(args.query):
+    embeddings, uncertainties, _ = embed_paths(model, queries, device, batch_size, progress=False)
+    results = []
+    for number, query in enumerate(queries):
         value = float(uncertainties[number])
-        line, flagged = uncertainty_report(value, index["uncertainties"], mode, args.percentile)
-        neighbours = nearest(index, embeddings[number], args.k)
-        if args.json:
-            print(json.dumps({"query": query, "uncertainty": value, "high_uncertainty": flagged,
-                              "uncertainty_mode": mode,
-                              "neighbours": [{"similarity": s, "path": os.path.join(args.gallery, f)}
-                                             for s, f in neighbours]}))
-            continue
-        print(f"\nquery {query}")
-        print(f"  {line}")
-        for rank, (similarity, name) in enumerate(neighbours, start=1):
-            print(f"  {rank:3d}  {similarity:+.4f}  {os.path.join(args.gallery, name)}")
+        report, flagged = uncertainty_report(value, index["uncertainties"], mode, percentile)
+        neighbours = [(similarity, os.path.join(gallery, name))
+                      for similarity, name in nearest(index, embeddings[number], k)]
+        results.append({"query": query, "uncertainty": value, "high_uncertainty": flagged,
+                        "uncertainty_mode": mode, "report": report, "neighbours": neighbours})
+    return info, results

@@ -3,8 +3,7 @@
 `python scripts/search.py --model model.pt --gallery DIR --query IMG -k 10`."""
 import sys
 
-from idml.cli import run_guarded
-from idml.search import main
+from idml.cli import run_guarded, search_main
 
 if __name__ == "__main__":
-    sys.exit(run_guarded(main))
+    sys.exit(run_guarded(search_main))

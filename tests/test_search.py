@@ -11,8 +11,8 @@ import torch
 from idml.data.synthetic import _class_image
 from idml.export import build_exported, save_scripted
 from idml.models import IDMLNet
-from idml.cli import run_guarded
-from idml.search import INDEX_NAME, main, uncertainty_report
+from idml.cli import run_guarded, search_main
+from idml.search import INDEX_NAME, uncertainty_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT}
@@ -53,9 +53,9 @@ def search(*args):
 
 
 def search_here(capsys, *args, code=0):
-    """idml.search.main in this process (faster): (stdout, stderr)."""
+    """scripts/search.py's main in this process (faster): (stdout, stderr)."""
     capsys.readouterr()
-    assert run_guarded(main, list(args)) == code
+    assert run_guarded(search_main, list(args)) == code
     return capsys.readouterr()
 
 
