@@ -6,11 +6,10 @@ train_transform's augmentation to 224 px, measured per epoch of the sampler. PIL
 many worker processes as DALI gets threads: 2 on CPU (the development machine's cores), 4
 on CUDA (DESIGN.md: at most 4 CPU threads per GPU). Sizes: small = batch 32, 8 batches;
 full = batch 120, 20 batches. Targets (DESIGN.md): DALI's CPU pipeline >= 1.5x PIL's
-images per second, asserted at full scale (not met on the 2-core development machine:
-about 1.2x, bench/RESULTS.md; per image and core DALI's CPU operators cost about what PIL's
-do, its antialiased resize more, its region-of-interest decoding less); at small scale on
-the CPU, no slower than PIL. The GPU pipeline: >= 3000 images per second on one H100/H200
-at full scale. Skipped where DALI is not installed (the GPU machine has none).
+images per second, asserted at full scale (about 1.9x on the 2-core development machine,
+bench/RESULTS.md); at small scale on the CPU, no slower than PIL. The GPU pipeline: >= 3000
+images per second on one H100/H200 at full scale. Skipped where DALI is not installed (the
+GPU machine has none).
 """
 import os
 

@@ -2,8 +2,10 @@
 DataLoader yields, (images, labels, number of unreadable images dropped) per batch: NCHW
 float32 on the training device, normalised with the ImageNet mean and std.
 
-On CUDA the JPEGs are decoded on the GPU (DALI's "mixed" decoder) and resized there; on the
-CPU DALI's own operators do the work (no GPU needed). DALI is optional
+On CUDA the JPEGs are decoded on the GPU (DALI's "mixed" decoder) and DALI resizes, flips
+and normalises them there (DaliResampling). On the CPU DALI decodes (only the crop box, when
+training) on its own threads and torch resamples the pixels with Pillow's filter
+(TorchResampling): DALI's CPU resize costs five times torch's. DALI is optional
 (`pip install nvidia-dali-cuda130`).
 
 Python still decides what is loaded: the batch samplers pick each step's indices for this
@@ -12,9 +14,10 @@ as the PIL path draws them (TrainDraws under SeededSamples). DALI receives the e
 bytes with those boxes and flips through an external source. So --IPC batches, per-rank
 shards and resuming mid-epoch behave as with --loader pil, and a resumed run sees the same
 pixels as an uninterrupted one (tested on the CPU; DALI's readers.file with its own shuffling
-could do none of this). The pixels are close to PIL's, not equal: DALI's antialiased linear
-resampling is not Pillow's bilinear filter, so a run does not reproduce --loader pil's run
-bit for bit (tests/test_dali.py bounds the difference: about one grey level).
+could do none of this). The pixels are close to PIL's, not equal, so a run does not
+reproduce --loader pil's run bit for bit: on the CPU the JPEG decoders differ by at most one
+grey level here and there; on the GPU nvJPEG and DALI's antialiased linear filter differ more
+(tests/test_dali.py bounds both).
 
 Unreadable images: every file's header is parsed with PIL before DALI sees its bytes (the
 crop box needs the image's size anyway), so a file that is not an image is skipped with the
@@ -23,10 +26,11 @@ JPEG, say), that one batch is decoded with PIL instead: PIL skips and counts the
 files, the others keep their crop boxes and flips.
 """
 import collections
+import contextlib
 import io
 import types
 import warnings
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -39,7 +43,6 @@ from idml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainDraws, eval_g
 from idml.errors import UsageError
 
 PREFETCH = 2  # batches DALI prepares ahead of the one being consumed
-INPUTS = 4  # what DALI is fed per image: the file bytes and three arguments (TrainArguments, EvalArguments)
 DALI_PACKAGE = "nvidia-dali-cuda130"
 
 
@@ -66,38 +69,13 @@ def image_files(dataset: Dataset) -> Items:
     return dataset.items
 
 
-class TrainArguments:
-    """DALI's per-image arguments for train_transform's draws (TrainDraws): the crop box as
-    anchor (x, y) and shape (width, height), and the mirror flag."""
-
-    def __init__(self, image_size: int):
-        self.draws = TrainDraws(image_size)
-
-    def __call__(self, image: Image.Image) -> tuple:
-        top, left, height, width, flip = self.draws(image)
-        return np.array([left, top], np.int32), np.array([width, height], np.int32), np.int32(flip)
-
-
-class EvalArguments:
-    """DALI's per-image arguments for eval_transform: the (height, width) to resize to and the
-    centre crop's relative position (y, x), from torchvision's own arithmetic (eval_geometry;
-    DALI would round the longer side and half-pixel corners differently)."""
-
-    def __init__(self, image_size: int):
-        self.image_size = image_size
-
-    def __call__(self, image: Image.Image) -> tuple:
-        (height, width), (top, left) = eval_geometry(*image.size, self.image_size)
-        margin_y, margin_x = max(height - self.image_size, 1), max(width - self.image_size, 1)
-        return np.array([height, width], np.float32), np.float32(top / margin_y), np.float32(left / margin_x)
-
-
 class EncodedImages(Dataset):
-    """(label, file bytes, *DALI's arguments for the image) of each (path, label) item, or
-    None, with the PIL path's warning, for a file whose header PIL cannot read."""
+    """(label, file bytes, geometry) of each (path, label) item, where geometry is what
+    `geometry` computes from the image's header (TrainDraws, or eval_geometry's resize and
+    crop), or None, with the PIL path's warning, for a file whose header PIL cannot read."""
 
-    def __init__(self, items: Items, arguments):
-        self.items, self.arguments = items, arguments
+    def __init__(self, items: Items, geometry: Callable[[Image.Image], tuple]):
+        self.items, self.geometry = items, geometry
 
     def __len__(self):
         return len(self.items)
@@ -108,42 +86,125 @@ class EncodedImages(Dataset):
             with open(path, "rb") as f:
                 encoded = f.read()
             with Image.open(io.BytesIO(encoded)) as image:  # parses the header only
-                arguments = self.arguments(image)
+                geometry = self.geometry(image)
         except UNREADABLE as error:
             warn_unreadable(path, error)
             return None
-        return (label, np.frombuffer(encoded, dtype=np.uint8), *arguments)
+        return label, np.frombuffer(encoded, dtype=np.uint8), geometry
 
 
-def build_pipeline(dali, source, train: bool, image_size: int, batch_size: int, device: torch.device,
-                   threads: int):
-    """DALI's decode -> crop and resize -> flip -> normalise, fed by `source` with the
-    columns of EncodedImages samples after the label."""
-    fn, dali_types = dali.fn, dali.types
-    gpu = device.type == "cuda"
-    device_id = (torch.cuda.current_device() if device.index is None else device.index) if gpu else None
-    pipe = dali.Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
-                         prefetch_queue_depth=PREFETCH)
-    # PIL ignores the EXIF orientation and so do the arguments, computed from the stored size.
-    decoder = dict(device="mixed" if gpu else "cpu", output_type=dali_types.RGB, adjust_orientation=False)
-    # Pillow's antialiased bilinear filter; subpixel_scale=False maps the whole source onto
-    # the whole output, as Pillow does.
-    resample = dict(interp_type=dali_types.INTERP_LINEAR, antialias=True, subpixel_scale=False)
-    normalise = dict(mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
-                     output_layout="CHW", dtype=dali_types.FLOAT)
-    with pipe:
-        if train:
-            encoded, anchor, shape, mirror = fn.external_source(source, num_outputs=INPUTS, batch=True)
-            images = fn.decoders.image_slice(encoded, anchor, shape, **decoder)  # decodes the box only
-            images = fn.resize(images, size=(image_size, image_size), **resample)
-            images = fn.crop_mirror_normalize(images, mirror=mirror, **normalise)
-        else:
-            encoded, size, crop_y, crop_x = fn.external_source(source, num_outputs=INPUTS, batch=True)
-            images = fn.resize(fn.decoders.image(encoded, **decoder), size=size, **resample)
-            images = fn.crop_mirror_normalize(images, crop=(image_size, image_size), crop_pos_y=crop_y,
-                                              crop_pos_x=crop_x, **normalise)
-        pipe.set_outputs(images)
-    return pipe
+def crop_boxes(geometries: List[tuple]) -> List[List[np.ndarray]]:
+    """DALI's image_slice arguments for TrainDraws' boxes: anchors (x, y), shapes (width, height)."""
+    return [[np.array([left, top], np.int32) for top, left, *_ in geometries],
+            [np.array([width, height], np.int32) for _, _, height, width, _ in geometries]]
+
+
+class DaliResampling:
+    """On the GPU, DALI does it all: decodes (nvJPEG), crops, resizes, flips and normalises,
+    and the batch is copied into a torch tensor on the same device. (On the CPU it works too,
+    with DALI's CPU decoder, but TorchResampling is faster there and closer to Pillow.)"""
+
+    arguments = 3  # per image besides the file bytes: the crop box and flip, or the resize and crop
+
+    def __init__(self, dali, train: bool, image_size: int, device: torch.device):
+        self.dali, self.train, self.image_size, self.device = dali, train, image_size, device
+
+    def inputs(self, geometries: List[tuple]) -> List[list]:
+        """DALI's per-image arguments besides the file bytes."""
+        if self.train:
+            return crop_boxes(geometries) + [[np.int32(flip) for *_, flip in geometries]]
+        size = self.image_size
+        return [[np.array(resized, np.float32) for resized, _ in geometries],
+                # crop_mirror_normalize places the crop by its relative position (y, x)
+                [np.float32(top / max(height - size, 1)) for (height, _), (top, _) in geometries],
+                [np.float32(left / max(width - size, 1)) for (_, width), (_, left) in geometries]]
+
+    def graph(self, encoded, inputs):
+        fn, dali_types = self.dali.fn, self.dali.types
+        # Pillow's antialiased bilinear filter; subpixel_scale=False maps the whole source onto
+        # the whole output, as Pillow does.
+        resample = dict(interp_type=dali_types.INTERP_LINEAR, antialias=True, subpixel_scale=False)
+        normalise = dict(mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
+                         output_layout="CHW", dtype=dali_types.FLOAT)
+        size, decoder = self.image_size, "mixed" if self.device.type == "cuda" else "cpu"
+        if self.train:
+            anchor, shape, mirror = inputs
+            images = fn.resize(decode(self.dali, decoder, encoded, anchor, shape), size=(size, size), **resample)
+            return fn.crop_mirror_normalize(images, mirror=mirror, **normalise)
+        resized, crop_y, crop_x = inputs
+        images = fn.resize(decode(self.dali, decoder, encoded), size=resized, **resample)
+        return fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_y=crop_y, crop_pos_x=crop_x, **normalise)
+
+    def to_torch(self, images, geometries: List[tuple]) -> torch.Tensor:
+        out = torch.empty((len(geometries), 3, self.image_size, self.image_size), device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        self.dali.feed_ndarray(images.as_tensor(), out, cuda_stream=stream)
+        return out
+
+
+class TorchResampling:
+    """On the CPU, DALI decodes (only the crop box, when training) and torch resizes, crops,
+    flips and normalises each image: torch's antialiased bilinear resize of uint8 pixels is
+    Pillow's filter and costs about a fifth of DALI's CPU resize (bench/RESULTS.md)."""
+
+    def __init__(self, dali, train: bool, image_size: int):
+        self.dali, self.train, self.image_size = dali, train, image_size
+        self.arguments = 2 if train else 0  # the crop box, for decoding only the box
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+
+    def inputs(self, geometries: List[tuple]) -> List[list]:
+        return crop_boxes(geometries) if self.train else []
+
+    def graph(self, encoded, inputs):
+        return decode(self.dali, "cpu", encoded, *inputs)
+
+    def to_torch(self, images, geometries: List[tuple]) -> torch.Tensor:
+        with one_torch_thread():
+            return self._resample(images, geometries)
+
+    def _resample(self, images, geometries: List[tuple]) -> torch.Tensor:
+        size = self.image_size
+        out = torch.empty((len(geometries), 3, size, size))
+        for i, geometry in enumerate(geometries):
+            pixels = torch.from_numpy(np.asarray(images[i])).permute(2, 0, 1).unsqueeze(0)  # a 1CHW view of HWC
+            if self.train:
+                image = resize(pixels, (size, size))
+                if geometry[-1]:
+                    image = image.flip(-1)
+            else:
+                resized, (top, left) = geometry
+                image = resize(pixels, resized)[:, top:top + size, left:left + size]
+            torch.sub(image, self.mean, out=out[i]).div_(self.std)
+        return out
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Runs torch's operators on the calling thread alone. DALI's threads decode the next
+    batches meanwhile; torch's own threads would spin-wait between these small per-image
+    operations and take DALI's cores (1.45x -> 1.86x PIL's images per second on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def resize(pixels: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Pillow's bilinear resize (antialiased when shrinking) of 1CHW uint8 pixels, as CHW uint8."""
+    return torch.nn.functional.interpolate(pixels, size=tuple(size), mode="bilinear", antialias=True,
+                                           align_corners=False)[0]
+
+
+def decode(dali, device: str, encoded, anchor=None, shape=None):
+    """RGB pixels (HWC uint8) of the encoded images, only the box at anchor with shape if given.
+    PIL ignores the EXIF orientation and so do the geometries, computed from the stored size."""
+    options = dict(device=device, output_type=dali.types.RGB, adjust_orientation=False)
+    if anchor is None:
+        return dali.fn.decoders.image(encoded, **options)
+    return dali.fn.decoders.image_slice(encoded, anchor, shape, **options)
 
 
 class DaliLoader:
@@ -160,19 +221,25 @@ class DaliLoader:
     def __init__(self, dataset: Dataset, batches: Iterable[List], batch_size: int, image_size: int,
                  device: torch.device, workers: int, seed: Optional[int] = None):
         items = image_files(dataset)
-        self.dali = import_dali()
-        self.batches, self.batch_size, self.image_size = batches, batch_size, image_size
-        self.device, self.threads, self.train = device, max(workers, 1), seed is not None
-        encoded = EncodedImages(items, (TrainArguments if self.train else EvalArguments)(image_size))
-        self.samples = SeededSamples(encoded, seed) if self.train else encoded
-        self.pil = SeededSamples(dataset, seed) if self.train else dataset
+        dali = import_dali()
+        self.dali, self.batches, self.batch_size, self.device = dali, batches, batch_size, device
+        self.threads, train = max(workers, 1), seed is not None
+        if device.type == "cuda":
+            self.resampling = DaliResampling(dali, train, image_size, device)
+        else:
+            self.resampling = TorchResampling(dali, train, image_size)
+        geometry = TrainDraws(image_size) if train else lambda image: eval_geometry(*image.size, image_size)
+        encoded = EncodedImages(items, geometry)
+        self.samples = SeededSamples(encoded, seed) if train else encoded
+        self.pil = SeededSamples(dataset, seed) if train else dataset
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
-        # What each batch became, in the batches' order: (batch, labels, dropped); labels None
-        # for a batch of unreadable files only, which DALI is not given (it takes no empty batch).
+        # What each batch became, in the batches' order: (batch, labels, geometries, dropped);
+        # labels None for a batch of unreadable files only, which DALI is not given (it takes
+        # no empty batch).
         pending = collections.deque()
         batches = iter(self.batches)
 
@@ -181,12 +248,12 @@ class DaliLoader:
                 batch = next(batches)  # StopIteration ends DALI's epoch
                 samples = [self.samples[item] for item in batch]
                 valid = [sample for sample in samples if sample is not None]
-                pending.append((batch, [sample[0] for sample in valid] or None, len(samples) - len(valid)))
+                labels, encoded, geometries = zip(*valid) if valid else (None, None, None)
+                pending.append((batch, labels, geometries, len(samples) - len(valid)))
                 if valid:
-                    return [list(column) for column in zip(*valid)][1:]
+                    return [list(encoded)] + self.resampling.inputs(geometries)
 
-        pipe = build_pipeline(self.dali, source, self.train, self.image_size, self.batch_size, self.device,
-                              self.threads)
+        pipe = self._pipeline(source)
         while True:
             try:
                 (outcome,) = pipe.run()  # the output of the oldest batch DALI was given
@@ -197,20 +264,26 @@ class DaliLoader:
                     raise
                 outcome = error
             while pending and pending[0][1] is None:  # batches before it that DALI was not given
-                yield None, None, pending.popleft()[2]
+                yield None, None, pending.popleft()[3]
             if outcome is None:
                 return
-            batch, labels, dropped = pending.popleft()
+            batch, labels, geometries, dropped = pending.popleft()
             if isinstance(outcome, RuntimeError):
                 yield self._decode_with_pil(batch)
             else:
-                yield self._to_torch(outcome), torch.tensor(labels), dropped
+                yield self.resampling.to_torch(outcome, geometries), torch.tensor(labels), dropped
 
-    def _to_torch(self, images) -> torch.Tensor:
-        out = torch.empty((len(images), 3, self.image_size, self.image_size), device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        self.dali.feed_ndarray(images.as_tensor(), out, cuda_stream=stream)
-        return out
+    def _pipeline(self, source):
+        """source's file bytes and arguments -> DALI's graph (the resampling's) -> the images."""
+        gpu = self.device.type == "cuda"
+        device_id = (torch.cuda.current_device() if self.device.index is None else self.device.index) if gpu else None
+        pipe = self.dali.Pipeline(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
+                                  prefetch_queue_depth=PREFETCH)
+        with pipe:
+            encoded, *inputs = self.dali.fn.external_source(source, num_outputs=1 + self.resampling.arguments,
+                                                            batch=True)
+            pipe.set_outputs(self.resampling.graph(encoded, inputs))
+        return pipe
 
     def _decode_with_pil(self, batch):
         warnings.warn(f"DALI could not decode an image of a batch of {len(batch)}: decoding that batch with PIL",
