@@ -2,7 +2,7 @@
 // shared by the CPU kernel (cpu/pa_ism.cpp) and the CUDA kernel (cuda/pa_ism.cu) so both
 // evaluate exactly the same formulas. Everything here works on ONE element (i, c) of the
 // B x C similarity matrix, from the product mu_i . p_c and the squared row/column norms.
-// check_inputs at the end validates the operators' arguments for both backends.
+// checked_inputs at the end validates the operators' arguments for both backends.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -192,8 +192,13 @@ IDML_HD Grad<T> element_grad(T dot, const Row<T>& row, const Col<T>& col, bool p
           g_u};
 }
 
-inline void check_inputs(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& labels,
-                         const at::Tensor& proxies) {
+// The operators' tensor arguments, validated and made contiguous.
+struct Inputs {
+  at::Tensor mu, sigma, labels, proxies;
+};
+
+inline Inputs checked_inputs(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& labels,
+                             const at::Tensor& proxies) {
   TORCH_CHECK(mu.dim() == 2 && sigma.dim() == 2 && proxies.dim() == 2,
               "pa_ism: mu (B, D), sigma (B, D') and proxies (C, D) must be matrices");
   TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong,
@@ -207,6 +212,7 @@ inline void check_inputs(const at::Tensor& mu, const at::Tensor& sigma, const at
   TORCH_CHECK(sigma.device() == mu.device() && labels.device() == mu.device() &&
                   proxies.device() == mu.device(),
               "pa_ism: all inputs must be on the same device");
+  return {mu.contiguous(), sigma.contiguous(), labels.contiguous(), proxies.contiguous()};
 }
 
 }  // namespace pa_ism

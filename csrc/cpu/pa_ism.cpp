@@ -23,7 +23,6 @@ namespace {
 using pa_ism::Col;
 using pa_ism::Params;
 using pa_ism::Row;
-using pa_ism::check_inputs;
 
 // Columns per tile: the inner loops run over them (vectorised); the forward keeps a
 // B x kTile buffer of logits per tile, which stays in the L2 cache.
@@ -162,9 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
     const at::Tensor& mu_in, const at::Tensor& sigma_in, const at::Tensor& labels_in,
     const at::Tensor& proxies_in, double margin, double alpha, bool ism, double ism_offset,
     double ism_scale) {
-  check_inputs(mu_in, sigma_in, labels_in, proxies_in);
-  const at::Tensor mu = mu_in.contiguous(), sigma = sigma_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous(), proxies = proxies_in.contiguous();
+  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in);
+  const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1);
   const at::Tensor dots = at::mm(mu, proxies.t());
   const at::Tensor row_stats = at::empty({2, B}, mu.options());
@@ -212,9 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cpu(
     const at::Tensor& row_stats_in, const at::Tensor& col_stats_in,
     const at::Tensor& num_positive, double margin, double alpha, bool ism, double ism_offset,
     double ism_scale) {
-  check_inputs(mu_in, sigma_in, labels_in, proxies_in);
-  const at::Tensor mu = mu_in.contiguous(), sigma = sigma_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous(), proxies = proxies_in.contiguous();
+  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in);
+  const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
   const at::Tensor dots = dots_in.contiguous(), row_stats = row_stats_in.contiguous();
   const at::Tensor col_stats = col_stats_in.contiguous();
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1);

@@ -298,10 +298,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
     const at::Tensor& mu_in, const at::Tensor& sigma_in, const at::Tensor& labels_in,
     const at::Tensor& proxies_in, double margin, double alpha, bool ism, double ism_offset,
     double ism_scale) {
-  pa_ism::check_inputs(mu_in, sigma_in, labels_in, proxies_in);
   const c10::cuda::CUDAGuard device_guard(mu_in.device());
-  const at::Tensor mu = mu_in.contiguous(), sigma = sigma_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous(), proxies = proxies_in.contiguous();
+  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in);
+  const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1), D_sigma = sigma.size(1);
   const at::ScalarType acc_type = at::toOpMathType(mu.scalar_type());
   const at::TensorOptions acc = mu.options().dtype(acc_type);
@@ -344,10 +343,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
     const at::Tensor& row_stats_in, const at::Tensor& col_stats_in,
     const at::Tensor& num_positive_in, double margin, double alpha, bool ism, double ism_offset,
     double ism_scale) {
-  pa_ism::check_inputs(mu_in, sigma_in, labels_in, proxies_in);
   const c10::cuda::CUDAGuard device_guard(mu_in.device());
-  const at::Tensor mu = mu_in.contiguous(), sigma = sigma_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous(), proxies = proxies_in.contiguous();
+  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in);
+  const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
   const at::ScalarType acc_type = at::toOpMathType(mu.scalar_type());
   const at::Tensor grad = grad_loss.to(acc_type).contiguous();
   const at::Tensor dots = dots_in.contiguous(), row_stats = row_stats_in.contiguous();
