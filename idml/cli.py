@@ -168,7 +168,9 @@ def evaluate_main(argv=None) -> None:
     from idml.evaluate import evaluate_checkpoint
 
     args = evaluate_parser().parse_args(argv)
-    metrics = evaluate_checkpoint(args)
+    metrics, plots = evaluate_checkpoint(args)
+    for path in plots:
+        print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -1,7 +1,6 @@
 """Evaluation on the unseen test classes (IDML_METHOD.md section 5): embed every test image
 with the semantic head and compute the retrieval and clustering metrics on the device."""
-import sys
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -46,8 +45,9 @@ def format_metrics(metrics: Dict[str, float]) -> str:
     return "  ".join(f"{name} {value * 100:.2f}" for name, value in metrics.items())
 
 
-def evaluate_checkpoint(args) -> Dict[str, float]:
-    """scripts/evaluate.py: the test-split metrics of a checkpoint written by training."""
+def evaluate_checkpoint(args) -> Tuple[Dict[str, float], List[str]]:
+    """scripts/evaluate.py: the test-split metrics of a checkpoint written by training, and
+    the plot files written (--plots DIR: recall_at_k.png and query_grid.png)."""
     from argparse import Namespace
 
     from idml.checkpoint import load_checkpoint
@@ -70,9 +70,9 @@ def evaluate_checkpoint(args) -> Dict[str, float]:
     test_set = build_dataset(dataset, args.data_root or saved.data_root, train=False, image_size=image_size)
     loader = eval_loader(test_set, args.batch_size, args.workers, device, args.loader, image_size)
     embeddings, labels, _ = embed(model, loader, device, amp, progress=not args.json)
-    if getattr(args, "plots", None):  # --plots DIR: recall_at_k.png and query_grid.png
+    plots = []
+    if getattr(args, "plots", None):
         from idml.plots import evaluation_plots
 
-        for path in evaluation_plots(args.plots, test_set, embeddings, labels, f"{dataset}: {args.resume}"):
-            print(f"wrote {path}", file=sys.stderr)
-    return compute_metrics(embeddings, labels, ks=recall_ks(dataset))
+        plots = evaluation_plots(args.plots, test_set, embeddings, labels, f"{dataset}: {args.resume}")
+    return compute_metrics(embeddings, labels, ks=recall_ks(dataset)), plots
