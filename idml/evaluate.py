@@ -9,7 +9,7 @@ from tqdm import tqdm
 from idml.data.datasets import BadImageBudget
 from idml.errors import UsageError
 from idml.metrics import compute_metrics
-from idml.precision import autocast, place_model, resolve_amp
+from idml.precision import autocast, configure_cudnn, place_model, resolve_amp
 
 DEFAULT_MAX_BAD_IMAGES = 10
 RECALL_KS = {"SOP": (1, 10, 100)}  # every other dataset: 1, 2, 4, 8
@@ -66,6 +66,7 @@ def evaluate_checkpoint(args) -> Tuple[Dict[str, float], List[str]]:
         raise UsageError(f"{args.resume}: the weights do not fit a {saved.model} with embedding size "
                          f"{saved.embedding_size} ({str(error).splitlines()[0]})") from None
     amp = resolve_amp(args.amp, device)
+    configure_cudnn(device, amp)
     model = place_model(model, device, amp)
     test_set = build_dataset(dataset, args.data_root or saved.data_root, train=False, image_size=image_size)
     loader = eval_loader(test_set, args.batch_size, args.workers, device, args.loader, image_size)

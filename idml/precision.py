@@ -3,7 +3,9 @@
 --amp auto (the default) takes the fast path where it is safe: bf16 autocast with
 channels_last weights on a GPU that supports bf16 (tensor-core convolutions want NHWC;
 given NHWC weights cuDNN picks the NHWC kernels and converts the NCHW input itself).
---amp off reproduces the published recipe: float32, NCHW. The loss and the optimizer
+With it cuDNN times its convolution algorithms at the first step of each input shape and
+keeps the fastest (every training batch has one shape). --amp off reproduces the published
+recipe: float32, NCHW, cuDNN's default algorithm choice. The loss and the optimizer
 always work in float32 (the fused op accumulates in float32 whatever its inputs).
 """
 import contextlib
@@ -31,6 +33,13 @@ def autocast(device: torch.device, amp: str):
 def memory_format(device: torch.device, amp: str) -> torch.memory_format:
     """channels_last with mixed precision on a GPU; the published NCHW layout otherwise."""
     return torch.channels_last if device.type == "cuda" and amp != "off" else torch.contiguous_format
+
+
+def configure_cudnn(device: torch.device, amp: str) -> None:
+    """cuDNN autotuning on a GPU with the fast path; its default heuristics with --amp off.
+    (A process-wide switch, so the training-step benchmark sets it before every step.)"""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = amp != "off"
 
 
 def place_model(model: nn.Module, device: torch.device, amp: str) -> nn.Module:

@@ -34,7 +34,7 @@ from idml.files import atomic_write_text
 from idml.losses import build_criterion
 from idml.metrics import compute_metrics
 from idml.models import IDMLNet
-from idml.precision import autocast, describe, place_model, resolve_amp
+from idml.precision import autocast, configure_cudnn, describe, place_model, resolve_amp
 from idml.runtime import build_model, eval_loader, resolve_device, seed_everything, train_loader
 
 GRADIENT_CLIP = 10.0
@@ -180,6 +180,7 @@ class Trainer:
                                        self.image_size)
 
         self.amp = resolve_amp(args.amp, self.device)
+        configure_cudnn(self.device, self.amp)
         self.model = place_model(self._sync_batch_norm(build_model(args, args.pretrained)), self.device, self.amp)
         self.criterion = build_criterion(args, self.num_classes).to(self.device)
         if args.compile:  # in place: the state_dict keys (checkpoints) stay those of the plain modules

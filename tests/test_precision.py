@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from idml.cli import train_parser
-from idml.precision import describe, memory_format, resolve_amp
+from idml.precision import configure_cudnn, describe, memory_format, resolve_amp
 from idml.train import Trainer
 
 TINY = ["--dataset", "digits", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "16",
@@ -26,6 +26,16 @@ def test_channels_last_goes_with_mixed_precision_on_gpus_only():
     assert memory_format(cuda, "bf16") == torch.channels_last and describe(cuda, "bf16") == "bf16 autocast, channels_last"
     assert memory_format(cuda, "off") == torch.contiguous_format and describe(cuda, "off") == "float32"
     assert memory_format(cpu, "bf16") == torch.contiguous_format and describe(cpu, "bf16") == "bf16 autocast"
+
+
+def test_cudnn_autotunes_with_the_fast_path_only(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    configure_cudnn(torch.device("cpu"), "bf16")
+    assert torch.backends.cudnn.benchmark is False  # the CPU has no cuDNN to tune
+    configure_cudnn(torch.device("cuda"), "bf16")
+    assert torch.backends.cudnn.benchmark is True
+    configure_cudnn(torch.device("cuda"), "off")  # the published recipe: cuDNN's defaults
+    assert torch.backends.cudnn.benchmark is False
 
 
 def trainer(tmp_path, *extra):
@@ -62,6 +72,7 @@ def test_compiled_training_equals_eager_training(tmp_path):
 def test_default_gpu_step_runs_bf16_channels_last_close_to_float32(tmp_path):
     fast, published = trainer(tmp_path / "fast"), trainer(tmp_path / "fp32", "--amp", "off")
     assert fast.amp == "bf16" and published.amp == "off"
+    assert torch.backends.cudnn.benchmark is False  # the last trainer built (--amp off) set it
     conv = fast.model.backbone.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
     assert published.model.backbone.conv1.weight.is_contiguous()
