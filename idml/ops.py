@@ -92,7 +92,8 @@ if EXTENSION_ERROR is None and hasattr(torch.ops.idml, "pa_ism_forward"):
     def _pa_ism_backward_fake(grad_loss, mu, sigma, labels, proxies, dots, row_stats, col_stats,
                               num_positive, margin=0.1, alpha=32.0, ism=True, ism_offset=4.0,
                               ism_scale=5.0):
-        return torch.empty_like(mu), torch.empty_like(sigma), torch.empty_like(proxies)
+        # Contiguous, as the kernels return them (empty_like would copy the inputs' strides).
+        return mu.new_empty(mu.shape), sigma.new_empty(sigma.shape), proxies.new_empty(proxies.shape)
 
     def _pa_ism_setup_context(ctx, inputs, output):
         mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale = inputs

@@ -3,6 +3,9 @@ idml.ops.pa_ism_loss) against idml/reference.py, an independent float64 evaluati
 IDML_METHOD.md sections 2-3 written here, and pytorch-metric-learning's ProxyAnchorLoss.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,17 +88,31 @@ def test_kernels_are_built_for_cpu():
         assert ops.has_kernel(op, torch.device("cpu")), f"idml._C has no CPU kernel for {op}"
 
 
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same matrix with transposed strides (not contiguous)."""
+    return t.t().contiguous().t()
+
+
+LAYOUTS = dict(argvalues=[lambda t: t, column_major], ids=["contiguous", "column_major"])
+
+
+@pytest.mark.parametrize("layout", **LAYOUTS)
 @pytest.mark.parametrize("ism", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_opcheck_forward(dtype, ism):
+def test_opcheck_forward(dtype, ism, layout):
     mu, sigma, labels, proxies = make_inputs(7, 11, 5, dtype=dtype)
+    mu, sigma, proxies = layout(mu), layout(sigma), layout(proxies)
     torch.library.opcheck(torch.ops.idml.pa_ism_forward.default,
                           (mu, sigma, labels, proxies, 0.1, 32.0, ism, 4.0, 5.0))
 
 
+@pytest.mark.parametrize("layout", **LAYOUTS)
 @pytest.mark.parametrize("ism", [True, False])
-def test_opcheck_backward(ism):
+def test_opcheck_backward(ism, layout):
+    """Gradients come back contiguous whatever the inputs' strides, in the kernels and their
+    fake (meta) versions alike."""
     mu, sigma, labels, proxies = make_inputs(7, 11, 5, requires_grad=False)
+    mu, sigma, proxies = layout(mu), layout(sigma), layout(proxies)
     _, *saved = torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies, 0.1, 32.0, ism, 4.0, 5.0)
     grad_loss = torch.tensor(0.7, dtype=torch.float64)
     torch.library.opcheck(torch.ops.idml.pa_ism_backward.default,
@@ -231,6 +248,18 @@ def test_rejects_labels_out_of_range():
     mu, sigma, labels, proxies = make_inputs(4, 5, 3, requires_grad=False, labels=torch.tensor([0, 1, 5, 2]))
     with pytest.raises(RuntimeError, match="outside"):
         torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies)
+
+
+@pytest.mark.cuda
+def test_cuda_label_out_of_range_is_a_device_side_assert():
+    """Where the CPU kernel raises, the CUDA kernel asserts on the device (a host check would
+    synchronise). In a child process: the assert leaves its CUDA context unusable."""
+    code = ("import torch; from idml import ops; mu = torch.randn(4, 8, device='cuda'); "
+            "labels = torch.tensor([0, 1, 5, 2], device='cuda'); "
+            "ops.pa_ism_loss(mu, mu.abs(), labels, torch.randn(3, 8, device='cuda')); torch.cuda.synchronize()")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, cwd=root)
+    assert result.returncode != 0 and "device-side assert" in result.stderr, result.stderr[-2000:]
 
 
 def test_torchscript_calls_the_op():

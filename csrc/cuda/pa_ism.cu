@@ -82,7 +82,8 @@ ColumnLaunch column_launch(int64_t B, int64_t C) {
 // row_stats = [|mu_i|^2; |sigma_i|^2], one block per row.
 template <typename scalar_t, typename acc_t>
 __global__ void row_norms_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ sigma,
-                                 int64_t B, int64_t D, int64_t D_sigma, acc_t* __restrict__ row_stats) {
+                                 const int64_t* __restrict__ labels, int64_t B, int64_t C, int64_t D,
+                                 int64_t D_sigma, acc_t* __restrict__ row_stats) {
   __shared__ acc_t shared[kWarp];
   const int64_t i = blockIdx.x;
   acc_t mu_sq = 0, sigma_sq = 0;
@@ -97,6 +98,9 @@ __global__ void row_norms_kernel(const scalar_t* __restrict__ mu, const scalar_t
   mu_sq = block_sum(mu_sq, shared);
   sigma_sq = block_sum(sigma_sq, shared);
   if (threadIdx.x == 0) {
+    // The CPU kernel raises here; checking on the host would synchronise, and a label
+    // outside [0, C) would otherwise count as a negative of every proxy.
+    CUDA_KERNEL_ASSERT(labels[i] >= 0 && labels[i] < C);
     row_stats[i] = mu_sq;
     row_stats[B + i] = sigma_sq;
   }
@@ -319,8 +323,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
     const Params<acc_t> p = make_params<acc_t>(margin, alpha, ism_offset, ism_scale);
     if (B > 0) {
       row_norms_kernel<scalar_t, acc_t><<<B, kReduceThreads, 0, stream>>>(
-          mu.const_data_ptr<scalar_t>(), sigma.const_data_ptr<scalar_t>(), B, D, D_sigma,
-          row_stats.mutable_data_ptr<acc_t>());
+          mu.const_data_ptr<scalar_t>(), sigma.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), B, C,
+          D, D_sigma, row_stats.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     auto kernel = ism ? forward_kernel<scalar_t, acc_t, true> : forward_kernel<scalar_t, acc_t, false>;
@@ -347,7 +351,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
   const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in);
   const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
   const at::ScalarType acc_type = at::toOpMathType(mu.scalar_type());
-  const at::Tensor grad = grad_loss.to(acc_type).contiguous();
+  TORCH_CHECK(dots_in.device() == mu.device() && row_stats_in.device() == mu.device() &&
+                  col_stats_in.device() == mu.device() && num_positive_in.device() == mu.device(),
+              "pa_ism_backward: the forward's outputs must be on the inputs' device");
+  const at::Tensor grad = grad_loss.to(mu.device(), acc_type).contiguous();  // a CPU scalar is fine
   const at::Tensor dots = dots_in.contiguous(), row_stats = row_stats_in.contiguous();
   const at::Tensor col_stats = col_stats_in.contiguous();
   const at::Tensor num_positive = num_positive_in.contiguous();
