@@ -6,6 +6,9 @@
 # $OUT (default /tmp/idml_gpu_check). Usage: bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The extension is built in place, not installed: torchrun runs scripts/train.py as a file,
+# which finds the package only through PYTHONPATH.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1
 python="${PYTHON:-python3}"
 out="${OUT:-/tmp/idml_gpu_check}"
@@ -52,6 +55,8 @@ echo "DDP smoke run exit code: $ddp_status"
 limited 300 "$python" -m pytest bench --benchmark-only --bench-scale full -q -p no:cacheprovider \
   -k cuda --benchmark-json="$out/benchmarks.json" --benchmark-columns=min,median,rounds 2>&1 \
   | tee "$out/bench.log" | tail -60
-stopped "${PIPESTATUS[0]}" benchmarks
+bench_status=${PIPESTATUS[0]}
+stopped "$bench_status" benchmarks
+[ "$bench_status" -eq 0 ] || status=1  # a failure, or a target missed at full scale
 echo "total: $(( $(date +%s) - start )) s"
 exit "$status"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # A CUDA test takes seconds; minutes mean a hang or a pathological slowdown, and the GPU
-# machine (no pytest-timeout there) lends only minutes in all.
+# machine is lent for minutes in all (a SIGALRM here, so no pytest-timeout is needed).
 CUDA_TEST_SECONDS = 120
 
 
