@@ -37,8 +37,13 @@ def has_kernel(op_name: str, device: torch.device) -> bool:
 
 # --- introspective Proxy Anchor loss -------------------------------------------------
 
-# Looked up once, so that pa_ism_loss stays traceable by torch.compile (fullgraph).
-_PA_ISM_KERNEL = {dev: has_kernel("pa_ism_forward", torch.device(dev)) for dev in ("cpu", "cuda")}
+# Looked up once, so that the functions below stay traceable by torch.compile (fullgraph).
+_KERNELS = {(op, dev): has_kernel(op, torch.device(dev))
+            for op in ("pa_ism_forward", "retrieval_ranks") for dev in ("cpu", "cuda")}
+
+
+def _kernel_for(op_name: str, tensor: torch.Tensor) -> bool:
+    return _KERNELS.get((op_name, tensor.device.type), False)
 
 
 def pa_ism_loss(
@@ -59,7 +64,7 @@ def pa_ism_loss(
     each input's dtype. Inputs of different floating dtypes (e.g. bf16 embeddings from
     autocast with float32 proxies) are computed in their promoted dtype.
     """
-    if not _PA_ISM_KERNEL.get(mu.device.type, False):
+    if not _kernel_for("pa_ism_forward", mu):
         return reference.pa_ism_loss(mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale)
     dtype = torch.promote_types(torch.promote_types(mu.dtype, sigma.dtype), proxies.dtype)
     loss, _, _, _, _ = torch.ops.idml.pa_ism_forward(
@@ -139,7 +144,7 @@ def retrieval_ranks(
     """
     if max_k is None:
         max_k = max(1, emb.shape[0] if reference is None else reference.shape[0])
-    if has_kernel("retrieval_ranks", emb.device):
+    if _kernel_for("retrieval_ranks", emb):
         return torch.ops.idml.retrieval_ranks(emb, labels, reference, reference_labels, max_r, max_k, precision)
     return _reference_ops.retrieval_ranks(emb, labels, max_r, precision, reference, reference_labels, max_k)
 

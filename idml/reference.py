@@ -116,17 +116,16 @@ def retrieval_ranks(
     ranks = torch.zeros(n, cap, dtype=torch.long, device=emb.device)
     if cap == 0:
         return ranks, num_relevant
-    position = torch.arange(1, n_ref + 1, device=emb.device)
     block = max(1, (1 << 22) // n_ref)
     for q0 in range(0, n, block):
         rows = torch.arange(q0, min(n, q0 + block), device=emb.device)
-        sim = queries[rows] @ refs.t()
-        if symmetric:  # itself last: it then shifts no other item's position
-            sim[rows - q0, rows] = float("-inf")
-        order = torch.sort(sim, dim=1, descending=True, stable=True).indices
+        order = torch.sort(queries[rows] @ refs.t(), dim=1, descending=True, stable=True).indices
         relevant = ref_labels[order] == labels[rows].unsqueeze(1)
-        if symmetric:
-            relevant &= order != rows.unsqueeze(1)
+        position = torch.arange(1, n_ref + 1, device=emb.device).expand(len(rows), -1)
+        if symmetric:  # itself is no candidate: positions count the other items only
+            others = order != rows.unsqueeze(1)
+            relevant &= others
+            position = others.cumsum(1)
         # Positions of relevant items, in rank order first (non-relevant pushed past the end).
         positions = torch.where(relevant, position, n_ref + 1).sort(dim=1).values[:, :cap]
         keep = torch.arange(cap, device=emb.device) < num_relevant[rows].unsqueeze(1)

@@ -91,6 +91,16 @@ def test_compiled_op_is_built():
     assert ops.has_kernel("retrieval_ranks", torch.device("cpu")), ops.EXTENSION_ERROR
 
 
+def test_torch_compile_fullgraph():
+    """idml.ops.retrieval_ranks traces as one graph (its output width depends on the data);
+    aot_eager, as inductor's C++ compile takes minutes on CI's 2 cores."""
+    x, labels = clustered(300, 20, dim=8, duplicates=10)
+    compiled = torch.compile(lambda x, labels: ops.retrieval_ranks(x, labels, max_k=4), fullgraph=True,
+                             backend="aot_eager")
+    got, expected = compiled(x, labels), ops.retrieval_ranks(x, labels, max_k=4)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 @pytest.mark.parametrize("name,impl", implementations())
 @pytest.mark.parametrize("n,num_classes,max_r", [
     (1, 1, 1023), (2, 1, 1023), (7, 3, 1023), (60, 5, 3), (300, 40, 1023), (300, 20, 3),
@@ -169,6 +179,16 @@ def test_ties_go_to_the_lower_index():
     # Relabel so that the lower-index tie is the relevant one.
     ranks, _ = ops.retrieval_ranks(x, torch.tensor([0, 0, 1, 1]), 1023)
     assert ranks[0].tolist() == [1]
+
+
+def test_a_query_never_takes_a_place_among_its_own_items():
+    # Similarities that overflow float32 to -inf tie with each other: query 0's items 1, 2, 3
+    # rank in index order, so its relevant items 2 and 3 rank 2 and 3 (the query itself
+    # once took a place among the tied -inf items).
+    x = torch.tensor([[1e20, 0.0], [-1e20, 0.0], [-1e20, 0.0], [-1e20, 0.0]])
+    labels = torch.tensor([0, 1, 0, 0])
+    for impl in (ops.retrieval_ranks, reference.retrieval_ranks):
+        assert impl(x, labels)[0][0].tolist() == [2, 3], impl
 
 
 def test_query_without_relevant_item_is_an_r_at_k_miss():

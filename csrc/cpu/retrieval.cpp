@@ -100,10 +100,12 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
   auto offset = at::arange(width, long_opts).unsqueeze(0);
   for (int64_t h0 = 0; h0 < nq; h0 += chunk_rows) {
     const int64_t h1 = std::min(nq, h0 + chunk_rows);
-    auto seg_begin = begin.slice(0, h0, h1).unsqueeze(1);
-    auto cols = (seg_begin + offset).clamp_max_(nr - 1);  // reference positions
-    auto unused = (seg_begin + offset) >= end.slice(0, h0, h1).unsqueeze(1);
-    if (symmetric) unused |= cols == at::arange(h0, h1, long_opts).unsqueeze(1);
+    auto cols = begin.slice(0, h0, h1).unsqueeze(1) + offset;  // reference positions
+    // A query is not its own candidate: skipped, not masked, since a masked -inf could tie
+    // with (overflowed) -inf similarities of its class and take one of their places.
+    if (symmetric) cols += (cols >= at::arange(h0, h1, long_opts).unsqueeze(1)).to(at::kLong);
+    auto unused = cols >= end.slice(0, h0, h1).unsqueeze(1);
+    cols.clamp_max_(nr - 1);
     auto segment = at::empty({h1 - h0, width}, float_opts);
     for (int64_t a0 = h0; a0 < h1; a0 += backend.band_rows) {
       const int64_t a1 = std::min(h1, a0 + backend.band_rows);

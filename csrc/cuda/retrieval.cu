@@ -24,10 +24,24 @@ __device__ __forceinline__ void count_candidate(const Lists& l, int64_t q, float
   if (t < length) atomicAdd(l.counts + q * l.cap + t, 1);
 }
 
+// Before a tile is counted, each of its queries drops the listed items already ranked
+// past its limit (retrieval::shorten, as the CPU kernel does) and so raises its threshold:
+// fewer candidates pass, fewer searches and atomics. One thread per query: the tile's rows
+// and, in symmetric mode, its columns outside the rows' range.
+__global__ void shorten_kernel(Tile tile, Lists l) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (k < tile.rows) {
+    retrieval::shorten(l, tile.row0 + k);
+    return;
+  }
+  const int64_t i = tile.col0 + (k - tile.rows);
+  if (tile.symmetric && k - tile.rows < tile.cols && (i < tile.row0 || i >= tile.row0 + tile.rows)) {
+    retrieval::shorten(l, i);
+  }
+}
+
 // Each element (q, i) of the tile is a candidate for query q and, in symmetric mode, q a
 // candidate for query i. The thresholds reject almost every element before any search.
-// Lists are not shortened here (that needs an owner per query): ranks stay exact, and
-// the driver reports those above the limit alike.
 __global__ void count_kernel(Tile tile, Lists l) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= tile.cols) return;
@@ -53,13 +67,19 @@ __global__ void count_kernel(Tile tile, Lists l) {
 }
 
 void count_cuda(const Tile& tile, const Lists& l) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t queries = tile.rows + (tile.symmetric ? tile.cols : 0);
+  shorten_kernel<<<(queries + kThreads - 1) / kThreads, kThreads, 0, stream>>>(tile, l);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 grid((tile.cols + kThreads - 1) / kThreads, (tile.rows + kRowsPerBlock - 1) / kRowsPerBlock);
-  count_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(tile, l);
+  count_kernel<<<grid, kThreads, 0, stream>>>(tile, l);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Sets cuBLAS's TF32 permission for one product and restores the caller's setting, so
-// FP32 mode is exact even when the user enabled TF32 globally.
+// FP32 mode is exact even when the user enabled TF32 globally. Only a setting that differs
+// is written: the getters return the effective value, and writing it back would pin what
+// the user left to follow a global default (torch.backends.fp32_precision).
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
 // cuBLAS reads float32Precision(CUDA, MATMUL), and only that is touched. The legacy getter
 // allowTF32CuBLAS() throws once TF32 was set through the new API alone
@@ -69,27 +89,36 @@ void count_cuda(const Tile& tile, const Lists& l) {
 class AllowTF32 {
  public:
   explicit AllowTF32(bool allow)
-      : previous_(at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL)) {
-    set(allow ? at::Float32Precision::TF32 : at::Float32Precision::IEEE);
+      : previous_(get()), wanted_(allow ? at::Float32Precision::TF32 : at::Float32Precision::IEEE) {
+    if (changes()) set(wanted_);
   }
-  ~AllowTF32() { set(previous_); }
+  ~AllowTF32() {
+    if (changes()) set(previous_);
+  }
 
  private:
+  static at::Float32Precision get() {
+    return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+  }
   static void set(at::Float32Precision precision) {
     at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, precision);
   }
-  at::Float32Precision previous_;
+  // Anything but TF32 ("ieee", or "none" resolved to it) multiplies exactly in float32.
+  bool changes() const { return (previous_ == at::Float32Precision::TF32) != (wanted_ == at::Float32Precision::TF32); }
+  at::Float32Precision previous_, wanted_;
 };
 #else  // older torch: the legacy flag, there also what cuBLAS reads
 class AllowTF32 {
  public:
-  explicit AllowTF32(bool allow) : previous_(at::globalContext().allowTF32CuBLAS()) {
-    at::globalContext().setAllowTF32CuBLAS(allow);
+  explicit AllowTF32(bool allow) : previous_(at::globalContext().allowTF32CuBLAS()), allow_(allow) {
+    if (previous_ != allow_) at::globalContext().setAllowTF32CuBLAS(allow_);
   }
-  ~AllowTF32() { at::globalContext().setAllowTF32CuBLAS(previous_); }
+  ~AllowTF32() {
+    if (previous_ != allow_) at::globalContext().setAllowTF32CuBLAS(previous_);
+  }
 
  private:
-  bool previous_;
+  bool previous_, allow_;
 };
 #endif
 
