@@ -109,10 +109,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        x = x.contiguous()
-        out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
-        _all_gather(out, x)
-        return out
+        return gather(x)
 
     @staticmethod
     def backward(ctx, grad):
