@@ -132,9 +132,9 @@ def idml_loss(model, criterion, images, labels, lam: float, permutation, amp: st
     """L(clean, y) + lam L(mixed, y) + (1 - lam) L(mixed, y[pi]) of the global batch.
 
     `model`: an IDMLNet, or CleanAndMixed (DDP-wrapped when distributed); `amp`: a resolved
-    --amp (idml.precision). Distributed,
-    `images` and `labels` are this rank's slice and `permutation` permutes the global batch:
-    the images are gathered to mix, mu and sigma gathered (with gradient) for the loss."""
+    --amp (idml.precision). Distributed, `images` and `labels` are this rank's slice and
+    `permutation` permutes the global batch: the images are gathered to mix, mu and sigma
+    gathered (with gradient) for the loss."""
     forward = CleanAndMixed(model) if isinstance(model, IDMLNet) else model
     all_images, all_labels = distributed.gather(images), distributed.gather(labels)
     mine = permutation[distributed.my_slice(len(permutation))]
@@ -220,9 +220,8 @@ class Trainer:
     def run(self) -> RunState:
         args = self.args
         print_main(f"training IDML on {args.dataset} ({len(self.train_set)} images, {self.num_classes} classes) "
-              f"on {self.device} ({describe(self.device, self.amp)}{', compiled' if args.compile else ''}"
-              f"{distributed.describe()}); "
-              f"run folder {self.run_dir}")
+                   f"on {self.device} ({describe(self.device, self.amp)}{', compiled' if args.compile else ''}"
+                   f"{distributed.describe()}); run folder {self.run_dir}")
         with stop_requests() as self.stop_request:
             if self.state.epoch == 0 and self.state.step == 0:
                 self._record(0, None, self._evaluate("before training"))
