@@ -1,5 +1,5 @@
-"""Command lines of scripts/train.py, evaluate.py, export.py and search.py: their flags and
-what they print (the library modules return what they compute).
+"""Command lines of scripts/train.py, evaluate.py, export.py, search.py and synthetic.py:
+their flags and what they print (the library modules return what they compute).
 
 Every flag of the published commands is accepted verbatim (`--gpu -1` included). Bad
 arguments or data end with one sentence on stderr and exit code 2, never a traceback.
@@ -176,6 +176,23 @@ def evaluate_main(argv=None) -> None:
     else:
         for name, value in metrics.items():
             print(f"{name:6s} {value * 100:6.2f}")
+
+
+def synthetic_main(argv=None) -> None:
+    """scripts/synthetic.py: a small data set in a real on-disk layout."""
+    from idml.data import synthetic
+
+    parser = argparse.ArgumentParser(prog="scripts/synthetic.py",
+                                     description=synthetic.__doc__.split("\n\n")[0])
+    parser.add_argument("--layout", choices=synthetic.LAYOUTS, required=True)
+    parser.add_argument("--out", required=True, help="the data root to write into")
+    parser.add_argument("--classes", type=int, default=8, help="number of classes, half train, half test")
+    parser.add_argument("--per-class", type=int, default=6, help="images per class")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    synthetic.WRITERS[args.layout](args.out, args.classes, args.per_class, args.seed)
+    print(f"wrote a synthetic {args.layout} dataset ({args.classes} classes x {args.per_class} images) "
+          f"under {args.out}")
 
 
 def export_parser() -> argparse.ArgumentParser:

@@ -104,3 +104,12 @@ def test_wrong_layout_and_empty_class_are_refused_without_writing(tmp_path):
                  "--LOG_DIR", str(logs))
     assert_refused(result, "000.Empty holds no images")
     assert not logs.exists()  # nothing half-written
+
+
+def test_synthetic_data_command_writes_a_layout_the_loader_reads(tmp_path):
+    from idml.data import build_dataset
+
+    result = run("synthetic.py", "--layout", "sop", "--out", str(tmp_path), "--classes", "4", "--per-class", "3")
+    assert result.returncode == 0 and "wrote a synthetic sop dataset" in result.stdout, result.stderr
+    assert len(build_dataset("SOP", str(tmp_path), train=True, image_size=32)) == 6  # 2 classes x 3
+    assert_refused(run("synthetic.py", "--layout", "imagenet", "--out", str(tmp_path)), "invalid choice")

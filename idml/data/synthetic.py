@@ -1,12 +1,11 @@
 """Writes a small dataset in one of the real on-disk layouts, for tests and smoke runs:
 
-    python -m idml.data.synthetic --layout {cub,cars,sop} --out DIR [--classes N] [--per-class N]
+    python scripts/synthetic.py --layout {cub,cars,sop} --out DIR [--classes N] [--per-class N]
 
 Each class is a colour and a shape drawn at random positions, saved as JPEGs of varied
 sizes; every fifth image is greyscale (as in the real data sets). Cars196 gets a
 cars_annos.mat written with scipy in the real file's structure, SOP the Ebay_*.txt lists.
 """
-import argparse
 import os
 
 import numpy as np
@@ -95,20 +94,3 @@ def write_sop(out: str, num_classes: int, per_class: int, seed: int = 0,
 
 
 WRITERS = {"cub": write_cub, "cars": write_cars, "sop": write_sop}
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layout", choices=LAYOUTS, required=True)
-    parser.add_argument("--out", required=True, help="the data root to write into")
-    parser.add_argument("--classes", type=int, default=8, help="number of classes, half train, half test")
-    parser.add_argument("--per-class", type=int, default=6, help="images per class")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    WRITERS[args.layout](args.out, args.classes, args.per_class, args.seed)
-    print(f"wrote a synthetic {args.layout} dataset ({args.classes} classes x {args.per_class} images) "
-          f"under {args.out}")
-
-
-if __name__ == "__main__":
-    main()
