@@ -1,9 +1,11 @@
 """Checkpoints: written atomically, read with torch.load(weights_only=True).
 
 A checkpoint is a dict of tensors and plain Python values (no pickled objects), so it
-loads safely and without idml's classes:
+loads safely and without idml's classes. checkpoint_last.pt, the state a run resumes from:
   format, version, args (the run's arguments), model, criterion, optimizer, scheduler,
   epoch (epochs completed), best ({"epoch", "metrics"}), rng, wandb_run_id.
+<dataset>_<model>_best.pth, the best epoch's weights: format, version, args, model,
+  criterion, epoch, metrics.
 """
 import io
 import random

@@ -344,7 +344,7 @@ class Trainer:
             self.wandb.log({k: v for k, v in entry.items() if v is not None}, step=epoch)
         if is_best:
             prefix = os.path.join(self.run_dir, f"{self.args.dataset}_{self.args.model}_best")
-            save_checkpoint(prefix + ".pth", self._checkpoint())
+            save_checkpoint(prefix + ".pth", self._weights(epoch, metrics))
             atomic_write_text(prefix + "_results.txt", best_results_text(epoch, metrics))
         if epoch > 0:
             self._save_last()
@@ -352,6 +352,12 @@ class Trainer:
     def _save_last(self) -> None:
         if distributed.is_main():
             save_checkpoint(os.path.join(self.run_dir, "checkpoint_last.pt"), self._checkpoint())
+
+    def _weights(self, epoch: int, metrics: dict) -> dict:
+        """The best epoch's file: what evaluation, export and search read, without the optimiser
+        state that only resuming needs (it would double the file)."""
+        return {"args": vars(self.args), "model": self.model.state_dict(),
+                "criterion": self.criterion.state_dict(), "epoch": epoch, "metrics": metrics}
 
     def _checkpoint(self) -> dict:
         return {
@@ -377,6 +383,9 @@ class Trainer:
             if saved[name] != getattr(self.args, name):
                 raise UsageError(f"--resume {path} was trained with --{name.replace('_', '-')} {saved[name]}, "
                                  f"this run asks for {getattr(self.args, name)}")
+        if "optimizer" not in checkpoint:
+            raise UsageError(f"--resume {path} holds only the best epoch's weights; resume from "
+                             f"checkpoint_last.pt in the same folder")
         self.model.load_state_dict(checkpoint["model"])
         self.criterion.load_state_dict(checkpoint["criterion"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -1,3 +1,4 @@
+import shutil
 import signal
 
 import pytest
@@ -19,6 +20,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path(tmp_path_factory, request):
+    """A folder for one test module's shared fixtures, removed after its last test: the runs
+    they train write checkpoints (hundreds of MB) that no later module reads."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

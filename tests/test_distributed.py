@@ -64,11 +64,11 @@ def train(log_dir, processes=None):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    single, _ = train(tmp_path_factory.mktemp("single"))
-    ddp, result = train(tmp_path_factory.mktemp("ddp"), processes=2)
-    one_process, one_process_result = train(tmp_path_factory.mktemp("ddp1"), processes=1)
-    initial = Trainer(train_parser().parse_args(RUN + ["--LOG_DIR", str(tmp_path_factory.mktemp("init"))]))
+def runs(module_tmp_path):
+    single, _ = train(module_tmp_path / "single")
+    ddp, result = train(module_tmp_path / "ddp", processes=2)
+    one_process, one_process_result = train(module_tmp_path / "ddp1", processes=1)
+    initial = Trainer(train_parser().parse_args(RUN + ["--LOG_DIR", str(module_tmp_path / "init")]))
     return types.SimpleNamespace(
         single=single, ddp=ddp, result=result, one_process=one_process, one_process_result=one_process_result,
         initial={"model": initial.model.state_dict(), "criterion": initial.criterion.state_dict()})

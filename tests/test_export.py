@@ -47,15 +47,15 @@ torch.save({"embedding": embedding, "uncertainty": uncertainty,
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("export_run")
+def checkpoint(module_tmp_path):
+    logs = module_tmp_path / "export_run"
     train(train_parser().parse_args(TINY + ["--uncertainty", "softplus", "--LOG_DIR", str(logs)]))
     return glob.glob(str(logs / "logs_digits" / "*" / "checkpoint_last.pt"))[0]
 
 
 @pytest.fixture(scope="module")
-def exported(checkpoint, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("export") / "model.pt")
+def exported(checkpoint, module_tmp_path):
+    out = str(module_tmp_path / "model.pt")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"), "--resume", checkpoint,
                              "--out", out], capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr

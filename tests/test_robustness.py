@@ -63,8 +63,8 @@ def assert_same_parameters(path_a, path_b):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("uninterrupted")
+def uninterrupted(module_tmp_path):
+    log_dir = module_tmp_path
     code, out, err = finish(start(log_dir))
     assert code == 0, err[-2000:]
     return last_checkpoint(log_dir)

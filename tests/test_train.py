@@ -13,6 +13,7 @@ from idml import reference
 from idml.checkpoint import load_checkpoint
 from idml.cli import train_parser
 from idml.data.synthetic import WRITERS
+from idml.errors import UsageError
 from idml.losses import ProxyAnchorISM
 from idml.models import IDMLNet
 from idml.train import best_results_text, idml_loss, mixup_draw, train
@@ -65,7 +66,8 @@ def test_digits_run_writes_every_output(tmp_path):
     assert last["epoch"] == 2 and state.epoch == 2
     best_epoch = state.best["epoch"]
     best = load_checkpoint(os.path.join(run_dir, "digits_resnet18_best.pth"))
-    assert best["epoch"] == best_epoch
+    assert best["epoch"] == best_epoch and best["metrics"] == state.best["metrics"]
+    assert "optimizer" not in best  # weights only: the optimiser state would double the file
     text = open(os.path.join(run_dir, "digits_resnet18_best_results.txt")).read()
     assert text == best_results_text(best_epoch, state.best["metrics"])
     assert text.startswith(f"Best Epoch: {best_epoch}\nBest Recall@1: ")
@@ -75,6 +77,9 @@ def test_resume_continues_after_the_last_epoch(tmp_path):
     common = ["--dataset", "digits", "--batch-size", "32", "--max-steps", "2", "--eval-clustering", "0"]
     train(tiny_args(tmp_path, *common, "--epochs", "1"))
     last = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "checkpoint_last.pt"))[0]
+    best = os.path.join(os.path.dirname(last), "digits_resnet18_best.pth")
+    with pytest.raises(UsageError, match="only the best epoch's weights; resume from checkpoint_last.pt"):
+        train(tiny_args(tmp_path, *common, "--epochs", "2", "--resume", best))
     state = train(tiny_args(tmp_path, *common, "--epochs", "2", "--resume", last))
     assert state.epoch == 2
     assert [entry["epoch"] for entry in state.history] == [0, 1, 2]
@@ -84,14 +89,15 @@ def test_resume_continues_after_the_last_epoch(tmp_path):
 def test_evaluate_script_reproduces_the_final_metrics(tmp_path):
     state = train(tiny_args(tmp_path, "--dataset", "digits", "--epochs", "1", "--batch-size", "32",
                             "--max-steps", "2"))
-    last = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "checkpoint_last.pt"))[0]
-    result = run_script("evaluate.py", "--resume", last, "--workers", "0", "--json")
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    run_dir = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))[0]
     expected = {k: v for k, v in state.history[-1].items() if k not in ("epoch", "loss")}
-    assert metrics.keys() == expected.keys()
-    for name in ("R@1", "R@2", "R@4", "R@8", "RP", "MAP@R"):
-        assert metrics[name] == pytest.approx(expected[name], abs=1e-6)
+    for checkpoint in ("checkpoint_last.pt", "digits_resnet18_best.pth"):  # one epoch: the best is the last
+        result = run_script("evaluate.py", "--resume", os.path.join(run_dir, checkpoint), "--workers", "0", "--json")
+        assert result.returncode == 0, result.stderr
+        metrics = json.loads(result.stdout.strip().splitlines()[-1])
+        assert metrics.keys() == expected.keys()
+        for name in ("R@1", "R@2", "R@4", "R@8", "RP", "MAP@R"):
+            assert metrics[name] == pytest.approx(expected[name], abs=1e-6)
 
 
 def test_wandb_offline_writes_its_run_folder(tmp_path):
