@@ -16,7 +16,7 @@ from idml.data.synthetic import WRITERS
 from idml.errors import UsageError
 from idml.losses import ProxyAnchorISM
 from idml.models import IDMLNet
-from idml.train import best_results_text, idml_loss, mixup_draw, train
+from idml.train import best_results_text, build_optimizer, idml_loss, mixup_draw, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet18", "--pretrained", "none", "--embedding-size", "16", "--image-size", "32",
@@ -30,6 +30,26 @@ def tiny_args(tmp_path, *extra):
 def run_script(script, *args, env=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "rmsprop"])
+def test_optimizer_steps_as_the_plain_for_loop_update(optimizer):
+    """Training's optimiser (fused where torch has it) takes the update of torch's for-loop
+    implementation with the same groups, to float32 rounding."""
+    model, criterion = IDMLNet("resnet18", 8, "none"), ProxyAnchorISM(10, 8)
+    fast = build_optimizer(train_parser().parse_args(["--optimizer", optimizer]), model, criterion)
+    groups = [{**{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
+               "params": [p.detach().clone().requires_grad_() for p in g["params"]]} for g in fast.param_groups]
+    plain = type(fast)(groups, foreach=False)
+    pairs = list(zip(*([p for g in o.param_groups for p in g["params"]] for o in (fast, plain))))
+    for _ in range(3):
+        for a, b in pairs:
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fast.step()
+        plain.step()
+    for a, b in pairs:
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bn_freeze", [True, False])
