@@ -2,7 +2,13 @@
 import torch
 
 from idml import cluster, ops
+from idml.errors import UsageError
 from idml.reference import l2_normalize
+
+
+def non_finite_rows(embeddings: torch.Tensor) -> int:
+    """How many embeddings hold a NaN or an infinity (one host synchronisation)."""
+    return int((~torch.isfinite(embeddings)).any(dim=1).sum())
 
 
 def compute_metrics(
@@ -21,6 +27,10 @@ def compute_metrics(
     k-means (k = number of distinct labels, k-means++ seeded by `seed`) on the normalised
     embeddings. CUB/Cars use ks = (1, 2, 4, 8), SOP (1, 10, 100).
     """
+    bad = non_finite_rows(embeddings)
+    if bad:  # NaN similarities compare false with everything: every query would look perfectly ranked
+        raise UsageError(f"{bad} of {embeddings.shape[0]} embeddings hold NaN or infinite values, so no "
+                         f"retrieval metric of them means anything (a diverged model, or float16 overflow)")
     x = l2_normalize(embeddings.float())
     labels = labels.to(x.device)
     result = ops.retrieval_metrics(x, labels, ks=ks, max_r=max_r, precision=precision)

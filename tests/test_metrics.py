@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from idml import cluster, metrics, ops, reference
+from idml.errors import UsageError
 
 
 
@@ -63,3 +64,11 @@ def test_cuda_compute_metrics_equals_cpu():
     for key in ("R@1", "R@2", "R@4", "R@8", "RP", "MAP@R"):
         assert on_gpu[key] == pytest.approx(on_cpu[key], abs=1e-3), key
     assert on_gpu["NMI"] == pytest.approx(on_cpu["NMI"], abs=0.02)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_compute_metrics_refuses_non_finite_embeddings(bad):
+    embeddings, labels = torch.randn(20, 8), torch.arange(20) % 4
+    embeddings[[3, 11], 2] = bad
+    with pytest.raises(UsageError, match="2 of 20 embeddings hold NaN or infinite values"):
+        metrics.compute_metrics(embeddings, labels, clustering=False)

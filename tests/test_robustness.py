@@ -133,6 +133,29 @@ def test_a_diverging_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_
     assert all(torch.isfinite(t).all() for t in good["model"].values() if t.is_floating_point())
 
 
+def test_embeddings_turning_nan_stop_the_run_before_their_metrics_are_recorded(tmp_path, monkeypatch):
+    """NaN similarities compare false with everything, so unchecked they would score R@1 = 100."""
+    trainer = Trainer(train_parser().parse_args(RUN + ["--LOG_DIR", str(tmp_path), "--max-steps", "2"]))
+    calls = []
+    real_embed = idml.train.embed
+
+    def embed_turning_nan(*a, **k):  # before training, after epoch 1, after epoch 2
+        calls.append(1)
+        embeddings, labels, uncertainties = real_embed(*a, **k)
+        if len(calls) == 3:
+            embeddings[5:8, 0] = float("nan")
+        return embeddings, labels, uncertainties
+
+    monkeypatch.setattr(idml.train, "embed", embed_turning_nan)
+    with pytest.raises(TrainingDiverged, match=r"the embeddings of 3 of \d+ test images became NaN or infinite "
+                                               r"\(epoch 2/2\); the last good checkpoint .*checkpoint_last.pt is "
+                                               r"intact \(it resumes at epoch 2, step 0\)"):
+        trainer.run()
+    assert load_checkpoint(os.path.join(trainer.run_dir, "checkpoint_last.pt"))["epoch"] == 1
+    lines = open(os.path.join(trainer.run_dir, "metrics.jsonl")).read().splitlines()
+    assert len(lines) == 2  # before training and epoch 1: nothing of epoch 2
+
+
 def corrupt_some_images(root, count):
     folder = sorted(glob.glob(os.path.join(root, "CUB_200_2011", "images", "*")))[0]
     files = sorted(glob.glob(os.path.join(folder, "*.jpg")))[:count]
