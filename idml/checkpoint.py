@@ -8,12 +8,14 @@ loads safely and without idml's classes. checkpoint_last.pt, the state a run res
   criterion, epoch, metrics.
 """
 import io
+import os
 import random
+import warnings
 
 import numpy as np
 import torch
 
-from idml.errors import UsageError
+from idml.errors import UsageError, torch_load_failure
 from idml.files import atomic_write
 
 FORMAT = "idml-checkpoint"
@@ -28,16 +30,43 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """The checkpoint at `path`; UsageError when it is missing or not an idml checkpoint."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder; expected a checkpoint file (a run folder holds checkpoint_last.pt)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on TorchScript files: said below, in one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UsageError(f"checkpoint not found: {path}") from None
     except Exception as error:
-        raise UsageError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else 'no details'})") from None
+        raise UsageError(f"{path} is not a checkpoint written by scripts/train.py ({torch_load_failure(error)})") \
+            from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not an idml checkpoint (expected a file written by scripts/train.py)")
     return state
+
+
+def model_from_checkpoint(path: str):
+    """(IDMLNet in eval mode on the CPU, the run's args dict) of a training checkpoint;
+    UsageError when its weights do not fit or are not finite."""
+    from argparse import Namespace
+
+    from idml.runtime import build_model
+
+    checkpoint = load_checkpoint(path)
+    args = checkpoint["args"]
+    model = build_model(Namespace(**args), pretrained="none")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise UsageError(f"{path}: the weights do not fit a {args['model']} with embedding size "
+                         f"{args['embedding_size']} ({str(error).splitlines()[0]})") from None
+    broken = [name for name, tensor in checkpoint["model"].items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise UsageError(f"{path}: {len(broken)} weight tensors hold NaN or infinite values (e.g. {broken[0]}): "
+                         f"the run diverged before this checkpoint; use an earlier one")
+    return model.eval(), args
 
 
 def rng_state(mixup_generator: torch.Generator) -> dict:

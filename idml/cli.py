@@ -6,6 +6,7 @@ arguments or data end with one sentence on stderr and exit code 2, never a trace
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -21,13 +22,32 @@ def _dataset(value: str) -> str:
         raise argparse.ArgumentTypeError(f"expected one of cub, cars, SOP, digits, custom, got {value!r}") from None
 
 
-def _positive(kind):
+def _checked(kind, accept, expected: str):
+    """An argparse type: `kind(value)`, finite and accepted by `accept`."""
     def parse(value):
         number = kind(value)
-        if number <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+        if not math.isfinite(number) or not accept(number):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return number
     return parse
+
+
+def _positive(kind):
+    return _checked(kind, lambda number: number > 0, "a positive number")
+
+
+def _non_negative(kind):
+    return _checked(kind, lambda number: number >= 0, "a number >= 0")
+
+
+_finite = _checked(float, lambda number: True, "a finite number")
+_percentile = _checked(float, lambda number: 0 < number < 100, "a number between 0 and 100")
+
+
+def _folder_name(value: str) -> str:
+    if os.sep in value or (os.altsep and os.altsep in value):
+        raise argparse.ArgumentTypeError(f"expected a name without '{os.sep}', got {value!r}")
+    return value
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +69,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input size in pixels (default 224; digits 32)")
     parser.add_argument("--batch-size", type=_positive(int), default=150,
                         help="global batch size (default 150; the published commands pass 120)")
-    parser.add_argument("--workers", type=int, default=4, help="data loading processes (default 4)")
+    parser.add_argument("--workers", type=_non_negative(int), default=4, help="data loading processes (default 4)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the GPU when there is one (default)")
     parser.add_argument("--gpu", "--gpu-id", dest="gpu", type=int, default=0,
@@ -57,7 +77,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                         help="mixed precision of the forward pass; auto (default): bf16 autocast and channels_last "
                              "on a GPU with bf16 support, float32 elsewhere; off: float32 as published")
-    parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    parser.add_argument("--seed", type=_non_negative(int), default=1, help="random seed (default 1)")
 
 
 def _add_loader_argument(parser: argparse.ArgumentParser) -> None:
@@ -74,23 +94,23 @@ def train_parser() -> argparse.ArgumentParser:
         description="Train Introspective Deep Metric Learning (ProxyAnchor + IDML) and evaluate on unseen classes.")
     _add_model_arguments(parser)
     parser.add_argument("--LOG_DIR", default="./logs", help="folder for run folders (default ./logs)")
-    parser.add_argument("--remark", default="", help="suffix of the run folder's name")
+    parser.add_argument("--remark", type=_folder_name, default="", help="suffix of the run folder's name")
     parser.add_argument("--loss", default="Proxy_Anchor", choices=LOSSES,
                         help="Proxy_Anchor (IDML, default) or a published baseline via pytorch-metric-learning")
     parser.add_argument("--epochs", type=_positive(int), default=60, help="epochs (default 60)")
     parser.add_argument("--optimizer", choices=("adamw", "sgd", "adam", "rmsprop"), default="adamw")
     parser.add_argument("--lr", type=_positive(float), default=1e-4, help="learning rate (proxies: 100x)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=_non_negative(float), default=1e-4)
     parser.add_argument("--lr-decay-step", type=_positive(int), default=10, help="StepLR step in epochs")
     parser.add_argument("--lr-decay-gamma", type=_positive(float), default=0.5, help="StepLR factor")
     parser.add_argument("--alpha", type=_positive(float), default=32.0, help="Proxy Anchor scale alpha")
-    parser.add_argument("--mrg", type=float, default=0.1, help="Proxy Anchor margin delta")
+    parser.add_argument("--mrg", type=_finite, default=0.1, help="Proxy Anchor margin delta")
     parser.add_argument("--ism", type=int, choices=(0, 1), default=1,
                         help="1: introspective similarity (IDML); 0: plain Proxy Anchor")
-    parser.add_argument("--ism-offset", type=float, default=4.0, help="a in exp(-(u + a) / (b d)) (default 4)")
+    parser.add_argument("--ism-offset", type=_finite, default=4.0, help="a in exp(-(u + a) / (b d)) (default 4)")
     parser.add_argument("--ism-scale", type=_positive(float), default=5.0, help="b in exp(-(u + a) / (b d)) (default 5)")
-    parser.add_argument("--IPC", type=int, default=0, help="images per class in balanced batches (0: shuffled)")
-    parser.add_argument("--warm", type=int, default=1, help="warm-up epochs: only the semantic head and proxies train")
+    parser.add_argument("--IPC", type=_non_negative(int), default=0, help="images per class in balanced batches (0: shuffled)")
+    parser.add_argument("--warm", type=_non_negative(int), default=1, help="warm-up epochs: only the semantic head and proxies train")
     parser.add_argument("--bn-freeze", type=int, choices=(0, 1), default=1, help="freeze the backbone's BatchNorm")
     parser.add_argument("--pretrained", default="imagenet",
                         help="backbone weights: imagenet (default), none, or a torchvision state-dict file")
@@ -99,7 +119,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
                         help="auto: online with credentials, else offline (default)")
     parser.add_argument("--max-steps", type=_positive(int), default=None, help="cap steps per epoch (smoke runs)")
-    parser.add_argument("--max-bad-images", type=int, default=10,
+    parser.add_argument("--max-bad-images", type=_non_negative(int), default=10,
                         help="unreadable images to skip (with a warning) before stopping (default 10)")
     parser.add_argument("--checkpoint-every", type=_positive(int), default=None,
                         help="also write checkpoint_last.pt every N steps (default: at the end of every epoch)")
@@ -120,7 +140,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", required=True, help="checkpoint (checkpoint_last.pt or *_best.pth)")
     parser.add_argument("--image-size", type=_positive(int), default=None, help="default: the checkpoint's")
     parser.add_argument("--batch-size", type=_positive(int), default=120)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=_non_negative(int), default=4)
     _add_loader_argument(parser)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--gpu", "--gpu-id", dest="gpu", type=int, default=0)
@@ -186,10 +206,13 @@ def synthetic_main(argv=None) -> None:
                                      description=synthetic.__doc__.split("\n\n")[0])
     parser.add_argument("--layout", choices=synthetic.LAYOUTS, required=True)
     parser.add_argument("--out", required=True, help="the data root to write into")
-    parser.add_argument("--classes", type=int, default=8, help="number of classes, half train, half test")
-    parser.add_argument("--per-class", type=int, default=6, help="images per class")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", type=_checked(int, lambda number: number >= 4, "at least 4"), default=8,
+                        help="number of classes, half train, half test (each half needs two)")
+    parser.add_argument("--per-class", type=_positive(int), default=6, help="images per class")
+    parser.add_argument("--seed", type=_non_negative(int), default=0)
     args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; expected a folder to write the data set into")
     synthetic.WRITERS[args.layout](args.out, args.classes, args.per_class, args.seed)
     print(f"wrote a synthetic {args.layout} dataset ({args.classes} classes x {args.per_class} images) "
           f"under {args.out}")
@@ -224,11 +247,11 @@ def search_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="TorchScript file written by scripts/export.py")
     parser.add_argument("--gallery", required=True, metavar="DIR", help="folder of images to search (recursive)")
     parser.add_argument("--query", required=True, nargs="+", metavar="IMG", help="query image file(s)")
-    parser.add_argument("-k", type=int, default=10, help="how many neighbours to print (default 10)")
+    parser.add_argument("-k", type=_positive(int), default=10, help="how many neighbours to print (default 10)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the GPU when there is one (default)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument("--percentile", type=float, default=95.0,
+    parser.add_argument("--batch-size", type=_positive(int), default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--percentile", type=_percentile, default=95.0,
                         help="flag queries whose |sigma|^2 is above this percentile of the gallery's (default 95)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the index even if it is up to date")
     parser.add_argument("--json", action="store_true", help="print one JSON object per query instead of text")
@@ -241,8 +264,6 @@ def search_main(argv=None) -> None:
     from idml.search import search
 
     args = search_parser().parse_args(argv)
-    if args.k <= 0 or args.batch_size <= 0 or not 0 < args.percentile < 100:
-        raise UsageError("-k and --batch-size must be positive and --percentile between 0 and 100")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was given but no CUDA GPU is visible (torch.cuda.is_available() is False)")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")

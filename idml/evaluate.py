@@ -38,6 +38,8 @@ def embed(model, loader: DataLoader, device: torch.device, amp: str = "off", pro
         uncertainties.append(sigma.float().pow(2).sum(dim=1))
         labels.append(targets.to(device, non_blocking=True))
     model.train(was_training)
+    if not embeddings:
+        raise UsageError("none of the images to embed could be read (see the warnings above)")
     return torch.cat(embeddings), torch.cat(labels), torch.cat(uncertainties)
 
 
@@ -50,21 +52,15 @@ def evaluate_checkpoint(args) -> Tuple[Dict[str, float], List[str]]:
     the plot files written (--plots DIR: recall_at_k.png and query_grid.png)."""
     from argparse import Namespace
 
-    from idml.checkpoint import load_checkpoint
+    from idml.checkpoint import model_from_checkpoint
     from idml.data import build_dataset, default_image_size
-    from idml.runtime import build_model, eval_loader, resolve_device
+    from idml.runtime import eval_loader, resolve_device
 
-    checkpoint = load_checkpoint(args.resume)
-    saved = Namespace(**checkpoint["args"])
+    model, saved_args = model_from_checkpoint(args.resume)
+    saved = Namespace(**saved_args)
     dataset = args.dataset or saved.dataset
     image_size = args.image_size or saved.image_size or default_image_size(dataset)
     device = resolve_device(args.device, args.gpu)
-    model = build_model(saved, pretrained="none")
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise UsageError(f"{args.resume}: the weights do not fit a {saved.model} with embedding size "
-                         f"{saved.embedding_size} ({str(error).splitlines()[0]})") from None
     amp = resolve_amp(args.amp, device)
     configure_cudnn(device, amp)
     model = place_model(model, device, amp)

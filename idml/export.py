@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from idml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size
-from idml.errors import UsageError
 from idml.files import atomic_write
 
 # The digits are grey scans scaled to [-1, 1] and upsampled straight to the input size.
@@ -145,24 +144,6 @@ def preprocessing_of(args) -> dict:
     return dict(resize=resize_size(size), crop=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def model_from_checkpoint(path: str):
-    """(IDMLNet in eval mode on the CPU, the run's args dict) of a training checkpoint."""
-    from argparse import Namespace
-
-    from idml.checkpoint import load_checkpoint
-    from idml.runtime import build_model
-
-    checkpoint = load_checkpoint(path)
-    args = checkpoint["args"]
-    model = build_model(Namespace(**args), pretrained="none")
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise UsageError(f"{path}: the weights do not fit a {args['model']} with embedding size "
-                         f"{args['embedding_size']} ({str(error).splitlines()[0]})") from None
-    return model.eval(), args
-
-
 @contextlib.contextmanager
 def quiet_jit():
     """torch >= 2.10 warns that torch.jit.script/save/load are deprecated; they still work and
@@ -189,6 +170,8 @@ def save_scripted(module: torch.jit.ScriptModule, out: str) -> None:
 def export_checkpoint(checkpoint: str, out: str) -> dict:
     """Write the TorchScript module of `checkpoint` to `out`; check it against the eager
     model on a random batch. Returns a summary (the max abs differences included)."""
+    from idml.checkpoint import model_from_checkpoint
+
     model, args = model_from_checkpoint(checkpoint)
     wrapper, scripted = build_exported(model, args)
     save_scripted(scripted, out)

@@ -4,12 +4,21 @@ import os
 import tempfile
 from typing import Callable
 
+from idml.errors import UsageError
+
 
 def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -> None:
     """Call write(f) on a temporary file beside `path`, fsync it, then rename it to `path`."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder; expected the name of a file to write")
+    try:  # a file where a folder should be, no permission: the user's path, said in one line
+        os.makedirs(folder, exist_ok=True)
+        handle, tmp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"cannot write {path}: part of its folder path is a file, not a folder") from None
+    except OSError as error:
+        raise UsageError(f"cannot write {path} ({error.strerror})") from None
     try:
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
         with os.fdopen(handle, mode) as f:

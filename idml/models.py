@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from idml.errors import UsageError
+from idml.errors import UsageError, torch_load_failure
 from idml.reference import l2_normalize
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -44,21 +44,23 @@ def load_backbone(arch: str, pretrained: str) -> nn.Module:
                 f"to a torchvision {arch} state dict, or --pretrained none") from None
     else:
         if not os.path.isfile(pretrained):
-            raise UsageError(f"--pretrained expects 'imagenet', 'none' or a weights file; {pretrained} does not exist")
+            raise UsageError(f"--pretrained expects 'imagenet', 'none' or a weights file; {pretrained} "
+                             f"{'is a folder' if os.path.isdir(pretrained) else 'does not exist'}")
         try:
             state = torch.load(pretrained, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise UsageError(f"--pretrained {pretrained} is not a loadable torch state dict ({error})") from None
+            raise UsageError(f"--pretrained {pretrained} is not a loadable torch state dict "
+                             f"({torch_load_failure(error)})") from None
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier is replaced anyway
     try:
         missing, unexpected = backbone.load_state_dict(state, strict=False)
+        problems = ([f"no key {k}" for k in missing if not k.startswith("fc.")]
+                    + [f"an unexpected key {k}" for k in unexpected])
     except RuntimeError as error:  # shapes of another architecture
-        missing, unexpected = [str(error).splitlines()[1].strip()], []
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise UsageError(f"--pretrained {pretrained}: not a torchvision {arch} state dict "
-                         f"({(missing + list(unexpected))[0]})")
+        problems = [str(error).splitlines()[1].strip()]
+    if problems:
+        raise UsageError(f"--pretrained {pretrained}: not a torchvision {arch} state dict ({problems[0]})")
     return backbone
 
 

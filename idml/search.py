@@ -86,7 +86,8 @@ def image_size(path: str) -> Optional[Tuple[int, int]]:
 
 def load_model(path: str, device: torch.device):
     if not os.path.isfile(path):
-        raise UsageError(f"--model expects a TorchScript file written by scripts/export.py; {path} does not exist")
+        raise UsageError(f"--model expects a TorchScript file written by scripts/export.py; {path} "
+                         f"{'is a folder' if os.path.isdir(path) else 'does not exist'}")
     from idml.export import quiet_jit
 
     try:
@@ -95,6 +96,9 @@ def load_model(path: str, device: torch.device):
     except Exception as error:
         raise UsageError(f"--model {path} is not a TorchScript module written by scripts/export.py "
                          f"({type(error).__name__})") from None
+    if not hasattr(model, "uncertainty_mode"):  # what every exported embedder carries
+        raise UsageError(f"--model {path} is a TorchScript module, but not one written by scripts/export.py "
+                         f"(it has no uncertainty_mode attribute)")
     return model.eval()
 
 
@@ -226,7 +230,7 @@ def search(model_path: str, gallery: str, queries: List[str], k: int, device: to
     index, rebuilt = gallery_index(model, model_path, gallery, device, batch_size, progress=progress)
     info = (f"{'indexed' if rebuilt else 'cached index of'} {len(index['files'])} images in {gallery} "
             f"({index_path(gallery)})")
-    mode = str(getattr(model, "uncertainty_mode", "unknown"))
+    mode = str(model.uncertainty_mode)
     embeddings, uncertainties, _ = embed_paths(model, queries, device, batch_size, progress=False)
     results = []
     for number, query in enumerate(queries):

@@ -30,5 +30,9 @@ def open_run(mode: str, project: str, run_dir: str, config: dict, run_id: Option
         raise UsageError(f"--wandb {mode} needs the wandb package: pip install wandb, or pass --wandb disabled") from None
     if mode == "auto":
         mode = "online" if _has_credentials() else "offline"
-    return wandb.init(project=project, dir=run_dir, config=config, mode=mode, id=run_id, resume="allow",
-                      settings=wandb.Settings(silent=True))
+    try:
+        return wandb.init(project=project, dir=run_dir, config=config, mode=mode, id=run_id, resume="allow",
+                          settings=wandb.Settings(silent=True))
+    except wandb.errors.Error as error:  # no credentials, no network, a bad run id
+        raise UsageError(f"--wandb {mode}: wandb could not start the run ({str(error).splitlines()[0]}); "
+                         f"--wandb offline logs into the run folder for a later `wandb sync`") from None

@@ -72,10 +72,17 @@ def stop_requests():
 
 
 def run_folder(args) -> str:
-    """The published run folder name, so logs line up with the published code's."""
+    """The published run folder name, so logs line up with the published code's; when an
+    earlier run wrote there, the first free one of <name>_2, <name>_3, ... (a new run never
+    mixes its files with another's)."""
     name = (f"{args.model}_{args.loss}_embedding{args.embedding_size}_alpha{args.alpha:g}_mrg{args.mrg:g}"
             f"_{args.optimizer}_lr{args.lr:g}_batch{args.batch_size}{args.remark}")
-    return os.path.join(args.LOG_DIR, f"logs_{args.dataset}", name)
+    path = os.path.join(args.LOG_DIR, f"logs_{args.dataset}", name)
+    candidate, number = path, 1
+    while os.path.isdir(candidate) and os.listdir(candidate):
+        number += 1
+        candidate = f"{path}_{number}"
+    return candidate
 
 
 def build_optimizer(args, model, criterion) -> torch.optim.Optimizer:
@@ -197,10 +204,15 @@ class Trainer:
         self.forward_pair, self._wrapped_for = None, None  # the (DDP-wrapped) model, built by train_epoch
         self.bad_images = BadImageBudget(args.max_bad_images)
         self.state = RunState()
-        self.run_dir = run_folder(args)
         if args.resume:
-            self._resume(args.resume)
-        os.makedirs(self.run_dir, exist_ok=True)
+            self._resume(args.resume)  # sets run_dir: the checkpoint's folder
+        else:  # rank 0 looks for a free folder before any rank creates it
+            self.run_dir = distributed.broadcast_object(run_folder(args) if distributed.is_main() else None)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"cannot create the run folder {self.run_dir} under --LOG_DIR {args.LOG_DIR} "
+                             f"({error.strerror})") from None
         self.wandb = None
         if distributed.is_main():
             self.wandb = tracking.open_run(args.wandb, f"{args.dataset}_ProxyAnchor", self.run_dir, vars(args),
@@ -318,10 +330,12 @@ class Trainer:
         """`what` went wrong; the error says which checkpoint is still good (self.state is
         the state of the last one written)."""
         last = os.path.join(self.run_dir, "checkpoint_last.pt")
-        kept = (f"the last good checkpoint {last} is intact (it resumes at epoch {self.state.epoch + 1}, "
-                f"step {self.state.step})"
-                if os.path.isfile(last) else "no checkpoint was written yet")
-        return TrainingDiverged(f"{what}; {kept}: resume from it with a lower --lr (or --amp off)")
+        if not os.path.isfile(last):
+            return TrainingDiverged(f"{what}; no checkpoint was written yet: start again with a lower --lr "
+                                    f"(or --amp off)")
+        return TrainingDiverged(f"{what}; the last good checkpoint {last} is intact (it resumes at epoch "
+                                f"{self.state.epoch + 1}, step {self.state.step}): resume from it with a lower "
+                                f"--lr (or --amp off)")
 
     def _evaluate(self, when: str) -> dict:
         args = self.args
@@ -391,13 +405,17 @@ class Trainer:
     def _resume(self, path: str) -> None:
         checkpoint = load_checkpoint(path)
         saved = checkpoint["args"]
-        for name in ("model", "embedding_size", "dataset", "uncertainty", "l2_norm", "loss"):
+        for name in ("model", "embedding_size", "dataset", "uncertainty", "l2_norm", "loss", "batch_size", "IPC",
+                     "seed"):  # the last three: the sampler's order, so that the run continues exactly
             if saved[name] != getattr(self.args, name):
                 raise UsageError(f"--resume {path} was trained with --{name.replace('_', '-')} {saved[name]}, "
                                  f"this run asks for {getattr(self.args, name)}")
         if "optimizer" not in checkpoint:
             raise UsageError(f"--resume {path} holds only the best epoch's weights; resume from "
                              f"checkpoint_last.pt in the same folder")
+        if checkpoint["epoch"] >= self.args.epochs:
+            raise UsageError(f"--resume {path}: that run has trained all {checkpoint['epoch']} of its epochs; "
+                             f"pass a larger --epochs to train it further")
         self.model.load_state_dict(checkpoint["model"])
         self.criterion.load_state_dict(checkpoint["criterion"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])

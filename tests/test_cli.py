@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from idml.checkpoint import save_checkpoint
+from idml.cli import train_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,9 @@ def test_device_cuda_without_a_gpu():
 def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hello")
-    assert_refused(run("evaluate.py", "--resume", str(path)), f"{path} is not a readable checkpoint")
+    assert_refused(run("evaluate.py", "--resume", str(path)),
+                   f"{path} is not a checkpoint written by scripts/train.py (it is not a file that torch.save wrote)")
+    assert_refused(run("evaluate.py", "--resume", str(tmp_path)), "is a folder; expected a checkpoint file")
     assert_refused(run("evaluate.py", "--resume", str(tmp_path / "missing.pt")), "checkpoint not found")
 
 
@@ -113,3 +116,25 @@ def test_synthetic_data_command_writes_a_layout_the_loader_reads(tmp_path):
     assert result.returncode == 0 and "wrote a synthetic sop dataset" in result.stdout, result.stderr
     assert len(build_dataset("SOP", str(tmp_path), train=True, image_size=32)) == 6  # 2 classes x 3
     assert_refused(run("synthetic.py", "--layout", "imagenet", "--out", str(tmp_path)), "invalid choice")
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--lr", "nan", "expected a positive number, got nan"),
+    ("--lr", "inf", "expected a positive number, got inf"),
+    ("--workers", "-1", "expected a number >= 0, got -1"),
+    ("--IPC", "-1", "expected a number >= 0, got -1"),
+    ("--mrg", "nan", "expected a finite number, got nan"),
+    ("--remark", "a/b", "expected a name without '/', got 'a/b'"),
+])
+def test_bad_numbers_and_names_are_refused_by_the_parser(flag, value, expected, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_parser().parse_args([flag, value])
+    assert stop.value.code == 2
+    assert f"argument {flag}: {expected}" in capsys.readouterr().err
+
+
+def test_wandb_online_without_credentials_says_what_to_do(tmp_path):
+    pytest.importorskip("wandb")
+    result = run("train.py", "--pretrained", "none", "--model", "resnet18", "--workers", "0", "--wandb", "online",
+                 "--LOG_DIR", str(tmp_path / "logs"), env={"HOME": str(tmp_path), "WANDB_API_KEY": ""})
+    assert_refused(result, "--wandb online: wandb could not start the run", "--wandb offline logs into the run folder")

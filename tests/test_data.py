@@ -266,3 +266,14 @@ def test_custom_list_errors_name_the_line(tmp_path, line, message):
         f.write(line + "\n")
     with pytest.raises(UsageError, match=message):
         custom_split(str(tmp_path), True)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_split_with_one_class_is_refused(tmp_path, split):
+    lists = {"train": ["a/one.jpg 0", "a/two.jpg 1"], "test": ["b/one.jpg 5", "b/two.jpg 6"]}
+    lists[split] = ["a/one.jpg 3", "a/two.jpg 3"]
+    write_custom(str(tmp_path), lists["train"], lists["test"])
+    name = "training" if split == "train" else "test"
+    with pytest.raises(UsageError, match=f"the {name} split of custom under .* holds 1 class; training and "
+                                         f"retrieval need at least 2"):
+        build_dataset("custom", str(tmp_path), train=split == "train", image_size=32)

@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
+from idml.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from idml.cli import train_parser
-from idml.export import (ExportedEmbedder, build_exported, eager_reference, model_from_checkpoint, preprocessing_of,
-                         quiet_jit)
+from idml.errors import UsageError
+from idml.export import ExportedEmbedder, build_exported, eager_reference, preprocessing_of, quiet_jit
 from idml.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,3 +171,12 @@ def test_cpp_program_embeds_like_python(exported, tmp_path):
         embedding, uncertainty = module(image.unsqueeze(0))
     torch.testing.assert_close(cpp_embedding, embedding[0], rtol=0, atol=1e-5)
     assert cpp_uncertainty == pytest.approx(float(uncertainty[0]), rel=1e-5)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(checkpoint, tmp_path):
+    state = load_checkpoint(checkpoint)
+    state["model"]["semantic.weight"][0, 0] = float("nan")
+    path = str(tmp_path / "diverged.pt")
+    save_checkpoint(path, state)
+    with pytest.raises(UsageError, match="1 weight tensors hold NaN or infinite values .e.g. semantic.weight."):
+        model_from_checkpoint(path)

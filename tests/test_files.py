@@ -35,7 +35,7 @@ def test_a_truncated_checkpoint_is_reported(tmp_path):
     save_checkpoint(path, {"model": {"w": torch.randn(1000)}})
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
-    with pytest.raises(UsageError, match="is not a readable checkpoint"):
+    with pytest.raises(UsageError, match=r"is not a checkpoint written by scripts/train.py \(the file is truncated"):
         load_checkpoint(path)
 
 
@@ -58,3 +58,12 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_writing_over_a_folder_or_below_a_file_is_refused_in_one_sentence(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UsageError, match="is a folder; expected the name of a file to write"):
+        atomic_write_text(str(tmp_path), "text")
+    with pytest.raises(UsageError, match="part of its folder path is a file, not a folder"):
+        atomic_write_text(str(tmp_path / "a_file" / "out.txt"), "text")
+    assert os.listdir(tmp_path) == ["a_file"]

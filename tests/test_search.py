@@ -122,3 +122,9 @@ def test_bad_arguments_exit_2(tmp_path, softplus_model, capsys):
                            (["--gallery", str(empty), "--query", image], "holds no images")]:
         result = search_here(capsys, "--model", softplus_model, *args, code=2)
         assert expected in result.err
+    foreign = str(tmp_path / "foreign.pt")
+    torch.jit.script(torch.nn.Linear(3, 2)).save(foreign)
+    for model, expected in [(foreign, "is a TorchScript module, but not one written by scripts/export.py"),
+                            (str(empty), f"{empty} is a folder")]:
+        result = search_here(capsys, "--model", model, "--gallery", str(empty), "--query", image, code=2)
+        assert expected in result.err

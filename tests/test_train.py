@@ -105,10 +105,25 @@ def test_resume_continues_after_the_last_epoch(tmp_path):
     best = os.path.join(os.path.dirname(last), "digits_resnet18_best.pth")
     with pytest.raises(UsageError, match="only the best epoch's weights; resume from checkpoint_last.pt"):
         train(tiny_args(tmp_path, *common, "--epochs", "2", "--resume", best))
+    with pytest.raises(UsageError, match="that run has trained all 1 of its epochs; pass a larger --epochs"):
+        train(tiny_args(tmp_path, *common, "--epochs", "1", "--resume", last))
+    with pytest.raises(UsageError, match="was trained with --batch-size 32, this run asks for 16"):
+        train(tiny_args(tmp_path, *common, "--epochs", "2", "--batch-size", "16", "--resume", last))
     state = train(tiny_args(tmp_path, *common, "--epochs", "2", "--resume", last))
     assert state.epoch == 2
     assert [entry["epoch"] for entry in state.history] == [0, 1, 2]
     assert load_checkpoint(last)["epoch"] == 2
+
+
+def test_a_new_run_never_writes_into_an_earlier_runs_folder(tmp_path):
+    common = ["--dataset", "digits", "--batch-size", "32", "--max-steps", "1", "--epochs", "1", "--eval-clustering", "0"]
+    train(tiny_args(tmp_path, *common))
+    first, = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))
+    before = {name: open(os.path.join(first, name), "rb").read() for name in os.listdir(first)}
+    train(tiny_args(tmp_path, *common))
+    assert sorted(glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))) == [first, first + "_2"]
+    assert {name: open(os.path.join(first, name), "rb").read() for name in os.listdir(first)} == before
+    assert os.path.isfile(os.path.join(first + "_2", "checkpoint_last.pt"))
 
 
 def test_evaluate_script_reproduces_the_final_metrics(tmp_path):
