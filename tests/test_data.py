@@ -277,3 +277,11 @@ def test_a_split_with_one_class_is_refused(tmp_path, split):
     with pytest.raises(UsageError, match=f"the {name} split of custom under .* holds 1 class; training and "
                                          f"retrieval need at least 2"):
         build_dataset("custom", str(tmp_path), train=split == "train", image_size=32)
+
+
+def test_custom_test_classes_seen_in_training_are_warned_about(tmp_path):
+    from idml.data.datasets import custom_split
+
+    write_custom(str(tmp_path), ["a/one.jpg 0", "a/two.jpg 4"], ["b/one.jpg 4", "b/two.jpg 9"])
+    with pytest.warns(UserWarning, match=r"1 class ids of .*test.txt also occur in train.txt \(e.g. 4\)"):
+        custom_split(str(tmp_path), False)

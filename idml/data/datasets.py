@@ -120,8 +120,20 @@ CUSTOM_LAYOUT = "train.txt and test.txt, one 'relative/path.jpg class_id' per li
 
 def custom_split(root: str, train: bool) -> Items:
     """Your own images: <data-root>/train.txt and test.txt list `relative/path class_id`,
-    paths relative to <data-root>; the test classes should be unseen in training."""
-    list_file = os.path.join(root, "train.txt" if train else "test.txt")
+    paths relative to <data-root>; the test classes should be unseen in training (a warning
+    says when some are not)."""
+    items = _custom_list(root, "train.txt" if train else "test.txt")
+    if not train:
+        seen = {label for _, label in _custom_list(root, "train.txt")} & {label for _, label in items}
+        if seen:
+            warnings.warn(f"{len(seen)} class ids of {os.path.join(root, 'test.txt')} also occur in train.txt "
+                          f"(e.g. {min(seen)}): the test metrics are then not on unseen classes", stacklevel=2)
+    return _renumber(items)
+
+
+def _custom_list(root: str, name: str) -> Items:
+    """The (path, class id) lines of <root>/<name>, class ids as written."""
+    list_file = os.path.join(root, name)
     _require(list_file, CUSTOM_LAYOUT, "custom data set", kind="file")
     items = []
     with open(list_file) as f:
@@ -140,7 +152,7 @@ def custom_split(root: str, train: bool) -> Items:
     missing = [path for path, _ in items if not os.path.isfile(path)]
     if missing:
         raise UsageError(f"{len(missing)} images listed in {list_file} are missing, e.g. {missing[0]}")
-    return _renumber(items)
+    return items
 
 
 SPLITS = {"cub": cub_split, "cars": cars_split, "SOP": sop_split, "custom": custom_split}
