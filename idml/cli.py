@@ -176,10 +176,14 @@ def train_main(argv=None) -> None:
     # `torchrun --standalone --nproc_per_node=<GPUs> scripts/train.py ...` would.
     command = relaunch_command([sys.argv[0], *(sys.argv[1:] if argv is None else argv)], args.gpu, args.device)
     if command is not None:
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import main as torchrun
 
         print(f"--gpu -1: starting one process per GPU: torchrun {' '.join(command)}")
-        torchrun(command)
+        try:
+            torchrun(command)
+        except ChildFailedError as failure:  # the processes have said what went wrong: their exit code
+            raise SystemExit(failure.get_first_failure()[1].exitcode) from None
         return
     train(args)
 

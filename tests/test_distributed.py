@@ -211,6 +211,22 @@ def test_gpu_minus_one_relaunches_only_with_several_gpus_outside_torchrun():
     assert distributed.relaunch_command(argv, -1, "auto", env=torchrun_env, gpu_count=4) is None
 
 
+def test_a_self_started_ddp_run_that_fails_exits_with_its_processes_code(tmp_path, monkeypatch, capfd):
+    """--gpu -1 on several GPUs runs torchrun in-process: bad input in its processes ends
+    with their one sentence and exit code 2, not torchrun's ChildFailedError traceback."""
+    from idml.cli import run_guarded, train_main
+
+    script = os.path.join(ROOT, "scripts", "train.py")
+    monkeypatch.setattr(distributed, "relaunch_command",  # as on a 2-GPU machine
+                        lambda argv, gpu, device: ["--standalone", "--nproc_per_node=2", script, *argv[1:]])
+    with pytest.raises(SystemExit) as stop:
+        run_guarded(train_main, ["--gpu", "-1", "--dataset", "cub", "--data-root", str(tmp_path / "nowhere"),
+                                 "--pretrained", "none", "--wandb", "disabled"])
+    assert stop.value.code == 2
+    err = capfd.readouterr().err
+    assert "error: CUB-200-2011 folder not found" in err and "Traceback" not in err
+
+
 def test_helpers_are_no_ops_in_one_process():
     x = torch.randn(5, 2, requires_grad=True)
     assert distributed.world_size() == 1 and distributed.is_main()
