@@ -169,7 +169,7 @@ def save_index(folder: str, index: dict) -> bool:
     torch.save(index, buffer)
     try:
         atomic_write(index_path(folder), lambda f: f.write(buffer.getbuffer()))
-    except OSError as error:  # a read-only gallery still works, just without the cache
+    except (OSError, UsageError) as error:  # a read-only gallery still works, just without the cache
         warnings.warn(f"could not cache the index in {index_path(folder)} ({error}); it is rebuilt next time",
                       stacklevel=2)
         return False
@@ -177,18 +177,18 @@ def save_index(folder: str, index: dict) -> bool:
 
 
 def gallery_index(model, model_path: str, folder: str, device: torch.device, batch_size: int = 32,
-                  progress: bool = True) -> Tuple[dict, bool]:
-    """(index, rebuilt): the cached index when the folder and the model are unchanged, else a new one."""
+                  progress: bool = True, rebuild: bool = False) -> Tuple[dict, str]:
+    """(index, how): the cached index when the folder and the model are unchanged (and not
+    `rebuild`), else a new one, which replaces the cache only once it is complete."""
     files = gallery_files(folder)
     if not files:
         raise UsageError(f"--gallery {folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} files)")
     fingerprint, model_id = folder_fingerprint(folder, files), file_sha256(model_path)
-    index = load_index(folder)
+    index = None if rebuild else load_index(folder)
     if index is not None and index["fingerprint"] == fingerprint and index["model"] == model_id:
-        return index, False
+        return index, "cached index of"
     index = build_index(model, folder, files, fingerprint, model_id, device, batch_size, progress)
-    save_index(folder, index)
-    return index, True
+    return index, "indexed" if save_index(folder, index) else "indexed (not cached)"
 
 
 # --- queries ------------------------------------------------------------------------------------
@@ -225,11 +225,8 @@ def search(model_path: str, gallery: str, queries: List[str], k: int, device: to
         if not os.path.isfile(query) or image_size(query) is None:
             raise UsageError(f"--query expects image files; {query} is not a readable image")
     model = load_model(model_path, device)
-    if rebuild and os.path.isfile(index_path(gallery)):
-        os.unlink(index_path(gallery))
-    index, rebuilt = gallery_index(model, model_path, gallery, device, batch_size, progress=progress)
-    info = (f"{'indexed' if rebuilt else 'cached index of'} {len(index['files'])} images in {gallery} "
-            f"({index_path(gallery)})")
+    index, how = gallery_index(model, model_path, gallery, device, batch_size, progress, rebuild)
+    info = f"{how} {len(index['files'])} images in {gallery} ({index_path(gallery)})"
     mode = str(model.uncertainty_mode)
     embeddings, uncertainties, _ = embed_paths(model, queries, device, batch_size, progress=False)
     results = []

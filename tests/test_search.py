@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from idml.data.synthetic import _class_image
+from idml.errors import UsageError
 from idml.export import build_exported, save_scripted
 from idml.models import IDMLNet
 from idml.cli import run_guarded, search_main
@@ -128,3 +129,16 @@ def test_bad_arguments_exit_2(tmp_path, softplus_model, capsys):
                             (str(empty), f"{empty} is a folder")]:
         result = search_here(capsys, "--model", model, "--gallery", str(empty), "--query", image, code=2)
         assert expected in result.err
+
+
+def test_a_gallery_that_cannot_hold_the_index_is_still_searched(tmp_path, softplus_model, capsys, monkeypatch):
+    def read_only(path, write, mode="wb"):
+        raise UsageError(f"cannot write {path} (Read-only file system)")
+
+    gallery = str(tmp_path / "gallery")
+    query = write_gallery(gallery)[0]
+    monkeypatch.setattr("idml.search.atomic_write", read_only)
+    with pytest.warns(UserWarning, match="could not cache the index .*Read-only file system"):
+        result = search_here(capsys, "--model", softplus_model, "--gallery", gallery, "--query", query, "-k", "2")
+    assert "indexed (not cached) 13 images" in result.out
+    assert not os.path.exists(os.path.join(gallery, INDEX_NAME))
