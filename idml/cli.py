@@ -151,20 +151,38 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PEER_STOPPED = ("Connection closed by peer", "Connection reset by peer")  # gloo, when a process exits
+
+
 def run_guarded(main, argv=None) -> int:
-    """Run main(argv); a UsageError becomes one line on stderr and exit code 2."""
+    """Run main(argv); a UsageError becomes one line on stderr and exit code 2. Under
+    torchrun each process says its own error (naming itself unless it is rank 0), and a
+    process whose collective failed because another one stopped says only that."""
     from idml.train import Interrupted
 
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    prefix = "error" if rank == "0" else f"error (process {rank} of {world})"
     try:
         main(argv)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        _say(f"{prefix}: {error}")
         return 2
     except Interrupted as stop:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, every rank stops at the same step
-            print(str(stop), file=sys.stderr)
+        if rank == "0":  # every rank stops at the same step
+            _say(str(stop))
         return 128 + stop.signal_number
+    except RuntimeError as error:
+        if world == "1" or not any(sign in str(error) for sign in PEER_STOPPED):
+            raise
+        _say(f"{prefix}: another process stopped, so this one stops too (that process says why)")
+        return 1
     return 0
+
+
+def _say(line: str) -> None:
+    """One write per line: the processes of a torchrun share one terminal."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def train_main(argv=None) -> None:

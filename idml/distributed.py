@@ -140,10 +140,20 @@ def gather_eval(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     sizes = gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    if max(sizes) == 0:
+        return x
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
     padded[:x.shape[0]] = x
     gathered = gather(padded).split(max(sizes))
     return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
+
+
+def share_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: trained per rank
+    without SyncBatchNorm, they differ, and evaluation must use the model rank 0 saves."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:

@@ -7,7 +7,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from idml.data.datasets import BadImageBudget
-from idml.errors import UsageError
 from idml.metrics import compute_metrics
 from idml.precision import autocast, configure_cudnn, place_model, resolve_amp
 
@@ -38,8 +37,9 @@ def embed(model, loader: DataLoader, device: torch.device, amp: str = "off", pro
         uncertainties.append(sigma.float().pow(2).sum(dim=1))
         labels.append(targets.to(device, non_blocking=True))
     model.train(was_training)
-    if not embeddings:
-        raise UsageError("none of the images to embed could be read (see the warnings above)")
+    if not embeddings:  # every image unreadable (or, under torchrun, every one of this share)
+        return (torch.empty(0, model.embedding_size, device=device), torch.empty(0, dtype=torch.long, device=device),
+                torch.empty(0, device=device))
     return torch.cat(embeddings), torch.cat(labels), torch.cat(uncertainties)
 
 

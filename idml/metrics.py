@@ -27,6 +27,9 @@ def compute_metrics(
     k-means (k = number of distinct labels, k-means++ seeded by `seed`) on the normalised
     embeddings. CUB/Cars use ks = (1, 2, 4, 8), SOP (1, 10, 100).
     """
+    if embeddings.shape[0] < 2:
+        raise UsageError(f"retrieval metrics need at least 2 embeddings, got {embeddings.shape[0]} "
+                         f"(were the images readable? see the warnings above)")
     bad = non_finite_rows(embeddings)
     if bad:  # NaN similarities compare false with everything: every query would look perfectly ranked
         raise UsageError(f"{bad} of {embeddings.shape[0]} embeddings hold NaN or infinite values, so no "

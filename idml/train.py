@@ -10,6 +10,7 @@ is that of the global batch (idml/distributed.py says how). Only rank 0 prints, 
 progress and writes files; evaluation is sharded over the ranks.
 """
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -71,18 +72,21 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def run_folder(args) -> str:
-    """The published run folder name, so logs line up with the published code's; when an
-    earlier run wrote there, the first free one of <name>_2, <name>_3, ... (a new run never
-    mixes its files with another's)."""
+def claim_run_folder(args) -> str:
+    """Creates and returns the run folder: the published name, so logs line up with the
+    published code's, or when another run has it, the first free one of <name>_2, <name>_3,
+    ... (created with mkdir, which only one of two runs started together can win)."""
     name = (f"{args.model}_{args.loss}_embedding{args.embedding_size}_alpha{args.alpha:g}_mrg{args.mrg:g}"
             f"_{args.optimizer}_lr{args.lr:g}_batch{args.batch_size}{args.remark}")
     path = os.path.join(args.LOG_DIR, f"logs_{args.dataset}", name)
-    candidate, number = path, 1
-    while os.path.isdir(candidate) and os.listdir(candidate):
-        number += 1
-        candidate = f"{path}_{number}"
-    return candidate
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for number in itertools.count(1):
+        candidate = path if number == 1 else f"{path}_{number}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
 
 
 def build_optimizer(args, model, criterion) -> torch.optim.Optimizer:
@@ -204,15 +208,13 @@ class Trainer:
         self.forward_pair, self._wrapped_for = None, None  # the (DDP-wrapped) model, built by train_epoch
         self.bad_images = BadImageBudget(args.max_bad_images)
         self.state = RunState()
-        if args.resume:
-            self._resume(args.resume)  # sets run_dir: the checkpoint's folder
-        else:  # rank 0 looks for a free folder before any rank creates it
-            self.run_dir = distributed.broadcast_object(run_folder(args) if distributed.is_main() else None)
         try:
-            os.makedirs(self.run_dir, exist_ok=True)
+            if args.resume:
+                self._resume(args.resume)  # sets run_dir: the checkpoint's folder
+            else:  # rank 0 claims a folder, the others write into it
+                self.run_dir = distributed.broadcast_object(claim_run_folder(args) if distributed.is_main() else None)
         except OSError as error:
-            raise UsageError(f"cannot create the run folder {self.run_dir} under --LOG_DIR {args.LOG_DIR} "
-                             f"({error.strerror})") from None
+            raise UsageError(f"cannot create a run folder under --LOG_DIR {args.LOG_DIR} ({error.strerror})") from None
         self.wandb = None
         if distributed.is_main():
             self.wandb = tracking.open_run(args.wandb, f"{args.dataset}_ProxyAnchor", self.run_dir, vars(args),
@@ -276,7 +278,7 @@ class Trainer:
                 break
             self.bad_images.add(dropped)
             if dropped and distributed.world_size() > 1:
-                images, labels = refill_share(images, labels, dropped)
+                images, labels = refill_share(images, labels, len(dropped))
             if images is None:
                 continue
             loss = self.train_step(images.to(self.device, non_blocking=True),
@@ -339,10 +341,15 @@ class Trainer:
 
     def _evaluate(self, when: str) -> dict:
         args = self.args
+        distributed.share_buffers(self.model)
         shares = embed(self.model, self.test_loader, self.device, self.amp, progress=distributed.is_main(),
                        bad_images=self.bad_images)
         embeddings, labels, self.test_uncertainty = (distributed.gather_eval(t) for t in shares)
-        bad = non_finite_rows(embeddings)  # every rank holds them all, so every rank stops
+        # every rank holds them all, so every rank stops on these
+        if embeddings.shape[0] < 2:
+            raise UsageError(f"{embeddings.shape[0]} test images could be read ({when}; see the warnings above): "
+                             f"retrieval needs at least 2")
+        bad = non_finite_rows(embeddings)
         if bad:
             raise self._diverged(f"the embeddings of {bad} of {embeddings.shape[0]} test images became NaN or "
                                  f"infinite ({when})")

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from idml.checkpoint import save_checkpoint
-from idml.cli import train_parser
+from idml.cli import run_guarded, train_parser
+from idml.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,3 +139,21 @@ def test_wandb_online_without_credentials_says_what_to_do(tmp_path):
     result = run("train.py", "--pretrained", "none", "--model", "resnet18", "--workers", "0", "--wandb", "online",
                  "--LOG_DIR", str(tmp_path / "logs"), env={"HOME": str(tmp_path), "WANDB_API_KEY": ""})
     assert_refused(result, "--wandb online: wandb could not start the run", "--wandb offline logs into the run folder")
+
+
+def test_under_torchrun_each_process_names_itself_and_a_peers_stop_is_said_once(monkeypatch, capsys):
+    def fails_with(error):
+        def main(argv):
+            raise error
+        return main
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run_guarded(fails_with(UsageError("bad image budget"))) == 2
+    assert capsys.readouterr().err == "error (process 1 of 2): bad image budget\n"
+    peer = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:29500")
+    assert run_guarded(fails_with(peer)) == 1
+    assert capsys.readouterr().err == ("error (process 1 of 2): another process stopped, so this one stops too "
+                                       "(that process says why)\n")
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        run_guarded(fails_with(RuntimeError("a bug")))

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from idml.data import build_dataset
-from idml.data.datasets import cars_split, cub_split, sop_split
+from idml.data.datasets import BadImageBudget, cars_split, cub_split, sop_split
 from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler
 from idml.data.synthetic import write_cars, write_cub, write_sop
 from idml.errors import UsageError
@@ -285,3 +285,11 @@ def test_custom_test_classes_seen_in_training_are_warned_about(tmp_path):
     write_custom(str(tmp_path), ["a/one.jpg 0", "a/two.jpg 4"], ["b/one.jpg 4", "b/two.jpg 9"])
     with pytest.warns(UserWarning, match=r"1 class ids of .*test.txt also occur in train.txt \(e.g. 4\)"):
         custom_split(str(tmp_path), False)
+
+
+def test_an_unreadable_image_met_again_counts_once():
+    budget = BadImageBudget(1)
+    for _ in range(3):  # the same bad image at every epoch or evaluation
+        budget.add(("a.jpg",))
+    with pytest.raises(UsageError, match="2 images could not be decoded, more than --max-bad-images 1"):
+        budget.add(("b.jpg", "a.jpg"))

@@ -173,9 +173,16 @@ def _gather_eval_worker(rank, world, port, length, queue):
         mine = torch.arange(start, stop, dtype=torch.float32)[:, None].repeat(1, 3)
         if rank == 1:
             mine = mine[1:]  # an unreadable image dropped from this share
+        if rank == 2:
+            mine = mine[:0]  # every image of this share unreadable
         gathered = distributed.gather_eval(mine)
+        nothing = distributed.gather_eval(mine[:0])
+        batch_norm = torch.nn.BatchNorm1d(2)
+        batch_norm.running_mean.fill_(rank + 1)  # running statistics that differ per rank
+        distributed.share_buffers(batch_norm)
+        means = distributed.gather(batch_norm.running_mean[None])
         if rank == 0:
-            queue.put(((start, stop), gathered[:, 0].tolist()))
+            queue.put(((start, stop), gathered[:, 0].tolist(), tuple(nothing.shape), means.tolist()))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -185,9 +192,11 @@ def test_three_ranks_gather_uneven_shards_in_order_without_duplicates():
     length, world = 896, 3  # the digits test split, not divisible by 3
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_gather_eval_worker, args=(world, free_port(), length, queue), nprocs=world)
-    (start, stop), gathered = queue.get()
-    assert (start, stop) == (0, 299)  # shares 299, 299, 298
-    assert gathered == [float(i) for i in range(length) if i != 299]
+    (start, stop), gathered, nothing, means = queue.get()
+    assert (start, stop) == (0, 299)  # shares 299, 299, 298; the third one empty
+    assert gathered == [float(i) for i in range(598) if i != 299]
+    assert nothing == (0, 3)
+    assert means == [[1.0, 1.0]] * world  # rank 0's BatchNorm statistics on every rank
 
 
 def test_shards_cover_every_item_once(monkeypatch):

@@ -16,7 +16,7 @@ from idml.data.synthetic import WRITERS
 from idml.errors import UsageError
 from idml.losses import ProxyAnchorISM
 from idml.models import IDMLNet
-from idml.train import best_results_text, build_optimizer, idml_loss, mixup_draw, train
+from idml.train import best_results_text, build_optimizer, claim_run_folder, idml_loss, mixup_draw, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet18", "--pretrained", "none", "--embedding-size", "16", "--image-size", "32",
@@ -179,3 +179,9 @@ def test_seed_command_runs_one_short_epoch_on_its_layout(tmp_path, layout):
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     expected_ks = ["R@1", "R@10", "R@100"] if layout == "sop" else ["R@1", "R@2", "R@4", "R@8"]
     assert [k for k in lines[-1] if k.startswith("R@")] == expected_ks
+
+
+def test_two_runs_started_together_claim_different_folders(tmp_path):
+    args = tiny_args(tmp_path, "--dataset", "digits")
+    first, second = claim_run_folder(args), claim_run_folder(args)
+    assert second == first + "_2" and os.path.isdir(first) and os.path.isdir(second)

@@ -1,5 +1,5 @@
 """--loader dali: NVIDIA DALI decodes and augments the image files and yields what the PIL
-DataLoader yields, (images, labels, number of unreadable images dropped) per batch: NCHW
+DataLoader yields, (images, labels, paths of the unreadable images dropped) per batch: NCHW
 float32 on the training device, normalised with the ImageNet mean and std.
 
 On CUDA the JPEGs are decoded on the GPU (DALI's "mixed" decoder) and DALI resizes, flips
@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from idml.data.datasets import UNREADABLE, ImageFileDataset, Items, collate_valid, warn_unreadable
+from idml.data.datasets import UNREADABLE, ImageFileDataset, Items, Unreadable, collate_valid, warn_unreadable
 from idml.data.samplers import SeededSamples
 from idml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainDraws, eval_geometry
 from idml.errors import UsageError
@@ -89,7 +89,7 @@ class EncodedImages(Dataset):
                 geometry = self.geometry(image)
         except UNREADABLE as error:
             warn_unreadable(path, error)
-            return None
+            return Unreadable(path)
         return label, np.frombuffer(encoded, dtype=np.uint8), geometry
 
 
@@ -247,9 +247,10 @@ class DaliLoader:
             while True:
                 batch = next(batches)  # StopIteration ends DALI's epoch
                 samples = [self.samples[item] for item in batch]
-                valid = [sample for sample in samples if sample is not None]
+                valid = [sample for sample in samples if not isinstance(sample, Unreadable)]
                 labels, encoded, geometries = zip(*valid) if valid else (None, None, None)
-                pending.append((batch, labels, geometries, len(samples) - len(valid)))
+                pending.append((batch, labels, geometries,
+                                tuple(sample.path for sample in samples if isinstance(sample, Unreadable))))
                 if valid:
                     return [list(encoded)] + self.resampling.inputs(geometries)
 

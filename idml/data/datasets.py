@@ -7,7 +7,8 @@ expected where.
 """
 import os
 import warnings
-from typing import List, Tuple
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
 
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
@@ -177,37 +178,46 @@ class ImageFileDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
-        """(image, label), or None for a corrupt or truncated file (with a warning):
-        collate_valid drops it and the loops count it against --max-bad-images."""
+        """(image, label), or Unreadable(path) for a corrupt or truncated file (with a
+        warning): collate_valid drops it and the loops count it against --max-bad-images."""
         path, label = self.items[index]
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")
         except UNREADABLE as error:
             warn_unreadable(path, error)
-            return None
+            return Unreadable(path)
         if self.transform is not None:
             image = self.transform(image)
         return image, label
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """What a dataset gives for an image it could not decode."""
+    path: str
+
+
 def collate_valid(batch):
-    """(images, labels, number of unreadable images dropped); images None if all were."""
-    valid = [sample for sample in batch if sample is not None]
-    dropped = len(batch) - len(valid)
+    """(images, labels, paths of the unreadable images dropped); images None if all were."""
+    valid = [sample for sample in batch if not isinstance(sample, Unreadable)]
+    dropped = tuple(sample.path for sample in batch if isinstance(sample, Unreadable))
     if not valid:
         return None, None, dropped
     return (*default_collate(valid), dropped)
 
 
 class BadImageBudget:
-    """Counts unreadable images; more than `limit` stops the run with one clear sentence."""
+    """Counts unreadable images, each once however often it is met (every epoch, every
+    evaluation); more than `limit` stops the run with one clear sentence. Under torchrun
+    each process counts the images it meets."""
 
     def __init__(self, limit: int):
-        self.limit, self.count = limit, 0
+        self.limit, self.paths = limit, set()
 
-    def add(self, dropped: int) -> None:
-        self.count += dropped
-        if self.count > self.limit:
-            raise UsageError(f"{self.count} images could not be decoded, more than --max-bad-images {self.limit} "
-                             f"(their paths are in the warnings above): repair or remove them, or raise the limit")
+    def add(self, dropped: Sequence[str]) -> None:
+        self.paths.update(dropped)
+        if len(self.paths) > self.limit:
+            raise UsageError(f"{len(self.paths)} images could not be decoded, more than --max-bad-images "
+                             f"{self.limit} (their paths are in the warnings above): repair or remove them, or "
+                             f"raise the limit")
