@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 
 from idml.errors import UsageError
@@ -171,6 +172,9 @@ def run_guarded(main, argv=None) -> int:
         if rank == "0":  # every rank stops at the same step
             _say(str(stop))
         return 128 + stop.signal_number
+    except KeyboardInterrupt:  # Ctrl-C outside training's steps (loading, evaluating, indexing)
+        _say("interrupted")
+        return 128 + signal.SIGINT
     except RuntimeError as error:
         if world == "1" or not any(sign in str(error) for sign in PEER_STOPPED):
             raise

@@ -141,7 +141,7 @@ def test_wandb_online_without_credentials_says_what_to_do(tmp_path):
     assert_refused(result, "--wandb online: wandb could not start the run", "--wandb offline logs into the run folder")
 
 
-def test_under_torchrun_each_process_names_itself_and_a_peers_stop_is_said_once(monkeypatch, capsys):
+def test_errors_become_one_line_naming_the_torchrun_process_and_ctrl_c_no_traceback(monkeypatch, capsys):
     def fails_with(error):
         def main(argv):
             raise error
@@ -157,3 +157,5 @@ def test_under_torchrun_each_process_names_itself_and_a_peers_stop_is_said_once(
                                        "(that process says why)\n")
     with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
         run_guarded(fails_with(RuntimeError("a bug")))
+    assert run_guarded(fails_with(KeyboardInterrupt())) == 130  # Ctrl-C while loading: no traceback
+    assert capsys.readouterr().err == "interrupted\n"
