@@ -123,18 +123,22 @@ def custom_split(root: str, train: bool) -> Items:
     """Your own images: <data-root>/train.txt and test.txt list `relative/path class_id`,
     paths relative to <data-root>; the test classes should be unseen in training (a warning
     says when some are not)."""
-    items = _custom_list(root, "train.txt" if train else "test.txt")
-    if not train:
-        seen = {label for _, label in _custom_list(root, "train.txt")} & {label for _, label in items}
+    list_file = os.path.join(root, "train.txt" if train else "test.txt")
+    items = _custom_list(root, list_file)
+    missing = [path for path, _ in items if not os.path.isfile(path)]
+    if missing:
+        raise UsageError(f"{len(missing)} images listed in {list_file} are missing, e.g. {missing[0]}")
+    if not train:  # only train.txt's class ids are needed here: its images are checked when it is built
+        trained = {label for _, label in _custom_list(root, os.path.join(root, "train.txt"))}
+        seen = trained & {label for _, label in items}
         if seen:
-            warnings.warn(f"{len(seen)} class ids of {os.path.join(root, 'test.txt')} also occur in train.txt "
+            warnings.warn(f"{len(seen)} class ids of {list_file} also occur in train.txt "
                           f"(e.g. {min(seen)}): the test metrics are then not on unseen classes", stacklevel=2)
     return _renumber(items)
 
 
-def _custom_list(root: str, name: str) -> Items:
-    """The (path, class id) lines of <root>/<name>, class ids as written."""
-    list_file = os.path.join(root, name)
+def _custom_list(root: str, list_file: str) -> Items:
+    """The (path, class id) lines of `list_file`, class ids as written, paths under `root`."""
     _require(list_file, CUSTOM_LAYOUT, "custom data set", kind="file")
     items = []
     with open(list_file) as f:
@@ -150,9 +154,6 @@ def _custom_list(root: str, name: str) -> Items:
             items.append((os.path.join(root, path), int(label)))
     if not items:
         raise UsageError(f"{list_file} lists no images (expected {CUSTOM_LAYOUT})")
-    missing = [path for path, _ in items if not os.path.isfile(path)]
-    if missing:
-        raise UsageError(f"{len(missing)} images listed in {list_file} are missing, e.g. {missing[0]}")
     return items
 
 
