@@ -185,16 +185,19 @@ def broadcast_object(obj):
     return box[0]
 
 
-def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool) -> torch.nn.Module:
+def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool,
+         buffers_differ: bool) -> torch.nn.Module:
     """DistributedDataParallel around `module` when distributed, else `module`. DDP syncs
     the parameters that require gradients when it is built (warm-up freezes some: rebuild
     it when that changes); find_unused_parameters where the loss ignores some (baselines
-    ignore sigma, so the uncertainty head gets no gradient)."""
+    ignore sigma, so the uncertainty head gets no gradient). DDP broadcasts rank 0's
+    buffers before every forward only where they can differ (`buffers_differ`): frozen or
+    synchronised BatchNorm statistics are equal on every rank."""
     if not is_distributed():
         return module
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=find_unused_parameters)
+        find_unused_parameters=find_unused_parameters, broadcast_buffers=buffers_differ)
 
 
 def relaunch_command(argv, gpu: int, device: str, env=os.environ, gpu_count: int = None):

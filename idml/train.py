@@ -222,11 +222,16 @@ class Trainer:
         if self.wandb is not None:
             self.state.wandb_run_id = self.wandb.id
 
+    def _per_rank_batch_norm(self) -> bool:
+        """BatchNorm statistics that differ between ranks: trained (--bn-freeze 0) on several
+        CPU processes, where SyncBatchNorm is not available."""
+        return not self.args.bn_freeze and distributed.is_distributed() and self.device.type != "cuda"
+
     def _sync_batch_norm(self, model: IDMLNet) -> IDMLNet:
         """Training BatchNorm (--bn-freeze 0) on several ranks: statistics of the global batch."""
         if model.bn_freeze or not distributed.is_distributed():
             return model
-        if self.device.type == "cuda":
+        if not self._per_rank_batch_norm():
             return nn.SyncBatchNorm.convert_sync_batchnorm(model)
         print_main("note: --bn-freeze 0 on several CPU processes: BatchNorm statistics are per process "
                    "(SyncBatchNorm needs GPUs), so steps differ slightly from a single process")
@@ -263,7 +268,8 @@ class Trainer:
         trainable = tuple(p.requires_grad for p in self.model.parameters())
         if trainable != self._wrapped_for:  # DDP registers the trainable parameters when built
             self.forward_pair = distributed.wrap(CleanAndMixed(self.model), self.device,
-                                                 find_unused_parameters=args.loss != "Proxy_Anchor")
+                                                 find_unused_parameters=args.loss != "Proxy_Anchor",
+                                                 buffers_differ=self._per_rank_batch_norm())
             self._wrapped_for = trainable
         steps = min(self.sampler.num_batches, args.max_steps or self.sampler.num_batches)
         self.sampler.set_epoch(epoch, start_step=self.state.step)
@@ -341,7 +347,8 @@ class Trainer:
 
     def _evaluate(self, when: str) -> dict:
         args = self.args
-        distributed.share_buffers(self.model)
+        if self._per_rank_batch_norm():
+            distributed.share_buffers(self.model)
         shares = embed(self.model, self.test_loader, self.device, self.amp, progress=distributed.is_main(),
                        bad_images=self.bad_images)
         embeddings, labels, self.test_uncertainty = (distributed.gather_eval(t) for t in shares)

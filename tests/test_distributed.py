@@ -55,8 +55,8 @@ def command(log_dir, processes=None, *extra):
     return [*launcher, os.path.join(ROOT, "scripts", "train.py"), *RUN, "--LOG_DIR", str(log_dir), *extra]
 
 
-def train(log_dir, processes=None):
-    result = subprocess.run(command(log_dir, processes), cwd=ROOT, env=ENV, capture_output=True, text=True,
+def train(log_dir, processes=None, *extra):
+    result = subprocess.run(command(log_dir, processes, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir, = glob.glob(os.path.join(str(log_dir), "logs_digits", "*"))
@@ -120,6 +120,23 @@ def test_one_process_under_torchrun_runs_the_collectives_and_takes_the_same_step
     for part in ("model", "criterion"):
         for name, value in a[part].items():
             torch.testing.assert_close(b[part][name], value, rtol=1e-6, atol=1e-7, msg=f"{part}.{name}")
+
+
+def test_per_process_batch_norm_records_the_metrics_of_the_model_rank_0_saves(tmp_path):
+    """--bn-freeze 0 on 2 CPU processes: BatchNorm statistics are trained per process (no
+    SyncBatchNorm on the CPU), so every evaluation must use rank 0's, which the checkpoint
+    holds: the recorded metrics are those of the saved model evaluated in one process."""
+    run_dir, result = train(tmp_path, 2, "--bn-freeze", "0")
+    assert "BatchNorm statistics are per process" in result.stdout
+    recorded = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
+    evaluated = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--resume",
+         os.path.join(run_dir, "checkpoint_last.pt"), "--workers", "0", "--json"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    for name in ("R@1", "R@2", "RP", "MAP@R"):
+        assert metrics[name] == pytest.approx(recorded[name], abs=1e-6), name
 
 
 def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resumes(tmp_path):
