@@ -4,6 +4,7 @@ a file that torch.load refuses.
 The command line catches it, prints its message (one sentence saying what was expected
 where) and exits with code 2; library users can catch it as a ValueError.
 """
+import os
 import pickle
 
 
@@ -13,6 +14,12 @@ class UsageError(ValueError):
 
 class TrainingDiverged(UsageError):
     """The loss stopped being finite; reported like bad input (one sentence, exit code 2)."""
+
+
+def require_file(path: str, expected: str) -> None:
+    """UsageError unless `path` is a file: `expected` (what the option takes), then why."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{expected}; {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
 
 
 def torch_load_failure(error: Exception) -> str:

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from idml.errors import UsageError, torch_load_failure
+from idml.errors import UsageError, require_file, torch_load_failure
 from idml.reference import l2_normalize
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -43,9 +43,7 @@ def load_backbone(arch: str, pretrained: str) -> nn.Module:
                 f"on a machine with network access and save it as {cached}, or pass --pretrained PATH "
                 f"to a torchvision {arch} state dict, or --pretrained none") from None
     else:
-        if not os.path.isfile(pretrained):
-            raise UsageError(f"--pretrained expects 'imagenet', 'none' or a weights file; {pretrained} "
-                             f"{'is a folder' if os.path.isdir(pretrained) else 'does not exist'}")
+        require_file(pretrained, "--pretrained expects 'imagenet', 'none' or a weights file")
         try:
             state = torch.load(pretrained, map_location="cpu", weights_only=True)
         except Exception as error:

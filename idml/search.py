@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from idml.errors import UsageError
+from idml.errors import UsageError, require_file
 from idml.files import atomic_write
 
 INDEX_NAME = ".idml_index.pt"
@@ -85,9 +85,7 @@ def image_size(path: str) -> Optional[Tuple[int, int]]:
 
 
 def load_model(path: str, device: torch.device):
-    if not os.path.isfile(path):
-        raise UsageError(f"--model expects a TorchScript file written by scripts/export.py; {path} "
-                         f"{'is a folder' if os.path.isdir(path) else 'does not exist'}")
+    require_file(path, "--model expects a TorchScript file written by scripts/export.py")
     from idml.export import quiet_jit
 
     try:
