@@ -106,6 +106,12 @@ def test_pretrained_path_of_another_architecture_is_refused(tmp_path):
         load_backbone("resnet18", path)
 
 
+def test_pretrained_path_that_is_no_file_is_named(tmp_path):
+    for path, why in [(tmp_path, "is a folder"), (tmp_path / "missing.pth", "does not exist")]:
+        with pytest.raises(UsageError, match=f"--pretrained expects 'imagenet', 'none' or a weights file; .* {why}"):
+            load_backbone("resnet18", str(path))
+
+
 def test_offline_imagenet_weights_name_the_file_and_the_alternatives(monkeypatch):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
