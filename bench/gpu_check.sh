@@ -13,7 +13,8 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:
 python="${PYTHON:-python3}"
 out="${OUT:-/tmp/idml_gpu_check}"
 mkdir -p "$out"
-"$python" -c "import torch; print('torch', torch.__version__, '| GPU', torch.cuda.get_device_name(0))"
+"$python" -c "import torch; print('torch', torch.__version__, '| GPU', torch.cuda.get_device_name(0))" || {
+  echo "no CUDA GPU is visible to torch: nothing to check"; exit 1; }
 
 start=$(date +%s)
 deadline=$(( start + ${IDML_CHECK_SECONDS:-330} ))
@@ -40,12 +41,14 @@ limited 150 "$python" -m pytest tests -q -m cuda -p no:cacheprovider 2>&1 | tee 
 status=${PIPESTATUS[0]}
 stopped "$status" tests && status=1
 
-# DDP on the card: torchrun with one process joins an nccl group of one and runs DDP, the
-# gathers and SyncBatchNorm (--bn-freeze 0) for real, then evaluates on the GPU.
+# DDP on the card: torchrun with one process joins an nccl group of one and runs DDP and
+# the gathers over nccl for real, then evaluates on the GPU (--bn-freeze 0 converts to
+# SyncBatchNorm, which with one process computes plain BatchNorm). The run's checkpoints
+# (~190 MB) go to a temporary folder: $OUT comes back from the GPU machine, only small files.
 echo "DDP smoke run (torchrun, 1 process, nccl, 2 steps):"
 limited 120 "$python" -m torch.distributed.run --standalone --nproc_per_node=1 scripts/train.py \
   --dataset digits --model resnet18 --pretrained none --batch-size 64 --epochs 1 --max-steps 2 --warm 0 \
-  --bn-freeze 0 --workers 2 --wandb disabled --LOG_DIR "$out/ddp" > "$out/ddp.log" 2>&1
+  --bn-freeze 0 --workers 2 --wandb disabled --LOG_DIR "$(mktemp -d)" > "$out/ddp.log" 2>&1
 ddp_status=$?
 stopped "$ddp_status" "DDP smoke run"
 tr '\r' '\n' < "$out/ddp.log" | grep -E "^training IDML|unseen classes:" || tail -20 "$out/ddp.log"
