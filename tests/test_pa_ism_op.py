@@ -299,8 +299,30 @@ CUDA_CASES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-4, 2e-2), (torch.
 
 @pytest.mark.cuda
 def test_cuda_kernels_are_built():
-    for op in ("pa_ism_forward", "pa_ism_backward"):
+    for op in ("pa_ism_forward", "pa_ism_backward", "retrieval_ranks"):
         assert ops.has_kernel(op, torch.device("cuda")), f"idml._C has no CUDA kernel for {op}"
+
+
+@pytest.mark.cuda
+def test_cuda_float16_gradients_survive_a_loss_scale():
+    """GradScaler multiplies the loss by 2^16 before the backward: the float16 gradients are
+    then exactly 2^16 times the unscaled ones (a power of two), not inf. The kernels compute
+    for grad_loss = 1 and scale at the end; scaled inside, the coefficients overflowed."""
+    mu, sigma, labels, proxies = make_inputs(120, 1000, 128, torch.float16, device="cuda", sigma_kind="relu")
+    labels[:30] = labels[0]
+    loss = ops.pa_ism_loss(mu, sigma, labels, proxies, **HYPER)
+    unscaled = torch.autograd.grad(loss, (mu, sigma, proxies), retain_graph=True)
+    scaled = torch.autograd.grad(loss * 2.0 ** 16, (mu, sigma, proxies))
+    for name, plain, times_scale in zip(("mu", "sigma", "proxies"), unscaled, scaled):
+        assert torch.isfinite(times_scale).all(), name
+        assert torch.equal(times_scale.float() / 2 ** 16, plain.float()), name
+
+
+@pytest.mark.cuda
+def test_cuda_inputs_on_two_devices_are_refused_by_name():
+    mu, sigma, labels, proxies = make_inputs(8, 20, 4, torch.float32, device="cuda")
+    with pytest.raises(RuntimeError, match="all inputs must be on the same device"):
+        ops.pa_ism_loss(mu.detach().cpu(), sigma, labels, proxies)
 
 
 @pytest.mark.cuda

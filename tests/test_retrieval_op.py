@@ -280,6 +280,13 @@ def test_cuda_op_equals_reference_fp32():
 
 
 @pytest.mark.cuda
+def test_cuda_inputs_on_two_devices_are_refused_by_name():
+    x, labels = clustered(50, 5)
+    with pytest.raises(RuntimeError, match="labels must be on the device of"):
+        ops.retrieval_ranks(x, labels.cuda())  # a CUDA tensor among the inputs: the CUDA kernel
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_cuda_speed_modes_within_tolerance(precision):
     x, labels = normalised_clusters(20000, 1000, noise=2.0)
@@ -306,6 +313,13 @@ def test_opcheck():
     gallery, gallery_labels = clustered(40, 5)
     torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, None, None, 3, 4, "fp32"))
     torch.library.opcheck(torch.ops.idml.retrieval_ranks, (x, labels, gallery, gallery_labels, 1023, 1, "bf16"))
+
+
+@pytest.mark.cuda
+def test_cuda_inputs_on_two_devices_are_refused_by_name():
+    x, labels = clustered(50, 5)
+    with pytest.raises(RuntimeError, match="labels must be on the device of"):
+        ops.retrieval_ranks(x, labels.cuda())  # a CUDA tensor among the inputs: the CUDA kernel
 
 
 @pytest.mark.cuda

@@ -291,8 +291,10 @@ Params<T> make_params(double margin, double alpha, double ism_offset, double ism
 }
 
 // float16 coefficients would fall below its normal range (they carry 1/C); they are scaled
-// by a power of two, keeping alpha * scale <= 2^11 so the largest (alpha / |P+|, times
-// grad_loss) stays far from 65504, and the GEMMs divide it out again.
+// by a power of two, keeping alpha * scale <= 2^11 so the largest (about alpha / (|P+|
+// |mu| |p|)) stays far from 65504, and the GEMMs divide it out again. They are computed for
+// grad_loss = 1 and the gradients multiplied by grad_loss at the end: a loss scale such as
+// GradScaler's 2^16 would otherwise overflow them.
 double coeff_scale_for(at::ScalarType dtype, double alpha) {
   if (dtype != at::kHalf || !(alpha > 0)) return 1.0;
   return std::max(1.0, std::exp2(std::floor(std::log2(2048.0 / alpha))));
@@ -302,8 +304,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
     const at::Tensor& mu_in, const at::Tensor& sigma_in, const at::Tensor& labels_in,
     const at::Tensor& proxies_in, double margin, double alpha, bool ism, double ism_offset,
     double ism_scale) {
-  const c10::cuda::CUDAGuard device_guard(mu_in.device());
+  // Checked before the guard: a CPU tensor among CUDA ones gets the inputs' own message.
   const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in);
+  const c10::cuda::CUDAGuard device_guard(in.mu.device());
   const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1), D_sigma = sigma.size(1);
   const at::ScalarType acc_type = at::toOpMathType(mu.scalar_type());
@@ -347,14 +350,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
     const at::Tensor& row_stats_in, const at::Tensor& col_stats_in,
     const at::Tensor& num_positive_in, double margin, double alpha, bool ism, double ism_offset,
     double ism_scale) {
-  const c10::cuda::CUDAGuard device_guard(mu_in.device());
   const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in);
+  const c10::cuda::CUDAGuard device_guard(in.mu.device());
   const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
   const at::ScalarType acc_type = at::toOpMathType(mu.scalar_type());
   TORCH_CHECK(dots_in.device() == mu.device() && row_stats_in.device() == mu.device() &&
                   col_stats_in.device() == mu.device() && num_positive_in.device() == mu.device(),
               "pa_ism_backward: the forward's outputs must be on the inputs' device");
   const at::Tensor grad = grad_loss.to(mu.device(), acc_type).contiguous();  // a CPU scalar is fine
+  const bool unit_grad = mu.scalar_type() == at::kHalf;  // see coeff_scale_for
+  const at::Tensor kernel_grad = unit_grad ? at::ones({}, grad.options()) : grad;
   const at::Tensor dots = dots_in.contiguous(), row_stats = row_stats_in.contiguous();
   const at::Tensor col_stats = col_stats_in.contiguous();
   const at::Tensor num_positive = num_positive_in.contiguous();
@@ -371,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
     const Params<acc_t> p = make_params<acc_t>(margin, alpha, ism_offset, ism_scale);
     auto kernel = ism ? backward_kernel<scalar_t, acc_t, true> : backward_kernel<scalar_t, acc_t, false>;
     kernel<<<launch.grid, launch.block, 0, stream>>>(
-        grad.const_data_ptr<acc_t>(), dots.const_data_ptr<acc_t>(), row_stats.const_data_ptr<acc_t>(),
+        kernel_grad.const_data_ptr<acc_t>(), dots.const_data_ptr<acc_t>(), row_stats.const_data_ptr<acc_t>(),
         col_stats.const_data_ptr<acc_t>(), num_positive.const_data_ptr<acc_t>(),
         labels.const_data_ptr<int64_t>(), proxies.const_data_ptr<scalar_t>(), B, C, D, p,
         acc_t(coeff_scale), coeff.mutable_data_ptr<scalar_t>(), row_partials.mutable_data_ptr<acc_t>(),
@@ -387,6 +392,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
   });
   grad_mu.addmm_(coeff, proxies, 1.0, 1.0 / coeff_scale);
   grad_proxies.addmm_(coeff.t(), mu, 1.0, 1.0 / coeff_scale);
+  if (unit_grad) {
+    for (at::Tensor* g : {&grad_mu, &grad_sigma, &grad_proxies}) g->mul_(grad);
+  }
   return {grad_mu, grad_sigma, grad_proxies};
 }
 

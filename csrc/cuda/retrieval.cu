@@ -4,7 +4,7 @@
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -147,7 +147,9 @@ std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cuda(
     const at::Tensor& queries, const at::Tensor& query_labels,
     const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
     int64_t max_r, int64_t max_k, c10::string_view precision) {
-  const c10::cuda::CUDAGuard device_guard(queries.device());
+  // Optional: a CPU tensor among CUDA ones (dispatched here) reaches compute_ranks's
+  // device checks and their message instead of the guard's.
+  const c10::OptionalDeviceGuard device_guard(queries.device());
   static const retrieval::Backend backend = cuda_backend();
   return retrieval::compute_ranks(queries, query_labels, references, reference_labels, max_r, max_k,
                                   std::string(precision), backend);
