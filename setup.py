@@ -74,7 +74,8 @@ def extension():
     debug = os.environ.get("IDML_DEBUG") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-fopenmp"] + LIMITED_API_FLAGS
-    sources = [os.path.join("csrc", "idml.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = [os.path.join("csrc", name) for name in ("module.cpp", "idml.cpp")]
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     kwargs = dict(
         name="idml._C",
         sources=sources,

@@ -2,17 +2,8 @@
 // themselves per backend (TORCH_LIBRARY_IMPL); fake kernels and autograd are registered
 // from Python in idml/ops.py. Forward and backward are separate operators so both can be
 // called from TorchScript and from C++.
-#include <Python.h>
+// (The Python module that loads them is csrc/module.cpp: these files build without Python.)
 #include <torch/library.h>
-
-extern "C" {
-// `import idml._C` only has to load this library: the static initialisers below register
-// the operators. No Python bindings are needed, so the limited API suffices.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(idml, m) {
   // --- introspective Proxy Anchor loss (IDML_METHOD.md sections 2-3) ---
