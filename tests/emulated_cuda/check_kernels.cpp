@@ -159,6 +159,7 @@ int main() {
     }
   check_pa_ism(0, 5, 4, at::kFloat, true, 132);
   check_pa_ism(64, 200, 64, at::kFloat, true, 4);
+  check_pa_ism(120, 11318, 8, at::kFloat, true, 132);  // SOP's classes: more blocks than a reduction's threads
   check_pa_ism_loss_scale();
   for (const char* precision : {"fp32", "tf32", "bf16"})
     for (bool gallery : {false, true})
