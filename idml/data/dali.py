@@ -37,7 +37,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from idml.data.datasets import UNREADABLE, ImageFileDataset, Items, Unreadable, collate_valid, warn_unreadable
+from idml.data.datasets import (UNREADABLE, ImageFileDataset, Items, Unreadable, collate_valid, drop_unreadable,
+                                warn_unreadable)
 from idml.data.samplers import SeededSamples
 from idml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainDraws, eval_geometry
 from idml.errors import UsageError
@@ -246,11 +247,9 @@ class DaliLoader:
         def source():
             while True:
                 batch = next(batches)  # StopIteration ends DALI's epoch
-                samples = [self.samples[item] for item in batch]
-                valid = [sample for sample in samples if not isinstance(sample, Unreadable)]
+                valid, dropped = drop_unreadable([self.samples[item] for item in batch])
                 labels, encoded, geometries = zip(*valid) if valid else (None, None, None)
-                pending.append((batch, labels, geometries,
-                                tuple(sample.path for sample in samples if isinstance(sample, Unreadable))))
+                pending.append((batch, labels, geometries, dropped))
                 if valid:
                     return [list(encoded)] + self.resampling.inputs(geometries)
 

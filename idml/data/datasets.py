@@ -199,10 +199,15 @@ class Unreadable:
     path: str
 
 
+def drop_unreadable(samples) -> Tuple[list, Tuple[str, ...]]:
+    """(the readable samples, the paths of the unreadable ones)."""
+    valid = [sample for sample in samples if not isinstance(sample, Unreadable)]
+    return valid, tuple(sample.path for sample in samples if isinstance(sample, Unreadable))
+
+
 def collate_valid(batch):
     """(images, labels, paths of the unreadable images dropped); images None if all were."""
-    valid = [sample for sample in batch if not isinstance(sample, Unreadable)]
-    dropped = tuple(sample.path for sample in batch if isinstance(sample, Unreadable))
+    valid, dropped = drop_unreadable(batch)
     if not valid:
         return None, None, dropped
     return (*default_collate(valid), dropped)
