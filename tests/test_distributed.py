@@ -23,6 +23,7 @@ from idml import train as train_module
 from idml.data.synthetic import write_cub
 from idml.errors import UsageError
 from test_robustness import corrupt_some_images, finish, wait_for_checkpoint
+from test_train import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Deterministic CPU mode; SGD so that parameter updates are linear in the gradients (Adam's
@@ -129,10 +130,8 @@ def test_per_process_batch_norm_records_the_metrics_of_the_model_rank_0_saves(tm
     run_dir, result = train(tmp_path, 2, "--bn-freeze", "0")
     assert "BatchNorm statistics are per process" in result.stdout
     recorded = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
-    evaluated = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--resume",
-         os.path.join(run_dir, "checkpoint_last.pt"), "--workers", "0", "--json"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    evaluated = run_script("evaluate.py", "--resume", os.path.join(run_dir, "checkpoint_last.pt"), "--workers", "0",
+                           "--json", env=ENV)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     for name in ("R@1", "R@2", "RP", "MAP@R"):
