@@ -230,6 +230,26 @@ def test_saved_statistics():
     torch.testing.assert_close(loss, col_stats[1].sum() / 3 + col_stats[2].sum() / 10)
 
 
+def test_backward_makes_no_gradient_for_the_statistics():
+    """Only the loss is differentiable. The saved statistics (one of them B x C) are marked
+    so, and neither the op's registered autograd nor pa_ism_loss allocates zero gradients
+    for them in the backward."""
+    from torch.profiler import profile
+
+    mu, sigma, labels, proxies = make_inputs(12, 40, 8, torch.float32)
+    _, *statistics = torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies)
+    assert not any(s.requires_grad for s in statistics)
+    via_op = lambda *inputs: torch.ops.idml.pa_ism_forward(*inputs, **HYPER)[0]  # noqa: E731
+    for loss_fn in (via_op, ops.pa_ism_loss):
+        loss, grad_loss = loss_fn(mu, sigma, labels, proxies), torch.ones(())
+        with profile() as prof:
+            grads = torch.autograd.grad(loss, (mu, sigma, proxies), grad_loss)
+        calls = [event.name for event in prof.events()]
+        assert calls.count("idml::pa_ism_backward") == 1
+        assert "aten::zeros" not in calls, calls  # what autograd fills unused output gradients with
+        assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_mixed_dtypes_are_promoted():
     """bf16 embeddings (autocast) with float32 proxies: computed in float32, gradients in
     each input's dtype."""
