@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one command for the lent GPU machine (H100/H200; torch 2.11 there, no network, no
 # wandb or DALI): builds idml._C in place for sm_90 with that machine's torch, runs the
-# CUDA tests, a 2-step DDP run over nccl, then the benchmarks at full size, and prints one table of timings and
-# speed-ups. Budget: at most about 6 minutes (IDML_CHECK_SECONDS, below). Full logs land in
-# $OUT (default /tmp/idml_gpu_check). Usage: bash bench/gpu_check.sh
+# CUDA tests, a 2-step DDP run over nccl, then the benchmarks at full size, printing one
+# table of timings and speed-ups, and last a profile of each target (bench/gpu_profile.py).
+# Budget: at most about 6 minutes (IDML_CHECK_SECONDS, below). Full logs land in $OUT
+# (default /tmp/idml_gpu_check). Usage: bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The extension is built in place, not installed: torchrun runs scripts/train.py as a file,
@@ -17,7 +18,7 @@ mkdir -p "$out"
   echo "no CUDA GPU is visible to torch: nothing to check"; exit 1; }
 
 start=$(date +%s)
-deadline=$(( start + ${IDML_CHECK_SECONDS:-330} ))
+deadline=$(( start + ${IDML_CHECK_SECONDS:-350} ))
 # Runs a step for at most $1 seconds and never past the deadline: SIGINT first, so that
 # pytest still prints what it has, SIGKILL 15 s later for a process stuck in a CUDA call.
 limited() {
@@ -62,5 +63,12 @@ bench_status=${PIPESTATUS[0]}
 stopped "$bench_status" benchmarks
 [ "$bench_status" -eq 5 ] && echo "benchmarks: none collected (no GPU visible?)"
 [ "$bench_status" -eq 0 ] || status=1  # a failure, a target missed at full scale, or nothing run
+
+# Diagnostics, not checks (its status is only reported): where each target's time goes
+# (device busy or waiting for the host, launches, top kernels); full tables in $out/profile.txt.
+limited 60 "$python" bench/gpu_profile.py --out "$out" 2> "$out/profile.err" | tee "$out/profile.log"
+profile_status=${PIPESTATUS[0]}
+stopped "$profile_status" profile
+[ "$profile_status" -eq 0 ] || { echo "profile exit code: $profile_status"; tail -5 "$out/profile.err"; }
 echo "total: $(( $(date +%s) - start )) s"
 exit "$status"

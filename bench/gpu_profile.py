@@ -1,0 +1,139 @@
+"""Where the time of each GPU target goes, from torch.profiler: the device's busy time, the
+time it waits for the host, kernel launches and the costliest kernels per call.
+
+A missed target is either host-bound (launches, Python, synchronisation: the device waits)
+or device-bound (a kernel is slow); this table tells which, from the same single run of
+bench/gpu_check.sh that measures the targets. On the CPU it runs too (device columns empty;
+the test suite runs it at small scale so that it does not rot).
+
+    python bench/gpu_profile.py [--scale small|full] [--device cuda|cpu] [--out FOLDER]
+
+Prints one markdown table; FOLDER/profile.txt gets each case's full operator table.
+"""
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_loss import forward_backward, make_inputs  # noqa: E402
+from bench_metrics import embeddings, size_of  # noqa: E402
+from bench_train_step import SIZES as STEP_SIZES, Step  # noqa: E402
+from timing import synchronize  # noqa: E402
+
+from idml import cluster, ops  # noqa: E402
+
+LOSS_SHAPES = {"small": (120, 100), "full": (120, 11318)}
+
+
+def loss_cases(scale, device):
+    B, C = LOSS_SHAPES[scale]
+    dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+    for dtype in dtypes:
+        inputs = make_inputs(B, C, dtype, device)
+        name = str(dtype).removeprefix("torch.")
+        yield f"loss fwd+bwd B={B} C={C} {name}", lambda inputs=inputs: forward_backward(ops.pa_ism_loss, *inputs)
+        mu, _, _, proxies = inputs
+        coeff = torch.randn(B, C, device=device, dtype=dtype)
+
+        def matmuls(mu=mu, proxies=proxies, coeff=coeff):
+            with torch.no_grad():
+                return mu @ proxies.t(), coeff @ proxies, coeff.t() @ mu
+
+        yield f"its three matmuls {name}", matmuls
+
+
+def metrics_cases(scale, device):
+    precisions = ("fp32", "tf32") if device.type == "cuda" else ("fp32",)
+    for name in ("cub", "sop"):
+        n, num_classes, ks = size_of(name, scale)
+        x, labels = embeddings(n, num_classes, device)
+        for precision in precisions:
+            yield (f"metrics {name} n={n} {precision}",
+                   lambda x=x, labels=labels, ks=ks, p=precision: ops.retrieval_metrics(x, labels, ks=ks, precision=p))
+
+
+def kmeans_cases(scale, device):
+    n, k, _ = size_of("sop", scale)
+    x, _ = embeddings(n, k, device)
+    start = x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].to(device)]
+    yield f"k-means 20 iterations n={n} k={k}", lambda: cluster.lloyd(x, start, iters=20, stop_early=False)
+
+
+def step_cases(scale, device):
+    for fast in (True, False):
+        step = Step(device, *STEP_SIZES[scale], fast=fast)
+        yield f"training step {'idml' if fast else 'published'} {STEP_SIZES[scale][0]}", step
+
+
+CASES = {"loss": loss_cases, "metrics": metrics_cases, "kmeans": kmeans_cases, "step": step_cases}
+
+
+def profile_case(fn, device, repeat):
+    """(wall ms per call, host ms per call, device-busy ms per call, device operations (kernels, copies) per call,
+    top kernels, full table). Host time: until fn returns, without waiting for the device."""
+    fn()  # warm-up: autotuning, allocator, lazy initialisation
+    synchronize(device)
+    wall, host = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - start)
+        synchronize(device)
+        wall.append(time.perf_counter() - start)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeat):
+            fn()
+        synchronize(device)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.self_device_time_total for e in kernels)
+    launches = sum(e.count for e in kernels)
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:3]
+    top_text = "; ".join(f"{e.key[:48]} {e.self_device_time_total / repeat / 1e3:.3f} ms" for e in top)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return (min(wall) * 1e3, min(host) * 1e3, busy_us / repeat / 1e3, launches / repeat, top_text,
+            prof.key_averages().table(sort_by=sort_by, row_limit=25))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", choices=("small", "full"), default="full")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--repeat", type=int, default=3, help="calls timed and profiled per case")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/idml_gpu_check"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    failed = 0
+    print(f"profile ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"torch {torch.__version__}, {args.scale} scale, best of {args.repeat} calls):")
+    print("| case | wall ms | host ms | device busy ms | device idle | device ops | top kernels |")
+    print("|---|---|---|---|---|---|---|")
+    with open(os.path.join(args.out, "profile.txt"), "w") as tables:
+        for group in args.cases.split(","):
+            try:  # one failing case (or group set-up) must not cost the others' rows
+                for name, fn in CASES[group](args.scale, device):
+                    try:
+                        wall, host, busy, launches, top, table = profile_case(fn, device, args.repeat)
+                    except Exception:
+                        failed += 1
+                        print(f"| {name} | failed: {traceback.format_exc(limit=1).splitlines()[-1]} |||||")
+                        continue
+                    idle = f"{max(0.0, 1 - busy / wall):.0%}" if device.type == "cuda" else "-"
+                    print(f"| {name} | {wall:.3f} | {host:.3f} | {busy:.3f} | {idle} | {launches:.0f} | {top} |",
+                          flush=True)
+                    tables.write(f"## {name}\n{table}\n\n")
+            except Exception:
+                failed += 1
+                print(f"| {group} | failed: {traceback.format_exc(limit=1).splitlines()[-1]} |||||")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
