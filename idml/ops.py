@@ -190,22 +190,21 @@ def metrics_from_ranks(ranks: torch.Tensor, num_relevant: torch.Tensor, ks=(1, 2
     max_r. The t-th relevant item (in rank order) is among the R nearest iff its rank is
     <= R, and then contributes precision t / rank to MAP@R.
     """
+    names = [f"R@{k}" for k in ks] + ["RP", "MAP@R"]
     n = num_relevant.shape[0]
+    if n == 0 or ranks.shape[1] == 0:  # no query, or none with a relevant item
+        return dict.fromkeys(names, 0.0)
+    # All on the device, read back once: on a GPU each .item() would wait for it.
     valid = num_relevant > 0
-    result = {}
-    for k in ks:
-        hit = valid & (ranks[:, 0] <= k) if ranks.shape[1] > 0 else torch.zeros_like(valid)
-        result[f"R@{k}"] = hit.sum().item() / n if n else 0.0
-    if ranks.shape[1] == 0 or not bool(valid.any()):
-        result["RP"] = result["MAP@R"] = 0.0
-        return result
-    ranks, r = ranks[valid].double(), num_relevant[valid].double()
+    ks_tensor = torch.tensor(list(ks), device=ranks.device)
+    recall = ((ranks[:, :1] <= ks_tensor) & valid.unsqueeze(1)).sum(dim=0).double() / n
+    ranks, r = ranks.double(), num_relevant.double().clamp_min(1.0)
     t = torch.arange(1, ranks.shape[1] + 1, device=ranks.device, dtype=torch.float64)
     in_top_r = (ranks > 0) & (ranks <= r.unsqueeze(1))
-    result["RP"] = (in_top_r.sum(dim=1) / r).mean().item()
-    precision_terms = torch.where(in_top_r, t / ranks.clamp_min(1.0), torch.zeros_like(ranks))
-    result["MAP@R"] = (precision_terms.sum(dim=1) / r).mean().item()
-    return result
+    precision_terms = torch.where(in_top_r, t / ranks.clamp_min(1.0), 0.0)
+    per_query = torch.stack([in_top_r.sum(dim=1), precision_terms.sum(dim=1)]) / r  # RP, AP@R
+    averages = (per_query * valid).sum(dim=1) / valid.sum().clamp_min(1)
+    return dict(zip(names, torch.cat([recall, averages]).tolist()))
 
 
 def retrieval_metrics(

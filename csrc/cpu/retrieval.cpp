@@ -71,7 +71,15 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
   auto begin = at::searchsorted(r.labels, q.labels, /*out_int32=*/false, /*right=*/false);
   auto end = at::searchsorted(r.labels, q.labels, /*out_int32=*/false, /*right=*/true);
   auto num_relevant = (end - begin - (symmetric ? 1 : 0)).clamp_max(max_r);
-  const int64_t cap = nq > 0 ? num_relevant.max().item<int64_t>() : 0;
+  // The segments on the host, in one transfer (it waits for the device): the list width,
+  // the widest class and the band of each block of queries come from them.
+  const auto bounds_host = at::stack({begin, end}).cpu();
+  const int64_t* begin_ptr = bounds_host.data_ptr<int64_t>();
+  const int64_t* end_ptr = begin_ptr + nq;
+  int64_t widest = 0;  // the largest class segment
+  for (int64_t a = 0; a < nq; ++a) widest = std::max(widest, end_ptr[a] - begin_ptr[a]);
+  const int64_t cap = std::min(max_r, std::max<int64_t>(0, widest - (symmetric ? 1 : 0)));  // max R
+  const int64_t width = std::max<int64_t>(1, widest);
 
   auto unsort = [&](const at::Tensor& t) { return at::empty_like(t).index_copy_(0, q.order, t); };
   if (cap == 0) {
@@ -89,12 +97,6 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
   // similarities keep the lower index first). Blocks of queries are multiplied with the
   // band of references holding their classes (contiguous, both sides being sorted by
   // label); everything else runs once per chunk of rows, to keep launches few.
-  const auto begin_host = begin.cpu(), end_host = end.cpu();
-  const int64_t* begin_ptr = begin_host.data_ptr<int64_t>();
-  const int64_t* end_ptr = end_host.data_ptr<int64_t>();
-  int64_t width = 1;  // widest class segment
-  for (int64_t a = 0; a < nq; ++a) width = std::max(width, end_ptr[a] - begin_ptr[a]);
-  const int64_t k = std::min(cap, width);
   const int64_t offset_rows = std::max<int64_t>(1, (int64_t{1} << 24) / width / backend.band_rows);
   const int64_t chunk_rows = offset_rows * backend.band_rows;  // chunk x width <= 2^24 (or one block)
   auto offset = at::arange(width, long_opts).unsqueeze(0);
@@ -119,9 +121,9 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
     }
     segment.masked_fill_(unused, -std::numeric_limits<float>::infinity());
     auto [sorted_sim, order] = at::sort(segment, /*stable=*/true, 1, /*descending=*/true);
-    values.slice(0, h0, h1).slice(1, 0, k).copy_(sorted_sim.slice(1, 0, k));
-    auto best_cols = cols.gather(1, order.slice(1, 0, k)).reshape({-1});
-    index.slice(0, h0, h1).slice(1, 0, k).copy_(col_index.index_select(0, best_cols).view({h1 - h0, k}));
+    values.slice(0, h0, h1).slice(1, 0, cap).copy_(sorted_sim.slice(1, 0, cap));
+    auto best_cols = cols.gather(1, order.slice(1, 0, cap)).reshape({-1});
+    index.slice(0, h0, h1).slice(1, 0, cap).copy_(col_index.index_select(0, best_cols).view({h1 - h0, cap}));
   }
   auto length = num_relevant.to(at::kInt).contiguous();
   auto limit = num_relevant.clamp_min(std::min<int64_t>(max_k, nr)).to(at::kInt).contiguous();
