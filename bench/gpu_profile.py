@@ -126,6 +126,8 @@ def main(argv=None) -> int:
                         print(f"| {name} | failed: {traceback.format_exc(limit=1).splitlines()[-1]} |||||")
                         continue
                     idle = f"{max(0.0, 1 - busy / wall):.0%}" if device.type == "cuda" else "-"
+                    if device.type == "cuda" and not launches:  # CUPTI recorded nothing: no device columns
+                        busy, idle, top = float("nan"), "?", "no device events recorded (CUPTI unavailable?)"
                     print(f"| {name} | {wall:.3f} | {host:.3f} | {busy:.3f} | {idle} | {launches:.0f} | {top} |",
                           flush=True)
                     tables.write(f"## {name}\n{table}\n\n")
