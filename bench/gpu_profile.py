@@ -100,6 +100,31 @@ def profile_case(fn, device, repeat):
             prof.key_averages().table(sort_by=sort_by, row_limit=25))
 
 
+def profile_cases(groups, scale, device, repeat, tables) -> int:
+    """Prints a row per case and writes its operator table; returns how many failed. One
+    failing case (or group set-up) does not cost the others their rows."""
+    failed = 0
+    for group in groups:
+        try:
+            for name, fn in CASES[group](scale, device):
+                try:
+                    wall, host, busy, launches, top, table = profile_case(fn, device, repeat)
+                except Exception:
+                    failed += 1
+                    print(f"| {name} | failed: {traceback.format_exc(limit=1).splitlines()[-1]} |||||", flush=True)
+                    continue
+                idle = f"{max(0.0, 1 - busy / wall):.0%}" if device.type == "cuda" else "-"
+                if device.type == "cuda" and not launches:  # CUPTI recorded nothing: no device columns
+                    busy, idle, top = float("nan"), "?", "no device events recorded (CUPTI unavailable?)"
+                print(f"| {name} | {wall:.3f} | {host:.3f} | {busy:.3f} | {idle} | {launches:.0f} | {top} |",
+                      flush=True)
+                tables.write(f"## {name}\n{table}\n\n")
+        except Exception:
+            failed += 1
+            print(f"| {group} | failed: {traceback.format_exc(limit=1).splitlines()[-1]} |||||", flush=True)
+    return failed
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=("small", "full"), default="full")
@@ -110,30 +135,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
-    failed = 0
     print(f"profile ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"torch {torch.__version__}, {args.scale} scale, best of {args.repeat} calls):")
     print("| case | wall ms | host ms | device busy ms | device idle | device ops | top kernels |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|", flush=True)
     with open(os.path.join(args.out, "profile.txt"), "w") as tables:
-        for group in args.cases.split(","):
-            try:  # one failing case (or group set-up) must not cost the others' rows
-                for name, fn in CASES[group](args.scale, device):
-                    try:
-                        wall, host, busy, launches, top, table = profile_case(fn, device, args.repeat)
-                    except Exception:
-                        failed += 1
-                        print(f"| {name} | failed: {traceback.format_exc(limit=1).splitlines()[-1]} |||||")
-                        continue
-                    idle = f"{max(0.0, 1 - busy / wall):.0%}" if device.type == "cuda" else "-"
-                    if device.type == "cuda" and not launches:  # CUPTI recorded nothing: no device columns
-                        busy, idle, top = float("nan"), "?", "no device events recorded (CUPTI unavailable?)"
-                    print(f"| {name} | {wall:.3f} | {host:.3f} | {busy:.3f} | {idle} | {launches:.0f} | {top} |",
-                          flush=True)
-                    tables.write(f"## {name}\n{table}\n\n")
-            except Exception:
-                failed += 1
-                print(f"| {group} | failed: {traceback.format_exc(limit=1).splitlines()[-1]} |||||")
+        try:
+            failed = profile_cases(args.cases.split(","), args.scale, device, args.repeat, tables)
+        except KeyboardInterrupt:  # SIGINT from gpu_check.sh's time limit: the rows so far stand
+            print("| stopped by SIGINT (time limit): the cases after the last row were not profiled |||||||")
+            return 124
     return 1 if failed else 0
 
 
