@@ -6,6 +6,7 @@ are blockwise argmins (ties to the lower centroid), and centroid sums avoid atom
 Empty clusters keep their centroid.
 """
 import torch
+from tqdm import tqdm
 
 # Largest number of point-centroid distances held at once (a 64 MiB float32 block).
 BLOCK_ELEMENTS = 1 << 24
@@ -16,11 +17,12 @@ def _row_blocks(n: int, k: int):
     return ((start, min(n, start + step)) for start in range(0, n, step))
 
 
-def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0, progress: bool = False) -> torch.Tensor:
     """k initial centroids [k, d] by k-means++ (D^2 sampling), seeded and deterministic.
 
     Each draw is u * sum(D^2) located in the running cumulative sum (float64), so the
-    loop never synchronises with the device.
+    loop never synchronises with the device. `progress`: a progress bar (the k draws take
+    minutes on a CPU at SOP size).
     """
     n = x.shape[0]
     generator = torch.Generator().manual_seed(seed)
@@ -37,7 +39,7 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
         return torch.addmv(sq_norms + sq_norms.index_select(0, index), x, centroid[0], alpha=-2.0).clamp_min_(0.0)
 
     closest = squared_distances(0, first).double()
-    for c in range(1, k):
+    for c in tqdm(range(1, k), desc="k-means++ seeding", leave=False, disable=not progress):
         cumulative = closest.cumsum(0)
         index = torch.searchsorted(cumulative, uniforms[c:c + 1] * cumulative[-1:], right=True).clamp_max_(n - 1)
         torch.minimum(closest, squared_distances(c, index), out=closest)
@@ -69,13 +71,13 @@ def update_centroids(x: torch.Tensor, ids: torch.Tensor, centroids: torch.Tensor
     return torch.where((counts > 0).unsqueeze(1), means, centroids)
 
 
-def lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int, stop_early: bool = True):
+def lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int, stop_early: bool = True, progress: bool = False):
     """`iters` Lloyd iterations from `centroids`: (cluster ids, centroids).
 
     stop_early ends as soon as an iteration changes no assignment (one sync each).
     """
     ids = assign(x, centroids)
-    for _ in range(iters):
+    for _ in tqdm(range(iters), desc="k-means iterations", leave=False, disable=not progress):
         centroids = update_centroids(x, ids, centroids)
         new_ids = assign(x, centroids)
         if stop_early and torch.equal(new_ids, ids):
@@ -84,16 +86,17 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int, stop_early: bool
     return ids, centroids
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0) -> torch.Tensor:
+def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, progress: bool = False) -> torch.Tensor:
     """Cluster ids (LongTensor [n], on x's device) of k-means with k-means++ seeding.
 
     Deterministic for a seed; stops when the assignment is stable or after `iters`
-    Lloyd iterations. Computed in float32 at least.
+    Lloyd iterations. Computed in float32 at least. `progress`: progress bars for the
+    seeding and the iterations.
     """
     if not 1 <= k <= x.shape[0]:
         raise ValueError(f"kmeans: k must be in [1, {x.shape[0]}] (number of rows), got {k}")
     x = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
-    ids, _ = lloyd(x, kmeans_plus_plus(x, k, seed), iters)
+    ids, _ = lloyd(x, kmeans_plus_plus(x, k, seed, progress), iters, progress=progress)
     return ids
 
 

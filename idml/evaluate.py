@@ -72,4 +72,4 @@ def evaluate_checkpoint(args) -> Tuple[Dict[str, float], List[str]]:
         from idml.plots import evaluation_plots
 
         plots = evaluation_plots(args.plots, test_set, embeddings, labels, f"{dataset}: {args.resume}")
-    return compute_metrics(embeddings, labels, ks=recall_ks(dataset)), plots
+    return compute_metrics(embeddings, labels, ks=recall_ks(dataset), progress=not args.json), plots

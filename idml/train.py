@@ -363,7 +363,7 @@ class Trainer:
         metrics = None
         if distributed.is_main():
             metrics = compute_metrics(embeddings, labels, ks=recall_ks(args.dataset),
-                                      clustering=bool(args.eval_clustering))
+                                      clustering=bool(args.eval_clustering), progress=True)
             print(f"[{when}] unseen classes: {format_metrics(metrics)}", flush=True)
         return distributed.broadcast_object(metrics)
 

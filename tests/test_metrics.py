@@ -72,3 +72,14 @@ def test_compute_metrics_refuses_non_finite_embeddings(bad):
     embeddings[[3, 11], 2] = bad
     with pytest.raises(UsageError, match="2 of 20 embeddings hold NaN or infinite values"):
         metrics.compute_metrics(embeddings, labels, clustering=False)
+
+
+def test_progress_bars_name_each_stage_only_when_asked(capsys):
+    x, labels = normalised_clusters(200, 10)
+    quiet = metrics.compute_metrics(x, labels)
+    assert capsys.readouterr().err == ""
+    shown = metrics.compute_metrics(x, labels, progress=True)
+    err = capsys.readouterr().err
+    for stage in ("retrieval metrics", "k-means++ seeding", "k-means iterations"):
+        assert stage in err, err
+    assert shown == quiet
