@@ -74,8 +74,9 @@ CASES = {"loss": loss_cases, "metrics": metrics_cases, "kmeans": kmeans_cases, "
 
 
 def profile_case(fn, device, repeat):
-    """(wall ms per call, host ms per call, device-busy ms per call, device operations (kernels, copies) per call,
-    top kernels, full table). Host time: until fn returns, without waiting for the device."""
+    """Per call: (wall ms, host ms, device-busy ms, device operations (kernels, copies), the
+    top kernels), and the operator table. Host time: until fn returns, without waiting for
+    the device. Wall and host from plain calls, the rest from profiled ones."""
     fn()  # warm-up: autotuning, allocator, lazy initialisation
     synchronize(device)
     wall, host = [], []
