@@ -106,7 +106,10 @@ if EXTENSION_ERROR is None and hasattr(torch.ops.idml, "pa_ism_forward"):
         ctx.save_for_backward(mu, sigma, labels, proxies, *statistics)
         ctx.hyper = (margin, alpha, ism, ism_offset, ism_scale)
 
+    @torch.autograd.function.once_differentiable  # the backward has no backward: say so, not wrong 0s
     def _pa_ism_backward(ctx, grad_loss, *unused_grads):
+        if grad_loss is None:  # grads are not materialised (see below): no gradient reached the loss
+            return (None,) * 9
         grad_mu, grad_sigma, grad_proxies = torch.ops.idml.pa_ism_backward(
             grad_loss, *ctx.saved_tensors, *ctx.hyper
         )
@@ -120,17 +123,16 @@ if EXTENSION_ERROR is None and hasattr(torch.ops.idml, "pa_ism_forward"):
         ctx.set_materialize_grads(False)
         _save_for_pa_ism_backward(ctx, inputs, statistics)
 
-    # For the op called directly (torch.ops.idml.pa_ism_forward, e.g. from TorchScript).
+    # For the op called directly (torch.ops.idml.pa_ism_forward), as TorchScript code does.
     torch.library.register_autograd(
         "idml::pa_ism_forward", _pa_ism_backward, setup_context=_pa_ism_setup_context
     )
 
     class _PaIsmLoss(torch.autograd.Function):
         """What pa_ism_loss calls: the op's forward and backward, as registered above, but
-        with one output and without the generic wrapper of register_autograd. Host time of a
-        forward + backward at tiny sizes, on the CPU here: 53 us instead of 78. On a GPU the
-        host issues the kernels: 25 us is a third of the bf16 matrix products' time at
-        (120, 11318) (bench/bench_loss.py)."""
+        with one output and without the generic wrapper of register_autograd, which costs
+        the host about 30 us per forward + backward (bench/RESULTS.md, session 6): on a GPU,
+        a third of the bf16 matrix products' time at (120, 11318)."""
 
         @staticmethod
         def forward(ctx, *inputs):
@@ -196,8 +198,8 @@ def metrics_from_ranks(ranks: torch.Tensor, num_relevant: torch.Tensor, ks=(1, 2
         return dict.fromkeys(names, 0.0)
     # All on the device, read back once: on a GPU each .item() would wait for it.
     valid = num_relevant > 0
-    ks_tensor = torch.tensor(list(ks), device=ranks.device)
-    recall = ((ranks[:, :1] <= ks_tensor) & valid.unsqueeze(1)).sum(dim=0).double() / n
+    # Not torch.tensor(ks, device=...): a copy from the host would synchronise too.
+    recall = torch.stack([(ranks[:, 0] <= k) & valid for k in ks], dim=1).sum(dim=0).double() / n
     ranks, r = ranks.double(), num_relevant.double().clamp_min(1.0)
     t = torch.arange(1, ranks.shape[1] + 1, device=ranks.device, dtype=torch.float64)
     in_top_r = (ranks > 0) & (ranks <= r.unsqueeze(1))

@@ -250,6 +250,17 @@ def test_backward_makes_no_gradient_for_the_statistics():
         assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_second_derivatives_are_refused():
+    """The backward kernel has no derivative of its own: differentiating it again raises
+    (it used to give wrong second derivatives with only a warning)."""
+    mu, sigma, labels, proxies = make_inputs(6, 5, 4)
+    via_op = lambda *inputs: torch.ops.idml.pa_ism_forward(*inputs, **HYPER)[0]  # noqa: E731
+    for loss_fn in (via_op, ops.pa_ism_loss):
+        grad_mu, = torch.autograd.grad(loss_fn(mu, sigma, labels, proxies), mu, create_graph=True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(grad_mu.sum(), mu)
+
+
 def test_mixed_dtypes_are_promoted():
     """bf16 embeddings (autocast) with float32 proxies: computed in float32, gradients in
     each input's dtype."""

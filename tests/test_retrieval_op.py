@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -141,6 +142,11 @@ def test_no_query_with_a_relevant_item(name, impl):
     assert ranks.shape == (30, 0) and num_relevant.tolist() == [0] * 30
     ranks, num_relevant = impl(x, torch.arange(30), 1023, "fp32", None, None, 8)  # every class of one image
     assert ranks.shape == (30, 0) and num_relevant.tolist() == [0] * 30
+    assert set(ops.metrics_from_ranks(ranks, num_relevant).values()) == {0.0}
+    for references in ((None, None), (gallery, gallery_labels)):  # no query at all
+        ranks, num_relevant = impl(x[:0], labels[:0], 1023, "fp32", *references, 8)
+        assert ranks.shape == (0, 0) and num_relevant.shape == (0,)
+        assert set(ops.metrics_from_ranks(ranks, num_relevant).values()) == {0.0}
 
 
 def test_op_ranks_equal_reference_ranks_several_tiles():
@@ -212,6 +218,25 @@ def test_metrics_from_ranks_reads_back_once():
     calls = {event.name for event in prof.events()}
     assert not calls & {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}, calls
     assert list(result) == ["R@1", "R@5", "RP", "MAP@R"] and all(type(v) is float for v in result.values())
+
+
+@pytest.mark.cuda
+def test_cuda_metrics_from_ranks_synchronises_at_most_once():
+    """On the GPU: only the final read-back waits for the device (torch's sync debug mode
+    warns at every synchronising call)."""
+    x, labels = clustered(500, 20)
+    ranks, num_relevant = ops.retrieval_ranks(x.cuda(), labels.cuda(), max_k=8)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = ops.metrics_from_ranks(ranks, num_relevant, ks=(1, 2, 4, 8))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, syncs
+    assert_same(result, ops.metrics_from_ranks(ranks.cpu(), num_relevant.cpu(), ks=(1, 2, 4, 8)))
 
 
 def test_query_without_relevant_item_is_an_r_at_k_miss():

@@ -71,8 +71,9 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
   auto begin = at::searchsorted(r.labels, q.labels, /*out_int32=*/false, /*right=*/false);
   auto end = at::searchsorted(r.labels, q.labels, /*out_int32=*/false, /*right=*/true);
   auto num_relevant = (end - begin - (symmetric ? 1 : 0)).clamp_max(max_r);
-  // The segments on the host, in one transfer (it waits for the device): the list width,
-  // the widest class and the band of each block of queries come from them.
+  // The class segments on the host, in one transfer (it waits for the device). From them:
+  // cap, the width of the relevant lists (the largest R, = max(num_relevant)); width, that
+  // of the widest segment (phase 1 gathers segments that wide); each block's band.
   const auto bounds_host = at::stack({begin, end}).cpu();
   const int64_t* begin_ptr = bounds_host.data_ptr<int64_t>();
   const int64_t* end_ptr = begin_ptr + nq;
