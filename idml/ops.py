@@ -106,7 +106,7 @@ if EXTENSION_ERROR is None and hasattr(torch.ops.idml, "pa_ism_forward"):
         ctx.save_for_backward(mu, sigma, labels, proxies, *statistics)
         ctx.hyper = (margin, alpha, ism, ism_offset, ism_scale)
 
-    @torch.autograd.function.once_differentiable  # the backward has no backward: say so, not wrong 0s
+    @torch.autograd.function.once_differentiable  # no second derivative: raise, rather than give wrong ones
     def _pa_ism_backward(ctx, grad_loss, *unused_grads):
         if grad_loss is None:  # grads are not materialised (see below): no gradient reached the loss
             return (None,) * 9
