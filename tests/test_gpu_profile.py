@@ -16,7 +16,8 @@ from gpu_profile import short_kernel_name, summarize  # noqa: E402
 def test_profile_prints_a_row_per_case_and_writes_the_tables(tmp_path):
     result = subprocess.run(
         [sys.executable, "bench/gpu_profile.py", "--device", "cpu", "--scale", "small", "--repeat", "1",
-         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT})  # a script run as a file imports this checkout's idml
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
     names = [cells[0].strip() for cells in rows[1:]]  # after the header
