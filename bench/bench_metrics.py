@@ -107,14 +107,19 @@ def test_kmeans_plus_plus_seeding(benchmark, compiled_op, device, bench_scale):
         record_ratio(benchmark, "sklearn_kmeans_plusplus", sklearn_s, seeding_s)
 
 
-def test_kmeans_20_iterations(benchmark, compiled_op, device, bench_scale):
+def twenty_lloyd_iterations(bench_scale, device):
+    """(embeddings, start centroids: k random rows, the 20 iterations to time) at SOP size,
+    k = its number of classes."""
     n, k, _ = size_of("sop", bench_scale)
     x, _ = embeddings(n, k, device)
-    g = torch.Generator().manual_seed(0)
-    start = x[torch.randperm(n, generator=g)[:k].to(device)]
+    start = x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].to(device)]
+    return x, start, lambda: cluster.lloyd(x, start, iters=20, stop_early=False)
 
-    lloyd_s = benchmarked_time(benchmark, lambda: cluster.lloyd(x, start, iters=20, stop_early=False), device,
-                               **kmeans_rounds(device, bench_scale))
+
+def test_kmeans_20_iterations(benchmark, compiled_op, device, bench_scale):
+    x, start, run = twenty_lloyd_iterations(bench_scale, device)
+    k = start.shape[0]
+    lloyd_s = benchmarked_time(benchmark, run, device, **kmeans_rounds(device, bench_scale))
     if device.type == "cpu" and not full_size_on_cpu(device, bench_scale):
         sklearn_cluster = pytest.importorskip("sklearn.cluster")
         data, init = x.numpy(), start.numpy()

@@ -21,12 +21,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import forward_backward, make_inputs  # noqa: E402
-from bench_metrics import embeddings, size_of  # noqa: E402
+from bench_loss import forward_backward, make_inputs, three_matmuls  # noqa: E402
+from bench_metrics import embeddings, size_of, twenty_lloyd_iterations  # noqa: E402
 from bench_train_step import SIZES as STEP_SIZES, Step  # noqa: E402
 from timing import synchronize  # noqa: E402
 
-from idml import cluster, ops  # noqa: E402
+from idml import ops  # noqa: E402
 
 LOSS_SHAPES = {"small": (120, 100), "full": (120, 11318)}
 
@@ -38,14 +38,7 @@ def loss_cases(scale, device):
         inputs = make_inputs(B, C, dtype, device)
         name = str(dtype).removeprefix("torch.")
         yield f"loss fwd+bwd B={B} C={C} {name}", lambda inputs=inputs: forward_backward(ops.pa_ism_loss, *inputs)
-        mu, _, _, proxies = inputs
-        coeff = torch.randn(B, C, device=device, dtype=dtype)
-
-        def matmuls(mu=mu, proxies=proxies, coeff=coeff):
-            with torch.no_grad():
-                return mu @ proxies.t(), coeff @ proxies, coeff.t() @ mu
-
-        yield f"its three matmuls {name}", matmuls
+        yield f"its three matmuls {name}", three_matmuls(inputs[0], inputs[3])
 
 
 def metrics_cases(scale, device):
@@ -59,10 +52,8 @@ def metrics_cases(scale, device):
 
 
 def kmeans_cases(scale, device):
-    n, k, _ = size_of("sop", scale)
-    x, _ = embeddings(n, k, device)
-    start = x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].to(device)]
-    yield f"k-means 20 iterations n={n} k={k}", lambda: cluster.lloyd(x, start, iters=20, stop_early=False)
+    x, start, run = twenty_lloyd_iterations(scale, device)
+    yield f"k-means 20 iterations n={x.shape[0]} k={start.shape[0]}", run
 
 
 def step_cases(scale, device):
