@@ -230,6 +230,12 @@ def test_saved_statistics():
     torch.testing.assert_close(loss, col_stats[1].sum() / 3 + col_stats[2].sum() / 10)
 
 
+def loss_via_op(*inputs):
+    """The loss through the op's registered autograd, as TorchScript calls it (pa_ism_loss
+    has an autograd.Function of its own)."""
+    return torch.ops.idml.pa_ism_forward(*inputs, **HYPER)[0]
+
+
 def test_backward_makes_no_gradient_for_the_statistics():
     """Only the loss is differentiable. The saved statistics (one of them B x C) are marked
     so, and neither the op's registered autograd nor pa_ism_loss allocates zero gradients
@@ -239,8 +245,7 @@ def test_backward_makes_no_gradient_for_the_statistics():
     mu, sigma, labels, proxies = make_inputs(12, 40, 8, torch.float32)
     _, *statistics = torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies)
     assert not any(s.requires_grad for s in statistics)
-    via_op = lambda *inputs: torch.ops.idml.pa_ism_forward(*inputs, **HYPER)[0]  # noqa: E731
-    for loss_fn in (via_op, ops.pa_ism_loss):
+    for loss_fn in (loss_via_op, ops.pa_ism_loss):
         loss, grad_loss = loss_fn(mu, sigma, labels, proxies), torch.ones(())
         with profile() as prof:
             grads = torch.autograd.grad(loss, (mu, sigma, proxies), grad_loss)
@@ -254,8 +259,7 @@ def test_second_derivatives_are_refused():
     """The backward kernel has no derivative of its own: differentiating it again raises
     (it used to give wrong second derivatives with only a warning)."""
     mu, sigma, labels, proxies = make_inputs(6, 5, 4)
-    via_op = lambda *inputs: torch.ops.idml.pa_ism_forward(*inputs, **HYPER)[0]  # noqa: E731
-    for loss_fn in (via_op, ops.pa_ism_loss):
+    for loss_fn in (loss_via_op, ops.pa_ism_loss):
         grad_mu, = torch.autograd.grad(loss_fn(mu, sigma, labels, proxies), mu, create_graph=True)
         with pytest.raises(RuntimeError):
             torch.autograd.grad(grad_mu.sum(), mu)
