@@ -285,14 +285,11 @@ def search_parser() -> argparse.ArgumentParser:
 
 
 def search_main(argv=None) -> None:
-    import torch
-
+    from idml.runtime import resolve_device
     from idml.search import search
 
     args = search_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was given but no CUDA GPU is visible (torch.cuda.is_available() is False)")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device, gpu=0)
     info, results = search(args.model, args.gallery, args.query, args.k, device, args.batch_size, args.percentile,
                            args.rebuild, progress=not args.json)
     print(info, file=sys.stderr if args.json else sys.stdout)
