@@ -1,11 +1,12 @@
 """One IDML training step (clean + mixed forward, three-term loss, backward, clipping,
 AdamW step): the published recipe vs this project's step, measured in the same run.
 
-published: float32, two separate forwards, the loss as published (bench/published.py),
-           torch's default AdamW.
+published: float32, two separate forwards (torchvision's, BatchNorm layer by layer), the
+           loss as published (bench/published.py), torch's default AdamW.
 idml:      the step of idml.train as a run with default flags takes it (one forward of clean
            and mixed together when BatchNorm is frozen, the fused loss op, --amp auto: bf16
-           autocast, channels_last and cuDNN autotuning on a GPU, float32 on the CPU;
+           autocast, channels_last and cuDNN autotuning on a GPU, float32 on the CPU; the
+           frozen BatchNorms folded into the convolutions;
            training's optimizer: the fused AdamW).
 Sizes: small = ResNet-18, 64 px, batch 32, 100 classes (CPU-friendly); full = ResNet-50,
 224 px, batch 120, 11,318 classes (SOP) as in DESIGN.md. Target on the GPU: >= 2.0x the
@@ -33,7 +34,8 @@ class Step:
         torch.manual_seed(0)
         self.device, self.fast = device, fast
         self.amp = resolve_amp("auto" if fast else "off", device)
-        self.model = place_model(IDMLNet(arch, 512, "none", bn_freeze=True), device, self.amp).train()
+        model = IDMLNet(arch, 512, "none", bn_freeze=True, fold_batch_norm=fast)  # published: layer by layer
+        self.model = place_model(model, device, self.amp).train()
         self.criterion = ProxyAnchorISM(num_classes, 512).to(device)
         parameters = list(self.model.parameters()) + list(self.criterion.parameters())
         self.parameters = [p for p in parameters if p.requires_grad]

@@ -27,6 +27,63 @@ def test_features_are_average_plus_max_pooled_layer4():
     assert net.features(images).shape == (2, 512)
 
 
+def with_random_batch_norm_statistics(net):
+    """Non-trivial running statistics and affine parameters (fresh ones fold to nearly 1, 0)."""
+    with torch.no_grad():
+        for bn in net.batch_norms():
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def outputs_and_gradients(net, images, fold):
+    net.fold_batch_norm = fold
+    net.zero_grad()
+    mu, sigma = net(images)
+    (mu.sum() + sigma.square().sum()).backward()
+    grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    return [mu.detach(), sigma.detach(), *grads]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])  # BasicBlock and Bottleneck
+@pytest.mark.parametrize("bn_freeze, mode", [(True, "train"), (False, "eval")])
+def test_eval_batch_norm_folded_into_the_convolutions_is_the_same_function(arch, bn_freeze, mode):
+    """Folded (the default whenever every BatchNorm is in eval mode) and layer by layer
+    (torchvision's forward) agree to float64 rounding, outputs and every gradient."""
+    torch.manual_seed(0)
+    # softplus: the normalised head would get rounding noise as its gradient
+    net = small_net(arch=arch, bn_freeze=bn_freeze, uncertainty="softplus")
+    net = with_random_batch_norm_statistics(net.double())
+    net.train(mode == "train")
+    images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    folded, layered = outputs_and_gradients(net, images, True), outputs_and_gradients(net, images, False)
+    assert len(folded) == len(layered) > 2
+    for got, expected in zip(folded, layered):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+
+
+def test_batch_norm_is_folded_only_while_every_one_is_in_eval_mode(monkeypatch):
+    calls = []
+    real_batch_norm = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", lambda *a, **k: calls.append(1) or real_batch_norm(*a, **k))
+    images = torch.randn(2, 3, 32, 32)
+    frozen = small_net(bn_freeze=True).train()  # frozen BatchNorm stays in eval mode: folded
+    frozen(images)
+    assert calls == []
+    training = small_net(bn_freeze=False).train()  # batch statistics: never folded
+    before = training.backbone.bn1.running_mean.clone()
+    training(images)
+    assert len(calls) == len(training.batch_norms())
+    assert not torch.equal(training.backbone.bn1.running_mean, before)
+    calls.clear()
+    training.eval()(images)
+    assert calls == []
+    synced = small_net(bn_freeze=False).eval()
+    synced.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(synced.backbone).eval()
+    synced(images)  # SyncBatchNorm (--bn-freeze 0 under DDP) is left as it is
+    assert len(calls) == len(training.batch_norms())
+
+
 @pytest.mark.parametrize("l2_norm", [True, False])
 def test_outputs_and_normalisation(l2_norm):
     net = small_net(l2_norm=l2_norm).eval()

@@ -393,7 +393,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
   grad_mu.addmm_(coeff, proxies, 1.0, 1.0 / coeff_scale);
   grad_proxies.addmm_(coeff.t(), mu, 1.0, 1.0 / coeff_scale);
   if (unit_grad) {
-    for (at::Tensor* g : {&grad_mu, &grad_sigma, &grad_proxies}) g->mul_(grad);
+    // In float32: a float16 tensor times a CUDA scalar casts the scalar to float16 first,
+    // and GradScaler's 2^16 is beyond float16's largest value (inf, and NaN where 0 * inf).
+    for (at::Tensor* g : {&grad_mu, &grad_sigma, &grad_proxies}) g->copy_(g->to(acc_type).mul_(grad));
   }
   return {grad_mu, grad_sigma, grad_proxies};
 }
