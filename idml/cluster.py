@@ -8,12 +8,28 @@ Empty clusters keep their centroid.
 import torch
 from tqdm import tqdm
 
-# Largest number of point-centroid distances held at once (a 64 MiB float32 block).
-BLOCK_ELEMENTS = 1 << 24
+# Most point-centroid distances held at once: 64 MiB of float32 on a CPU, 256 MiB on a GPU,
+# where fewer, larger GEMMs leave less of a partly filled last wave of tiles.
+CPU_BLOCK_ELEMENTS = 1 << 24
+GPU_BLOCK_ELEMENTS = 1 << 26
+# Blocks of whole GEMM tiles (cuBLAS's fp32 tiles are 128 rows) leave no mostly empty tile.
+GEMM_TILE_ROWS = 128
+# Width of the augmented rows: a multiple of 8 floats keeps every row's GEMM loads aligned.
+GEMM_ALIGNMENT = 8
 
 
-def _row_blocks(n: int, k: int):
-    step = max(1, BLOCK_ELEMENTS // max(k, 1))
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _row_blocks(n: int, k: int, budget: int):
+    """Row ranges of about equal size with at most budget // k rows each (never n x k),
+    whole GEMM tiles where the budget allows."""
+    most = max(1, budget // max(k, 1))
+    granule = GEMM_TILE_ROWS if most >= GEMM_TILE_ROWS else 1
+    most -= most % granule
+    count = max(1, _ceil_div(n, most))
+    step = max(granule, _ceil_div(_ceil_div(n, count), granule) * granule)
     return ((start, min(n, start + step)) for start in range(0, n, step))
 
 
@@ -46,27 +62,56 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0, progress: bool = Fa
     return centroids
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid of every row, in blocks of rows (never n x k)."""
-    centroid_sq = (centroids * centroids).sum(dim=1)
-    ids = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for start, end in _row_blocks(x.shape[0], centroids.shape[0]):
-        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 does not change the argmin.
-        distance = torch.addmm(centroid_sq.unsqueeze(0), x[start:end], centroids.t(), alpha=-2.0)
-        ids[start:end] = distance.argmin(dim=1)
+def _augmented_points(x: torch.Tensor) -> torch.Tensor:
+    """[-2x, 1, 0...] per row: its product with _augmented_centroids is |c|^2 - 2 x.c, which
+    orders the centroids as |x - c|^2 does, from one plain GEMM (addmm would first copy its
+    broadcast bias into the whole output block). Scaling by -2 is exact."""
+    n, d = x.shape
+    width = _ceil_div(d + 1, GEMM_ALIGNMENT) * GEMM_ALIGNMENT
+    points = x.new_zeros(n, width)
+    torch.mul(x, -2.0, out=points[:, :d])
+    points[:, d] = 1.0
+    return points
+
+
+def _augmented_centroids(centroids: torch.Tensor, width: int) -> torch.Tensor:
+    """[c, |c|^2, 0...] per centroid, `width` columns (_augmented_points' width)."""
+    k, d = centroids.shape
+    augmented = centroids.new_zeros(k, width)
+    augmented[:, :d] = centroids
+    augmented[:, d] = (centroids * centroids).sum(dim=1)
+    return augmented
+
+
+def _nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid of every row of _augmented_points, in blocks of rows
+    (ties to the lower index); no host synchronisation."""
+    augmented = _augmented_centroids(centroids, points.shape[1])
+    ids = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
+    budget = CPU_BLOCK_ELEMENTS if points.device.type == "cpu" else GPU_BLOCK_ELEMENTS
+    for start, end in _row_blocks(points.shape[0], augmented.shape[0], budget):
+        torch.argmin(torch.mm(points[start:end], augmented.t()), dim=1, out=ids[start:end])
     return ids
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid of every row (ties to the lower index)."""
+    return _nearest(_augmented_points(x), centroids)
 
 
 def update_centroids(x: torch.Tensor, ids: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Means of the clusters (an empty cluster keeps its centroid).
 
     Sums in float64 over the rows sorted by cluster, one segment per cluster: no atomics
-    (index_add_ on CUDA has them), so every run gives the same result.
+    (index_add_ on CUDA has them), so every run gives the same result. No host
+    synchronisation either: the segments come from searchsorted, not bincount (which reads
+    the largest id back to size its output), and segment_reduce skips its checks.
     """
     k = centroids.shape[0]
-    counts = torch.bincount(ids, minlength=k)
-    order = torch.sort(ids, stable=True).indices
-    sums = torch.segment_reduce(x.index_select(0, order).double(), "sum", lengths=counts)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    offsets = torch.searchsorted(sorted_ids, torch.arange(k + 1, device=ids.device))
+    counts = offsets.diff()
+    sums = torch.segment_reduce(x.index_select(0, order).double(), "sum", offsets=offsets, unsafe=True)
     means = (sums / counts.clamp_min(1).unsqueeze(1)).to(x.dtype)
     return torch.where((counts > 0).unsqueeze(1), means, centroids)
 
@@ -74,12 +119,14 @@ def update_centroids(x: torch.Tensor, ids: torch.Tensor, centroids: torch.Tensor
 def lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int, stop_early: bool = True, progress: bool = False):
     """`iters` Lloyd iterations from `centroids`: (cluster ids, centroids).
 
-    stop_early ends as soon as an iteration changes no assignment (one sync each).
+    stop_early ends as soon as an iteration changes no assignment (the one host
+    synchronisation per iteration; none without it).
     """
-    ids = assign(x, centroids)
+    points = _augmented_points(x)
+    ids = _nearest(points, centroids)
     for _ in tqdm(range(iters), desc="k-means iterations", leave=False, disable=not progress):
         centroids = update_centroids(x, ids, centroids)
-        new_ids = assign(x, centroids)
+        new_ids = _nearest(points, centroids)
         if stop_early and torch.equal(new_ids, ids):
             break
         ids = new_ids

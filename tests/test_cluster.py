@@ -78,11 +78,61 @@ def test_kmeans_assignment_is_blockwise_and_exact(monkeypatch):
     # Force many row blocks (never n x k at once); the result must not change.
     x, _ = separated_blobs(30, 25)
     expected = cluster.kmeans(x, 25, seed=1)
-    monkeypatch.setattr(cluster, "BLOCK_ELEMENTS", 25 * 7)
+    monkeypatch.setattr(cluster, "CPU_BLOCK_ELEMENTS", 25 * 7)
     assert torch.equal(cluster.kmeans(x, 25, seed=1), expected)
     centroids = x[:25]
     brute = torch.cdist(x.double(), centroids.double()).argmin(dim=1)
     assert torch.equal(cluster.assign(x, centroids), brute)
+
+
+def reference_assignment(x, centroids):
+    """Nearest centroid from float64 squared distances (first index on ties), and whether
+    each row's two nearest centroids tie."""
+    distances = ((x.double()[:, None] - centroids.double()[None]) ** 2).sum(dim=2)
+    nearest_two = distances.topk(2, dim=1, largest=False).values
+    return distances.argmin(dim=1), nearest_two[:, 0] == nearest_two[:, 1], nearest_two[:, 1] - nearest_two[:, 0]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("block_elements", [None, 37 * 7])  # one block; blocks of 7 rows, the last shorter
+def test_assignment_equals_float64_reference(monkeypatch, device, block_elements):
+    if block_elements is not None:
+        monkeypatch.setattr(cluster, "CPU_BLOCK_ELEMENTS", block_elements)
+        monkeypatch.setattr(cluster, "GPU_BLOCK_ELEMENTS", block_elements)
+    g = torch.Generator().manual_seed(5)
+    x, centroids = torch.randn(600, 13, generator=g), torch.randn(37, 13, generator=g)  # 13 + 1 columns pad to 16
+    expected, _, gap = reference_assignment(x, centroids)
+    clear = gap > 1e-3  # float32 rounding cannot swap these rows' two nearest centroids
+    assert clear.float().mean() > 0.95
+    got = cluster.assign(x.to(device), centroids.to(device)).cpu()
+    assert torch.equal(got[clear], expected[clear])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_assignment_ties_go_to_the_lower_centroid(monkeypatch, device):
+    # Small integers: every distance is exact in float32 whatever the summation order, so
+    # equal distances stay equal; the centroid list holds duplicates as well.
+    monkeypatch.setattr(cluster, "CPU_BLOCK_ELEMENTS", 50 * 9)
+    monkeypatch.setattr(cluster, "GPU_BLOCK_ELEMENTS", 50 * 9)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(-3, 4, (400, 5), generator=g).float()
+    distinct = torch.randint(-3, 4, (30, 5), generator=g).float()
+    centroids = torch.cat([distinct, distinct[torch.randperm(30, generator=g)[:20]]])
+    expected, tied, _ = reference_assignment(x, centroids)
+    assert tied.sum() > 100
+    assert torch.equal(cluster.assign(x.to(device), centroids.to(device)).cpu(), expected)
+
+
+def test_row_blocks_are_even_whole_tiles_within_the_budget():
+    n, k, budget = 60502, 11316, cluster.GPU_BLOCK_ELEMENTS
+    blocks = list(cluster._row_blocks(n, k, budget))
+    assert blocks[0][0] == 0 and blocks[-1][1] == n
+    assert all(end == next_start for (_, end), (next_start, _) in zip(blocks, blocks[1:]))
+    sizes = [end - start for start, end in blocks]
+    assert max(sizes) * k <= budget
+    assert all(size % cluster.GEMM_TILE_ROWS == 0 for size in sizes[:-1])
+    assert min(sizes) > max(sizes) - cluster.GEMM_TILE_ROWS  # no small last block
+    assert list(cluster._row_blocks(0, 3, 9)) == []
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
