@@ -21,7 +21,8 @@ def test_profile_prints_a_row_per_case_and_writes_the_tables(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
     names = [cells[0].strip() for cells in rows[1:]]  # after the header
-    assert names == ["loss fwd+bwd B=120 C=100 float32", "its three matmuls float32",
+    assert names == ["loss fwd+bwd B=120 C=100 float32", "its forward op alone float32",
+                     "its backward op alone float32", "its three matmuls float32",
                      "metrics cub n=1500 fp32", "metrics sop n=4000 fp32", "k-means 20 iterations n=4000 k=748",
                      "training step idml resnet18", "training step published resnet18"], result.stdout
     for cells in rows[1:]:
