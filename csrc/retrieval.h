@@ -10,11 +10,11 @@
 //
 // Same-class items are recognised by label in the counting pass and skipped (their order
 // is the list's), so no similarity is ever compared with a second computation of itself.
-// The listed similarities come from products of the query block with its class band, the
-// candidates' from the tiles; both go through the same GEMM routine in the same precision.
-// Only an exact duplicate of a relevant item with another label relies on the two
-// products rounding alike (MKL does; a cuBLAS split-K kernel for a narrow band might not,
-// which could move such a tie by one place).
+// The listed similarities come from (batched) products of query blocks with their class
+// bands, the candidates' from the tiles; both go through the backend's GEMM in the same
+// precision. Only an exact duplicate of a relevant item with another label relies on the
+// two products rounding alike (MKL does; cuBLAS picks its kernels by shape, and one that
+// sums in another order might not, which could move such a tie by one place).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -90,22 +90,27 @@ IDML_HOST_DEVICE void shorten(const Lists& l, int64_t q) {
 }
 
 // One tile of the similarity matrix: rows [row0, row0 + rows) x cols [col0, col0 + cols),
-// row-major with leading dimension `cols`. In symmetric mode only pairs with column
+// row-major with leading dimension ld >= cols. In symmetric mode only pairs with column
 // position > row position are counted, for both of their queries.
 struct Tile {
   const float* sim;
-  int64_t rows, cols, row0, col0;
+  int64_t rows, cols, ld, row0, col0;
   bool symmetric;
 };
 
 enum class Precision { FP32, TF32, BF16 };
 
 struct Backend {
-  int64_t band_rows;             // queries per block when gathering the relevant lists
-  int64_t tile_rows, tile_cols;  // similarity tile of the counting pass
+  int64_t band_rows;      // queries per block when gathering the relevant lists
+  int64_t tile_rows;      // most rows of a similarity tile
+  int64_t tile_elements;  // most elements of a tile (and of a chunk of the list gathering)
+  // Symmetric mode: the width of the strips that cover a row block's diagonal square, each
+  // strip's rows stopping at its last column, so that few products below the diagonal are
+  // wasted; 0: the square is in the block's first tile, whose lower half is computed unused.
+  int64_t diagonal_cols;
   // Converts float32 rows to what gemm consumes (e.g. bfloat16 in BF16 mode).
   std::function<at::Tensor(const at::Tensor&, Precision)> prepare;
-  // out[rows_a, rows_b] (float32, contiguous) = a @ b^T.
+  // out[rows_a, rows_b] (float32, unit column stride) = a @ b^T; batched when all are 3-D.
   std::function<void(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Precision)> gemm;
   std::function<void(const Tile&, const Lists&)> count;
 };

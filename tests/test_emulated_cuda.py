@@ -25,7 +25,7 @@ HERE = os.path.join(ROOT, "tests", "emulated_cuda")
 REWRITES = [
     (re.compile(r"^#include <(c10/cuda/[^>]+|cuda_runtime\.h)>\n", re.M), ""),  # emulated_cuda.h stands in
     (re.compile(r'#include "\.\./'), '#include "'),  # csrc/ is on the include path
-    (re.compile(r"\bat::mm(_out)?\("), r"emulated_mm\1("),
+    (re.compile(r"\bat::(b?mm(?:_out)?)\("), r"emulated_\1("),
     (re.compile(r"^TORCH_LIBRARY_IMPL\(idml, CUDA, m\) \{\n.*?^\}\n", re.M | re.S), ""),  # no CUDA dispatch key
 ]
 LAUNCH = re.compile(r"([\w:]+(?:<[^<>()]*>)?)<<<(.+?), 0, stream>>>\(")

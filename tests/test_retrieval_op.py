@@ -150,7 +150,7 @@ def test_no_query_with_a_relevant_item(name, impl):
 
 
 def test_op_ranks_equal_reference_ranks_several_tiles():
-    # Past the CPU tile size (4096) in both directions and past the band block (1024);
+    # Past the CPU tile size (4096 x 4096) in both directions, past the band block (256);
     # max_k=None: every rank exact; small max_k: ranks past max(R, max_k) bounded alike.
     x, labels = clustered(4500, 900, dim=4, duplicates=200, singletons=5)
     for max_r, max_k in [(2, None), (1023, None), (3, 5), (1023, 1)]:
@@ -353,7 +353,7 @@ def test_cuda_memory_stays_far_below_n_squared():
     before = torch.cuda.memory_allocated()
     ops.retrieval_metrics(x, labels)
     growth = torch.cuda.max_memory_allocated() - before
-    assert growth < 600e6, growth  # n x n float32 would be 6.4 GB; the tile is 128 MiB
+    assert growth < 600e6, growth  # n x n float32 would be 6.4 GB; the tile is 256 MiB
 
 
 def test_opcheck():

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <vector>
 
 namespace idml {
 namespace retrieval {
@@ -41,6 +42,37 @@ Sorted sort_by_label(const at::Tensor& x, const at::Tensor& labels, Precision pr
   auto [sorted_labels, order] = at::sort(labels.to(at::kLong), /*stable=*/true, 0, false);
   auto rows = x.index_select(0, order).to(at::kFloat).contiguous();
   return {backend.prepare(rows, precision).contiguous(), sorted_labels.contiguous(), order};
+}
+
+// Product rows padded to 16 bytes: cuBLAS's fastest kernels need aligned leading dimensions.
+int64_t aligned(int64_t floats) { return (floats + 3) / 4 * 4; }
+
+// The size of the near-equal parts that split `total` into parts of at most `most`.
+int64_t part_size(int64_t total, int64_t most) {
+  const int64_t parts = (total + most - 1) / most;
+  return (total + parts - 1) / parts;
+}
+
+// The tiles of phase 2 (sim unset): blocks of near-equal rows, each split into column tiles
+// of near-equal widths within the backend's budget.
+std::vector<Tile> plan_tiles(int64_t nq, int64_t nr, bool symmetric, const Backend& backend) {
+  std::vector<Tile> tiles;
+  auto add = [&](int64_t a0, int64_t a1, int64_t c0, int64_t c1) {
+    const int64_t rows_end = symmetric ? std::min(a1, c1 - 1) : a1;  // rows with a pair above the diagonal
+    if (rows_end > a0) tiles.push_back({nullptr, rows_end - a0, c1 - c0, aligned(c1 - c0), a0, c0, symmetric});
+  };
+  const int64_t block = part_size(nq, backend.tile_rows);
+  for (int64_t a0 = 0; a0 < nq; a0 += block) {
+    const int64_t a1 = std::min(nq, a0 + block);
+    int64_t c0 = symmetric ? a0 : 0;
+    if (symmetric && backend.diagonal_cols > 0) {
+      for (; c0 < a1; c0 += backend.diagonal_cols) add(a0, a1, c0, std::min(nr, c0 + backend.diagonal_cols));
+    }
+    if (c0 >= nr) continue;
+    const int64_t width = part_size(nr - c0, std::max<int64_t>(1, backend.tile_elements / (a1 - a0)));
+    for (; c0 < nr; c0 += width) add(a0, a1, c0, std::min(nr, c0 + width));
+  }
+  return tiles;
 }
 
 }  // namespace
@@ -95,31 +127,41 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
 
   // Phase 1: each query's class is a contiguous segment of the sorted references, in
   // original index order; a stable sort of its similarities puts it in rank order (equal
-  // similarities keep the lower index first). Blocks of queries are multiplied with the
-  // band of references holding their classes (contiguous, both sides being sorted by
-  // label); everything else runs once per chunk of rows, to keep launches few.
-  const int64_t offset_rows = std::max<int64_t>(1, (int64_t{1} << 24) / width / backend.band_rows);
-  const int64_t chunk_rows = offset_rows * backend.band_rows;  // chunk x width <= 2^24 (or one block)
+  // similarities keep the lower index first). Each block of band_rows queries is
+  // multiplied with its band, the references holding all its classes (contiguous, both
+  // sides being sorted by label); the bands, cut to one width, are gathered and multiplied
+  // in one batched product per chunk of blocks, and everything else runs once per chunk,
+  // to keep launches few.
+  const int64_t band_rows = backend.band_rows;
+  int64_t band_width = 1;
+  for (int64_t a0 = 0; a0 < nq; a0 += band_rows) {
+    band_width = std::max(band_width, end_ptr[std::min(nq, a0 + band_rows) - 1] - begin_ptr[a0]);
+  }
+  band_width = aligned(band_width);
+  // A chunk's products, segments and gathered bands stay within a tile's budget.
+  const int64_t block_elements = band_rows * (band_width + width) + band_width * q.x.size(1);
+  const int64_t chunk_rows = std::max<int64_t>(1, backend.tile_elements / block_elements) * band_rows;
   auto offset = at::arange(width, long_opts).unsqueeze(0);
+  auto band_offset = at::arange(band_width, long_opts).unsqueeze(0);
   for (int64_t h0 = 0; h0 < nq; h0 += chunk_rows) {
     const int64_t h1 = std::min(nq, h0 + chunk_rows);
+    const int64_t blocks = (h1 - h0 + band_rows - 1) / band_rows, padded = blocks * band_rows;
+    auto band_begin = begin.slice(0, h0, h1, band_rows);  // [blocks]: each band's first position
+    auto bands = r.x.index_select(0, (band_begin.unsqueeze(1) + band_offset).clamp_max_(nr - 1).view(-1));
+    auto rows = q.x.slice(0, h0, h1);
+    if (padded > h1 - h0) rows = at::constant_pad_nd(rows, {0, 0, 0, padded - (h1 - h0)});
+    auto sim = at::empty({blocks, band_rows, band_width}, float_opts);
+    backend.gemm(rows.view({blocks, band_rows, -1}), bands.view({blocks, band_width, -1}), sim, precision);
     auto cols = begin.slice(0, h0, h1).unsqueeze(1) + offset;  // reference positions
     // A query is not its own candidate: skipped, not masked, since a masked -inf could tie
     // with (overflowed) -inf similarities of its class and take one of their places.
     if (symmetric) cols += (cols >= at::arange(h0, h1, long_opts).unsqueeze(1)).to(at::kLong);
     auto unused = cols >= end.slice(0, h0, h1).unsqueeze(1);
     cols.clamp_max_(nr - 1);
-    auto segment = at::empty({h1 - h0, width}, float_opts);
-    for (int64_t a0 = h0; a0 < h1; a0 += backend.band_rows) {
-      const int64_t a1 = std::min(h1, a0 + backend.band_rows);
-      const int64_t b0 = begin_ptr[a0], b1 = end_ptr[a1 - 1];
-      if (b1 <= b0) continue;  // no class member in this block: all unused
-      auto sim = at::empty({a1 - a0, b1 - b0}, float_opts);
-      backend.gemm(q.x.slice(0, a0, a1), r.x.slice(0, b0, b1), sim, precision);
-      auto band_cols = (cols.slice(0, a0 - h0, a1 - h0) - b0).clamp_(0, b1 - b0 - 1);
-      auto out = segment.slice(0, a0 - h0, a1 - h0);
-      at::gather_out(out, sim, 1, band_cols);
-    }
+    // Unused columns may fall outside the band: clamped, then masked.
+    auto row_band_begin = band_begin.unsqueeze(1).expand({blocks, band_rows}).reshape({padded, 1}).slice(0, 0, h1 - h0);
+    auto band_cols = (cols - row_band_begin).clamp_(0, band_width - 1);
+    auto segment = sim.view({padded, band_width}).slice(0, 0, h1 - h0).gather(1, band_cols);
     segment.masked_fill_(unused, -std::numeric_limits<float>::infinity());
     auto [sorted_sim, order] = at::sort(segment, /*stable=*/true, 1, /*descending=*/true);
     values.slice(0, h0, h1).slice(1, 0, cap).copy_(sorted_sim.slice(1, 0, cap));
@@ -142,20 +184,16 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
                     cap,                           q.labels.data_ptr<int64_t>(),
                     r.labels.data_ptr<int64_t>(),  row_index.data_ptr<int32_t>(),
                     col_index.data_ptr<int32_t>()};
-  auto buffer = at::empty({backend.tile_rows * backend.tile_cols}, float_opts);
-  for (int64_t a0 = 0; a0 < nq; a0 += backend.tile_rows) {
-    const int64_t a1 = std::min(nq, a0 + backend.tile_rows);
-    for (int64_t c0 = symmetric ? a0 : 0, c1; c0 < nr; c0 = c1) {
-      // Across the diagonal, narrower tiles whose rows stop at their last column keep the
-      // products of pairs below the diagonal (discarded) small.
-      const bool diagonal = symmetric && c0 < a1;
-      c1 = std::min(nr, c0 + (diagonal ? backend.tile_rows / 4 : backend.tile_cols));
-      const int64_t rows_end = diagonal ? std::min(a1, c1 - 1) : a1;
-      if (rows_end <= a0) continue;
-      auto sim = buffer.narrow(0, 0, (rows_end - a0) * (c1 - c0)).view({rows_end - a0, c1 - c0});
-      backend.gemm(q.x.slice(0, a0, rows_end), r.x.slice(0, c0, c1), sim, precision);
-      backend.count(Tile{sim.data_ptr<float>(), rows_end - a0, c1 - c0, a0, c0, symmetric}, lists);
-    }
+  const std::vector<Tile> tiles = plan_tiles(nq, nr, symmetric, backend);
+  int64_t buffer_size = 0;
+  for (const Tile& tile : tiles) buffer_size = std::max(buffer_size, tile.rows * tile.ld);
+  auto buffer = at::empty({buffer_size}, float_opts);
+  for (Tile tile : tiles) {
+    auto sim = buffer.narrow(0, 0, tile.rows * tile.ld).view({tile.rows, tile.ld}).narrow(1, 0, tile.cols);
+    backend.gemm(q.x.slice(0, tile.row0, tile.row0 + tile.rows), r.x.slice(0, tile.col0, tile.col0 + tile.cols), sim,
+                 precision);
+    tile.sim = sim.data_ptr<float>();
+    backend.count(tile, lists);
   }
 
   // rank of listed item t = t + 1 + #non-relevant items outranking it; items dropped
@@ -218,10 +256,10 @@ void count_cpu(const Tile& tile, const Lists& l) {
       retrieval::shorten(l, q);
       if (l.length[q] == 0) continue;
       const int64_t c_begin = tile.symmetric ? std::max<int64_t>(0, q + 1 - tile.col0) : 0;
-      for_each_passing(tile.sim + r * tile.cols, Broadcast{l.threshold[q]}, c_begin, tile.cols,
+      for_each_passing(tile.sim + r * tile.ld, Broadcast{l.threshold[q]}, c_begin, tile.cols,
                        [&](int64_t c) {
                          const int64_t i = tile.col0 + c;
-                         count_candidate(l, q, tile.sim[r * tile.cols + c], l.col_index[i], l.col_labels[i]);
+                         count_candidate(l, q, tile.sim[r * tile.ld + c], l.col_index[i], l.col_labels[i]);
                        });
     }
   });
@@ -233,7 +271,7 @@ void count_cpu(const Tile& tile, const Lists& l) {
     for (int64_t c = c0; c < c1; ++c) retrieval::shorten(l, tile.col0 + c);
     for (int64_t r = 0; r < tile.rows; ++r) {
       const int64_t q = tile.row0 + r;
-      const float* sim = tile.sim + r * tile.cols;
+      const float* sim = tile.sim + r * tile.ld;
       for_each_passing(sim, l.threshold + tile.col0, std::max<int64_t>(c0, q + 1 - tile.col0), c1,
                        [&](int64_t c) {
                          count_candidate(l, tile.col0 + c, sim[c], l.row_index[q], l.row_labels[q]);
@@ -247,17 +285,19 @@ void count_cpu(const Tile& tile, const Lists& l) {
 // bf16 tensor-core GEMM with float32 accumulation computes, without its speed.
 retrieval::Backend cpu_backend() {
   retrieval::Backend backend;
-  // A band product covers its block x block square too (wasted), but each block costs
-  // about ten ATen calls, which dominate when blocks are small.
-  backend.band_rows = 1024;
-  // Large tiles keep MKL's packing overhead small; 64 MiB is still O(tile x n).
+  // A band also covers its block's own rows (products wasted): small blocks, all those of
+  // a chunk in one batched product.
+  backend.band_rows = 256;
+  // Large tiles keep MKL's packing overhead small; 64 MiB is still O(tile x n). Narrow
+  // strips across the diagonal: on a CPU every wasted product costs its full time.
   backend.tile_rows = 4096;
-  backend.tile_cols = 4096;
+  backend.tile_elements = 4096 * 4096;
+  backend.diagonal_cols = 1024;
   backend.prepare = [](const at::Tensor& x, Precision p) {
     return p == Precision::BF16 ? x.to(at::kBFloat16).to(at::kFloat) : x;
   };
   backend.gemm = [](const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Precision) {
-    at::mm_out(out, a, b.t());
+    a.dim() == 3 ? at::bmm_out(out, a, b.transpose(1, 2)) : at::mm_out(out, a, b.t());
   };
   backend.count = count_cpu;
   return backend;

@@ -17,6 +17,7 @@ using retrieval::Tile;
 
 constexpr int kThreads = 256;     // one thread per tile column
 constexpr int kRowsPerBlock = 16;  // rows each thread walks down
+static_assert(kRowsPerBlock <= 32, "count_kernel keeps one bit per row in a uint32_t");
 
 __device__ __forceinline__ void count_candidate(const Lists& l, int64_t q, float s, int32_t i) {
   const int32_t length = l.length[q];
@@ -41,28 +42,41 @@ __global__ void shorten_kernel(Tile tile, Lists l) {
 }
 
 // Each element (q, i) of the tile is a candidate for query q and, in symmetric mode, q a
-// candidate for query i. The thresholds reject almost every element before any search.
+// candidate for query i. The thresholds reject almost every element before any search, so
+// the kernel streams the tile: a thread first tests all its elements, their loads in flight
+// together (the atomics of a counting loop would otherwise hold each load back until the
+// previous element was counted), then counts the few that passed.
 __global__ void count_kernel(Tile tile, Lists l) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= tile.cols) return;
   const int64_t i = tile.col0 + c;
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock;
+  // Symmetric mode: only rows q < i, above the diagonal.
+  const int64_t r_end = min(min(tile.rows, r_begin + kRowsPerBlock), tile.symmetric ? i - tile.row0 : tile.rows);
+  if (r_end <= r_begin) return;
+  const float* sim = tile.sim + r_begin * tile.ld + c;
+  const float* row_threshold = l.threshold + tile.row0 + r_begin;
+  // Column i is a query only in symmetric mode; elsewhere its threshold, +inf, would still
+  // pass a similarity of +inf (overflowing embeddings) and index the queries' lists by i.
+  const float col_threshold = tile.symmetric ? l.threshold[i] : INFINITY;
+  uint32_t passed = 0;
+#pragma unroll
+  for (int k = 0; k < kRowsPerBlock; ++k) {
+    if (r_begin + k < r_end) {
+      const float s = sim[k * tile.ld];
+      if (s >= row_threshold[k] || (tile.symmetric && s >= col_threshold)) passed |= 1u << k;
+    }
+  }
+  if (passed == 0) return;
   const int64_t col_label = l.col_labels[i];
   const int32_t col_index = l.col_index[i];
-  const float col_threshold = tile.symmetric ? l.threshold[i] : INFINITY;
-  const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock;
-  const int64_t r_end = min(tile.rows, r_begin + kRowsPerBlock);
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    const int64_t q = tile.row0 + r;
-    if (tile.symmetric && i <= q) continue;
-    const float s = tile.sim[r * tile.cols + c];
-    const bool row_side = s >= l.threshold[q];
-    // Column i is a query only in symmetric mode; elsewhere its threshold, +inf, would still
-    // pass a similarity of +inf (overflowing embeddings) and index the queries' lists by i.
-    const bool col_side = tile.symmetric && s >= col_threshold;
-    if ((row_side || col_side) && col_label != l.row_labels[q]) {
-      if (row_side) count_candidate(l, q, s, col_index);
-      if (col_side) count_candidate(l, i, s, l.row_index[q]);
-    }
+  for (int k = 0; passed != 0; ++k, passed >>= 1) {
+    if ((passed & 1) == 0) continue;
+    const int64_t q = tile.row0 + r_begin + k;
+    if (col_label == l.row_labels[q]) continue;  // relevant items are ordered by their list
+    const float s = sim[k * tile.ld];
+    if (s >= l.threshold[q]) count_candidate(l, q, s, col_index);
+    if (tile.symmetric && s >= col_threshold) count_candidate(l, i, s, l.row_index[q]);
   }
 }
 
@@ -124,19 +138,27 @@ class AllowTF32 {
 
 retrieval::Backend cuda_backend() {
   retrieval::Backend backend;
-  // A 2048 x 16384 float32 tile (128 MiB) keeps cuBLAS near peak on H100-class GPUs.
-  backend.band_rows = 2048;  // few launches per block matter more than the band square
+  // Few, large launches: at CUB size (n = 5924) the host's launches set the pace (an H100
+  // profile of 2048 x 16384 tiles with 512-wide diagonal strips: 14 tiles, device idle over
+  // half the time), and at SOP size (n = 60502) the narrow strips' products ran far below
+  // cuBLAS's peak. With 256 MiB tiles (memory still O(tile x n)) and each row block's
+  // diagonal square in its first tile (the lower half's products unused, cheaper than more
+  // launches), CUB size takes 3 tiles and SOP size 44.
+  backend.band_rows = 256;
   backend.tile_rows = 2048;
-  backend.tile_cols = 16384;
+  backend.tile_elements = int64_t{1} << 26;
+  backend.diagonal_cols = 0;
   backend.prepare = [](const at::Tensor& x, Precision p) {
     return p == Precision::BF16 ? x.to(at::kBFloat16) : x;
   };
   backend.gemm = [](const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Precision p) {
-    if (p == Precision::BF16) {
-      at::mm_out(out, a, b.t(), at::kFloat);  // bf16 inputs, float32 accumulation and output
+    const bool batched = a.dim() == 3;
+    const at::Tensor bt = batched ? b.transpose(1, 2) : b.t();
+    if (p == Precision::BF16) {  // bf16 inputs, float32 accumulation and output
+      batched ? at::bmm_out(out, a, bt, at::kFloat) : at::mm_out(out, a, bt, at::kFloat);
     } else {
       AllowTF32 guard(p == Precision::TF32);
-      at::mm_out(out, a, b.t());
+      batched ? at::bmm_out(out, a, bt) : at::mm_out(out, a, bt);
     }
   };
   backend.count = count_cuda;

@@ -127,14 +127,16 @@ std::pair<at::Tensor, at::Tensor> clustered(int64_t n, int64_t classes, int64_t 
 }
 
 // The CUDA backend in the shared driver (retrieval.h), with tiles small enough that the
-// symmetric diagonal, partial tiles and several tiles per row all occur.
+// symmetric diagonal, partial tiles, several tiles per row and several chunks of bands all
+// occur, with the diagonal square in a block's first tile (CUDA's way) or in strips (the CPU's).
 void check_retrieval(int64_t n, int64_t classes, bool gallery, int64_t max_r, int64_t max_k, const char* precision,
-                     int64_t band_rows, int64_t tile_rows, int64_t tile_cols) {
+                     int64_t band_rows, int64_t tile_rows, int64_t tile_elements, int64_t diagonal_cols) {
   auto [x, labels] = clustered(n, classes, gallery ? 0 : 3);
   std::optional<at::Tensor> references, reference_labels;
   if (gallery) std::tie(references, reference_labels) = clustered(n * 2 / 3 + 1, classes, 0);
   idml::retrieval::Backend backend = idml::cuda_backend();
-  backend.band_rows = band_rows, backend.tile_rows = tile_rows, backend.tile_cols = tile_cols;
+  backend.band_rows = band_rows, backend.tile_rows = tile_rows, backend.tile_elements = tile_elements;
+  backend.diagonal_cols = diagonal_cols;
   auto [ranks, relevant] =
       idml::retrieval::compute_ranks(x, labels, references, reference_labels, max_r, max_k, precision, backend);
   static auto cpu = c10::Dispatcher::singleton().findSchemaOrThrow("idml::retrieval_ranks", "").typed<Ranks>();
@@ -142,8 +144,8 @@ void check_retrieval(int64_t n, int64_t classes, bool gallery, int64_t max_r, in
   expect(ranks.sizes() == r_ranks.sizes() && at::equal(ranks, r_ranks) && at::equal(relevant, r_relevant),
          std::string("retrieval ") + precision + " n=" + std::to_string(n) + " classes=" + std::to_string(classes) +
              (gallery ? " gallery" : " symmetric") + " max_r=" + std::to_string(max_r) + " max_k=" +
-             std::to_string(max_k) + " tiles " + std::to_string(band_rows) + "/" + std::to_string(tile_rows) + "x" +
-             std::to_string(tile_cols));
+             std::to_string(max_k) + " tiles " + std::to_string(band_rows) + "/" + std::to_string(tile_rows) + "/" +
+             std::to_string(tile_elements) + "/" + std::to_string(diagonal_cols));
 }
 
 }  // namespace
@@ -161,12 +163,16 @@ int main() {
   check_pa_ism(64, 200, 64, at::kFloat, true, 4);
   check_pa_ism(120, 11318, 8, at::kFloat, true, 132);  // SOP's classes: more blocks than a reduction's threads
   check_pa_ism_loss_scale();
+  const idml::retrieval::Backend cuda = idml::cuda_backend();  // its own tile sizes first
   for (const char* precision : {"fp32", "tf32", "bf16"})
     for (bool gallery : {false, true})
       for (auto [n, classes] : {std::pair<int64_t, int64_t>{7, 3}, {300, 20}, {700, 5}})
         for (auto [max_r, max_k] : {std::pair<int64_t, int64_t>{1023, 1 << 20}, {3, 4}, {5, 1}})
-          for (auto [band, rows, cols] : {std::tuple<int64_t, int64_t, int64_t>{2048, 2048, 16384}, {7, 40, 33}})
-            check_retrieval(n, classes, gallery, max_r, max_k, precision, band, rows, cols);
+          for (auto [band, rows, elements, diagonal] : {
+                   std::tuple<int64_t, int64_t, int64_t, int64_t>{cuda.band_rows, cuda.tile_rows, cuda.tile_elements,
+                                                                  cuda.diagonal_cols},
+                   {7, 40, 40 * 33, 0}, {16, 90, 5000, 0}, {7, 40, 40 * 33, 16}})
+            check_retrieval(n, classes, gallery, max_r, max_k, precision, band, rows, elements, diagonal);
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }

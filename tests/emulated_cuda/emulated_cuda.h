@@ -109,7 +109,7 @@ struct CUDAGuard {
 }  // namespace cuda
 }  // namespace c10
 
-// The CPU has no at::mm with an out_dtype (CUDA's half inputs, float32 result): upcast.
+// The CPU has no at::mm or at::bmm with an out_dtype (CUDA's half inputs, float32 result): upcast.
 inline at::Tensor emulated_mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
 inline at::Tensor emulated_mm(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype) {
   return at::mm(a.to(out_dtype), b.to(out_dtype));
@@ -120,6 +120,13 @@ inline at::Tensor& emulated_mm_out(at::Tensor& out, const at::Tensor& a, const a
 inline at::Tensor& emulated_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                                    at::ScalarType out_dtype) {
   return at::mm_out(out, a.to(out_dtype), b.to(out_dtype));
+}
+inline at::Tensor& emulated_bmm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  return at::bmm_out(out, a, b);
+}
+inline at::Tensor& emulated_bmm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                                    at::ScalarType out_dtype) {
+  return at::bmm_out(out, a.to(out_dtype), b.to(out_dtype));
 }
 
 inline void __syncthreads() {
