@@ -22,6 +22,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "../pa_ism.h"
 
@@ -54,13 +58,6 @@ __device__ T block_sum(T v, T* shared) {
   return total;
 }
 
-// Launch shape of the column kernels: one block per 32 columns and as many row warps as
-// it takes to give every SM its full thread count, capped by the batch and the block limit.
-struct ColumnLaunch {
-  dim3 grid;
-  dim3 block;
-};
-
 // (Attributes rather than ATen's cached cudaDeviceProp: ATen/cuda/CUDAContext.h needs the
 // cuSPARSE/cuBLAS headers, which a bare CUDA toolkit may lack.)
 int device_attribute(cudaDeviceAttr attribute) {
@@ -69,14 +66,44 @@ int device_attribute(cudaDeviceAttr attribute) {
   return value;
 }
 
-ColumnLaunch column_launch(int64_t B, int64_t C) {
-  const int64_t blocks = (C + kWarp - 1) / kWarp;
-  const int64_t threads_to_fill = int64_t(device_attribute(cudaDevAttrMultiProcessorCount)) *
-                                  device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor);
-  const int64_t max_warps = device_attribute(cudaDevAttrMaxThreadsPerBlock) / kWarp;
-  int64_t warps = (threads_to_fill + blocks * kWarp - 1) / (blocks * kWarp);
-  warps = std::min<int64_t>({warps, int64_t(kMaxRowWarps), max_warps, B});
-  return {dim3(static_cast<unsigned>(blocks)), dim3(kWarp, static_cast<unsigned>(std::max<int64_t>(warps, 1)))};
+// The column kernels run one block per 32 proxy columns.
+int64_t column_blocks(int64_t C) { return (C + kWarp - 1) / kWarp; }
+
+// How many blocks of `kernel` one SM holds at once, by row warps per block (index 1..32),
+// on the current device: its registers and shared memory decide, so CUDA is asked, once per
+// kernel and device (each query costs host time, and the loss runs every step).
+const std::vector<int>& resident_blocks(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, std::vector<int>> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto [entry, added] = cache.try_emplace({c10::cuda::current_device(), kernel});
+  if (added) {
+    const int most = std::min(kMaxRowWarps, device_attribute(cudaDevAttrMaxThreadsPerBlock) / kWarp);
+    entry->second.assign(most + 1, 0);
+    for (int warps = 1; warps <= most; ++warps) {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&entry->second[warps], kernel, warps * kWarp, 0));
+    }
+  }
+  return entry->second;  // never changed once added; map entries do not move
+}
+
+// Row warps per block of a column kernel: the most (up to the batch) with which every
+// block is resident at once. The blocks' phases (proxy norms, rows, merge) are latency
+// chains, so a second wave costs nearly a whole first one: at (120, 11318) on an H100 the
+// former rule (fill every SM's threads) gave 24 warps, 768 threads: at most 2 blocks per SM,
+// so at least 90 of the 354 blocks waited for a second wave. When even one warp per block
+// cannot make one wave, the most resident warps per SM.
+template <typename Kernel>
+dim3 column_block(Kernel kernel, int64_t B, int64_t blocks) {
+  const std::vector<int>& resident = resident_blocks(reinterpret_cast<const void*>(kernel));
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int most = static_cast<int>(std::min<int64_t>(int64_t(resident.size()) - 1, std::max<int64_t>(B, 1)));
+  int best = most;
+  for (int warps = most; warps >= 1; --warps) {
+    if (resident[warps] * sms >= blocks) return dim3(kWarp, warps);
+    if (resident[warps] * warps > resident[best] * best) best = warps;
+  }
+  return dim3(kWarp, best);
 }
 
 // row_stats = [|mu_i|^2; |sigma_i|^2], one block per row.
@@ -318,8 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
   const at::Tensor col_stats = at::empty({3, C}, acc);
   const at::Tensor loss = at::empty({}, acc);
   const at::Tensor num_positive = at::empty({}, acc);
-  const ColumnLaunch launch = column_launch(B, C);
-  const at::Tensor block_partials = at::empty({int64_t(launch.grid.x), 3}, acc);
+  const int64_t blocks = column_blocks(C);
+  const at::Tensor block_partials = at::empty({blocks, 3}, acc);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "pa_ism_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -331,13 +358,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     auto kernel = ism ? forward_kernel<scalar_t, acc_t, true> : forward_kernel<scalar_t, acc_t, false>;
-    kernel<<<launch.grid, launch.block, 0, stream>>>(
+    kernel<<<static_cast<unsigned>(blocks), column_block(kernel, B, blocks), 0, stream>>>(
         dots.const_data_ptr<acc_t>(), row_stats.const_data_ptr<acc_t>(), labels.const_data_ptr<int64_t>(),
         proxies.const_data_ptr<scalar_t>(), B, C, D, p, col_stats.mutable_data_ptr<acc_t>(),
         block_partials.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     forward_finish_kernel<acc_t><<<1, kReduceThreads, 0, stream>>>(
-        block_partials.const_data_ptr<acc_t>(), int64_t(launch.grid.x), C, loss.mutable_data_ptr<acc_t>(),
+        block_partials.const_data_ptr<acc_t>(), blocks, C, loss.mutable_data_ptr<acc_t>(),
         num_positive.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -364,9 +391,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
   const at::Tensor col_stats = col_stats_in.contiguous();
   const at::Tensor num_positive = num_positive_in.contiguous();
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1), D_sigma = sigma.size(1);
-  const ColumnLaunch launch = column_launch(B, C);
+  const int64_t blocks = column_blocks(C);
   const at::Tensor coeff = at::empty({B, C}, mu.options());
-  const at::Tensor row_partials = at::empty({int64_t(launch.grid.x), 2, B}, mu.options().dtype(acc_type));
+  const at::Tensor row_partials = at::empty({blocks, 2, B}, mu.options().dtype(acc_type));
   at::Tensor grad_mu = at::empty_like(mu), grad_sigma = at::empty_like(sigma);
   at::Tensor grad_proxies = at::empty_like(proxies);
   const double coeff_scale = coeff_scale_for(mu.scalar_type(), alpha);
@@ -375,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     const Params<acc_t> p = make_params<acc_t>(margin, alpha, ism_offset, ism_scale);
     auto kernel = ism ? backward_kernel<scalar_t, acc_t, true> : backward_kernel<scalar_t, acc_t, false>;
-    kernel<<<launch.grid, launch.block, 0, stream>>>(
+    kernel<<<static_cast<unsigned>(blocks), column_block(kernel, B, blocks), 0, stream>>>(
         kernel_grad.const_data_ptr<acc_t>(), dots.const_data_ptr<acc_t>(), row_stats.const_data_ptr<acc_t>(),
         col_stats.const_data_ptr<acc_t>(), num_positive.const_data_ptr<acc_t>(),
         labels.const_data_ptr<int64_t>(), proxies.const_data_ptr<scalar_t>(), B, C, D, p,
@@ -384,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (B > 0) {
       backward_rows_kernel<scalar_t, acc_t><<<B, kReduceThreads, 0, stream>>>(
-          row_partials.const_data_ptr<acc_t>(), int64_t(launch.grid.x), mu.const_data_ptr<scalar_t>(),
+          row_partials.const_data_ptr<acc_t>(), blocks, mu.const_data_ptr<scalar_t>(),
           sigma.const_data_ptr<scalar_t>(), B, D, D_sigma, ism, grad_mu.mutable_data_ptr<scalar_t>(),
           grad_sigma.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
