@@ -40,12 +40,12 @@ def loss_cases(scale, device):
         yield f"loss fwd+bwd B={B} C={C} {name}", lambda inputs=inputs: forward_backward(ops.pa_ism_loss, *inputs)
         # The two ops called bare: what the fwd+bwd row's host time has beyond them is autograd
         # and Python's (the H100's first run: host-bound, 0.3 ms per call even at C = 100).
-        detached, hyper = [t.detach() for t in inputs], (0.1, 32.0, True, 4.0, 5.0)
-        _, *saved = torch.ops.idml.pa_ism_forward(*detached, *hyper)
+        # (The schemas' default hyperparameters are pa_ism_loss's.)
+        detached = [t.detach() for t in inputs]
+        _, *saved = torch.ops.idml.pa_ism_forward(*detached)
         grad = torch.ones((), device=device)
-        yield f"its forward op alone {name}", lambda d=detached: torch.ops.idml.pa_ism_forward(*d, *hyper)
-        yield (f"its backward op alone {name}",
-               lambda d=detached, s=saved: torch.ops.idml.pa_ism_backward(grad, *d, *s, *hyper))
+        yield f"its forward op alone {name}", lambda d=detached: torch.ops.idml.pa_ism_forward(*d)
+        yield f"its backward op alone {name}", lambda d=detached, s=saved: torch.ops.idml.pa_ism_backward(grad, *d, *s)
         yield f"its three matmuls {name}", three_matmuls(inputs[0], inputs[3])
 
 
