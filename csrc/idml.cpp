@@ -1,12 +1,17 @@
 // Schemas of the idml operators. Kernels live in cpu/*.cpp and cuda/*.cu and register
-// themselves per backend (TORCH_LIBRARY_IMPL); fake kernels and autograd are registered
-// from Python in idml/ops.py. Forward and backward are separate operators so both can be
-// called from TorchScript and from C++.
+// themselves per backend (TORCH_LIBRARY_IMPL); the loss's autograd is autograd.cpp; fake
+// kernels are registered from Python in idml/ops.py. The loss's forward and backward are
+// also operators of their own, so both can be called from TorchScript and from C++.
 // (The Python module that loads them is csrc/module.cpp: these files build without Python.)
 #include <torch/library.h>
 
 TORCH_LIBRARY(idml, m) {
   // --- introspective Proxy Anchor loss (IDML_METHOD.md sections 2-3) ---
+  // The differentiable loss (a scalar, float32; float64 for float64 inputs): pa_ism_forward's
+  // loss, with pa_ism_backward as its derivative in mu, sigma and proxies.
+  m.def(
+      "pa_ism_loss(Tensor mu, Tensor sigma, Tensor labels, Tensor proxies, float margin=0.1, "
+      "float alpha=32.0, bool ism=True, float ism_offset=4.0, float ism_scale=5.0) -> Tensor");
   // Forward returns (loss, dots, row_stats, col_stats, num_positive): the scalar loss
   // (float32, float64 for float64 inputs) and what the backward needs, in that dtype:
   // dots = mu P^T (B x C), row_stats = [|mu_i|^2; |sigma_i|^2] (2 x B),

@@ -2,8 +2,8 @@
 
 Each public function dispatches to the compiled kernels of `idml._C` (torch.ops.idml.*)
 when the extension is built and has a kernel for the inputs' device, and otherwise to
-the plain-PyTorch reference in idml/reference.py. Fake kernels (for torch.compile) and
-autograd formulas of the compiled operators are registered here.
+the plain-PyTorch reference in idml/reference.py. Fake kernels (for torch.compile) of the
+compiled operators are registered here; the loss's autograd is C++ (csrc/autograd.cpp).
 """
 import warnings
 
@@ -69,9 +69,10 @@ def pa_ism_loss(
     if not mu.dtype == sigma.dtype == proxies.dtype:
         dtype = torch.promote_types(torch.promote_types(mu.dtype, sigma.dtype), proxies.dtype)
         mu, sigma, proxies = mu.to(dtype), sigma.to(dtype), proxies.to(dtype)
-    return _PaIsmLoss.apply(
-        mu, sigma, labels, proxies,
-        float(margin), float(alpha), bool(ism), float(ism_offset), float(ism_scale),
+    # The overload itself: calling the packet torch.ops.idml.pa_ism_loss resolves the
+    # overload from the arguments on every call (15 us of host time, bench/RESULTS.md).
+    return torch.ops.idml.pa_ism_loss.default(
+        mu, sigma, labels, proxies, float(margin), float(alpha), bool(ism), float(ism_offset), float(ism_scale)
     )
 
 
@@ -101,46 +102,10 @@ if EXTENSION_ERROR is None and hasattr(torch.ops.idml, "pa_ism_forward"):
         # Contiguous, as the kernels return them (empty_like would copy the inputs' strides).
         return mu.new_empty(mu.shape), sigma.new_empty(sigma.shape), proxies.new_empty(proxies.shape)
 
-    def _save_for_pa_ism_backward(ctx, inputs, statistics):
-        mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale = inputs
-        ctx.save_for_backward(mu, sigma, labels, proxies, *statistics)
-        ctx.hyper = (margin, alpha, ism, ism_offset, ism_scale)
-
-    @torch.autograd.function.once_differentiable  # no second derivative: raise, rather than give wrong ones
-    def _pa_ism_backward(ctx, grad_loss, *unused_grads):
-        if grad_loss is None:  # grads are not materialised (see below): no gradient reached the loss
-            return (None,) * 9
-        grad_mu, grad_sigma, grad_proxies = torch.ops.idml.pa_ism_backward(
-            grad_loss, *ctx.saved_tensors, *ctx.hyper
-        )
-        return grad_mu, grad_sigma, None, grad_proxies, None, None, None, None, None
-
-    def _pa_ism_setup_context(ctx, inputs, output):
-        # Only the loss is differentiable: the other outputs are saved statistics. Marking
-        # them spares the backward a zero gradient for each (one of them is B x C).
-        statistics = output[1:]
-        ctx.mark_non_differentiable(*statistics)
-        ctx.set_materialize_grads(False)
-        _save_for_pa_ism_backward(ctx, inputs, statistics)
-
-    # For the op called directly (torch.ops.idml.pa_ism_forward), as TorchScript code does.
-    torch.library.register_autograd(
-        "idml::pa_ism_forward", _pa_ism_backward, setup_context=_pa_ism_setup_context
-    )
-
-    class _PaIsmLoss(torch.autograd.Function):
-        """What pa_ism_loss calls: the op's forward and backward, as registered above, but
-        with one output and without the generic wrapper of register_autograd, which costs
-        the host about 30 us per forward + backward (bench/RESULTS.md, session 6): on a GPU,
-        a third of the bf16 matrix products' time at (120, 11318)."""
-
-        @staticmethod
-        def forward(ctx, *inputs):
-            loss, *statistics = torch.ops.idml.pa_ism_forward(*inputs)
-            _save_for_pa_ism_backward(ctx, inputs, statistics)
-            return loss
-
-        backward = staticmethod(_pa_ism_backward)
+    @torch.library.register_fake("idml::pa_ism_loss")
+    def _pa_ism_loss_fake(mu, sigma, labels, proxies, margin=0.1, alpha=32.0, ism=True, ism_offset=4.0,
+                          ism_scale=5.0):
+        return mu.new_empty((), dtype=_pa_ism_stats_dtype(mu.dtype))
 
 
 # --- retrieval metrics ------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The fused introspective Proxy Anchor loss (torch.ops.idml.pa_ism_forward/backward and
-idml.ops.pa_ism_loss) against idml/reference.py, an independent float64 evaluation of
+"""The fused introspective Proxy Anchor loss (torch.ops.idml.pa_ism_loss, its forward and
+backward operators pa_ism_forward/backward, and idml.ops.pa_ism_loss) against idml/reference.py, an independent float64 evaluation of
 IDML_METHOD.md sections 2-3 written here, and pytorch-metric-learning's ProxyAnchorLoss.
 """
 import math
@@ -99,11 +99,23 @@ LAYOUTS = dict(argvalues=[lambda t: t, column_major], ids=["contiguous", "column
 @pytest.mark.parametrize("layout", **LAYOUTS)
 @pytest.mark.parametrize("ism", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_opcheck_forward(dtype, ism, layout):
+def test_opcheck_loss_and_forward(dtype, ism, layout):
+    """The differentiable loss operator (its C++ autograd included) and the bare forward."""
     mu, sigma, labels, proxies = make_inputs(7, 11, 5, dtype=dtype)
     mu, sigma, proxies = layout(mu), layout(sigma), layout(proxies)
-    torch.library.opcheck(torch.ops.idml.pa_ism_forward.default,
-                          (mu, sigma, labels, proxies, 0.1, 32.0, ism, 4.0, 5.0))
+    args = (mu, sigma, labels, proxies, 0.1, 32.0, ism, 4.0, 5.0)
+    torch.library.opcheck(torch.ops.idml.pa_ism_loss.default, args)
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.idml.pa_ism_forward.default, detached)
+
+
+def test_bare_forward_is_not_differentiable():
+    """Gradients come from pa_ism_loss; backpropagating through the bare forward operator
+    raises instead of silently giving none."""
+    mu, sigma, labels, proxies = make_inputs(5, 6, 4)
+    loss = torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies)[0]
+    with pytest.raises(RuntimeError, match="not implemented"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("layout", **LAYOUTS)
@@ -231,20 +243,16 @@ def test_saved_statistics():
 
 
 def loss_via_op(*inputs):
-    """The loss through the op's registered autograd, as TorchScript calls it (pa_ism_loss
-    has an autograd.Function of its own)."""
-    return torch.ops.idml.pa_ism_forward(*inputs, **HYPER)[0]
+    """The loss operator called directly, as TorchScript and C++ code call it."""
+    return torch.ops.idml.pa_ism_loss(*inputs, **HYPER)
 
 
 def test_backward_makes_no_gradient_for_the_statistics():
-    """Only the loss is differentiable. The saved statistics (one of them B x C) are marked
-    so, and neither the op's registered autograd nor pa_ism_loss allocates zero gradients
-    for them in the backward."""
+    """Only the loss is differentiable: the backward allocates no zero gradients for the
+    saved statistics (one of them B x C), which are not outputs of the loss operator."""
     from torch.profiler import profile
 
     mu, sigma, labels, proxies = make_inputs(12, 40, 8, torch.float32)
-    _, *statistics = torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies)
-    assert not any(s.requires_grad for s in statistics)
     for loss_fn in (loss_via_op, ops.pa_ism_loss):
         loss, grad_loss = loss_fn(mu, sigma, labels, proxies), torch.ones(())
         with profile() as prof:
@@ -256,12 +264,12 @@ def test_backward_makes_no_gradient_for_the_statistics():
 
 
 def test_second_derivatives_are_refused():
-    """The backward kernel has no derivative of its own: differentiating it again raises
-    (it used to give wrong second derivatives with only a warning)."""
+    """The backward kernel has no derivative of its own: differentiating the gradients
+    again raises, by name (it used to give wrong second derivatives with only a warning)."""
     mu, sigma, labels, proxies = make_inputs(6, 5, 4)
     for loss_fn in (loss_via_op, ops.pa_ism_loss):
         grad_mu, = torch.autograd.grad(loss_fn(mu, sigma, labels, proxies), mu, create_graph=True)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="no second derivative"):
             torch.autograd.grad(grad_mu.sum(), mu)
 
 
@@ -300,13 +308,13 @@ def test_cuda_label_out_of_range_is_a_device_side_assert():
 def test_torchscript_calls_the_op():
     @torch.jit.script
     def scripted(mu: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
-        return torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies, 0.1, 32.0, True, 4.0, 5.0)[0]
+        return torch.ops.idml.pa_ism_loss(mu, sigma, labels, proxies, 0.1, 32.0, True, 4.0, 5.0)
 
     mu, sigma, labels, proxies = make_inputs(9, 14, 6)
     loss = scripted(mu, sigma, labels, proxies)
-    assert "idml::pa_ism_forward" in str(scripted.graph)
+    assert "idml::pa_ism_loss" in str(scripted.graph)
     assert_close_rel(loss, reference.pa_ism_loss(mu, sigma, labels, proxies), 1e-12)
-    loss.backward()  # autograd registered on the op works from TorchScript too
+    loss.backward()  # the operator's C++ autograd works from TorchScript too
     assert proxies.grad is not None and torch.isfinite(proxies.grad).all()
 
 
@@ -385,7 +393,7 @@ def test_cuda_matches_reference(dtype, loss_rtol, grad_rtol, ism):
 @pytest.mark.cuda
 def test_cuda_opcheck_and_stream():
     mu, sigma, labels, proxies = make_inputs(9, 40, 16, torch.float32, device="cuda")
-    torch.library.opcheck(torch.ops.idml.pa_ism_forward.default,
+    torch.library.opcheck(torch.ops.idml.pa_ism_loss.default,
                           (mu, sigma, labels, proxies, 0.1, 32.0, True, 4.0, 5.0))
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):  # the kernels follow the current stream
