@@ -3,7 +3,8 @@
 The fused op (idml.ops.pa_ism_loss on torch.ops.idml.*) is timed by pytest-benchmark; the
 eager formula as published (what users have today), our eager reference, and the loss's
 three bare matrix products (mu P^T, A P, A^T mu: the floor) in the same precision are timed
-in the same test and the ratios recorded, on CUDA also torch.compile of the reference.
+in the same test and the ratios recorded, on CUDA also torch.compile of the reference and,
+both captured in CUDA graphs, the fused loss against the three products (device time alone).
 Target on CPU at (120, 11318): >= 2.5x the published eager formula (asserted); on GPU:
 within 1.3x of the three products. At B = C = 4 the work is nothing and the time is the
 host's: the loss through autograd against its two operators called bare shows what
@@ -48,6 +49,20 @@ def three_matmuls(mu, proxies):
     return matmuls
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph, as a function that replays it: the device's time alone,
+    without a host dispatching each operation."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph: cuBLAS workspaces, launch shapes
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def forward_backward(loss_fn, mu, sigma, labels, proxies):
     loss = loss_fn(mu, sigma, labels, proxies)
     return torch.autograd.grad(loss, (mu, sigma, proxies))
@@ -85,6 +100,11 @@ def test_pa_ism_loss_forward_backward(benchmark, device, shape, dtype):
 
     matmul_seconds = best_time(three_matmuls(inputs[0], inputs[3]), device, repeat=20 if device.type == "cuda" else 5)
     record_ratio(benchmark, "three_matmuls", matmul_seconds, fused_seconds)
+
+    if device.type == "cuda":  # both captured in CUDA graphs: what the device alone takes
+        graphed_seconds = best_time(graphed(fused), device, repeat=20)
+        graphed_matmul_seconds = best_time(graphed(three_matmuls(inputs[0], inputs[3])), device, repeat=20)
+        record_ratio(benchmark, "three_matmuls_graphed", graphed_matmul_seconds, graphed_seconds)
 
     if device.type == "cuda" and (B, C) == (120, 11318):  # each compile costs tens of seconds
         compiled = torch.compile(reference.pa_ism_loss)

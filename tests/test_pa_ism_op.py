@@ -403,6 +403,26 @@ def test_cuda_opcheck_and_stream():
 
 
 @pytest.mark.cuda
+def test_cuda_graphs_replay_the_loss_and_its_gradients():
+    """Forward and backward hold no host synchronisation and no per-call host state: captured
+    in CUDA graphs (torch.cuda.make_graphed_callables, as graph-captured training loops and
+    torch.compile's reduce-overhead mode do), they replay on new input values with the eager
+    results."""
+    def loss_fn(mu, sigma, labels, proxies):
+        return ops.pa_ism_loss(mu, sigma, labels, proxies, **HYPER)
+
+    sample = make_inputs(64, 500, 32, torch.float32, device="cuda", sigma_kind="relu")
+    graphed_loss = torch.cuda.make_graphed_callables(loss_fn, sample)
+    for _ in range(2):
+        inputs = make_inputs(64, 500, 32, torch.float32, device="cuda", sigma_kind="relu")
+        loss, grads = loss_and_grads(graphed_loss, *inputs)
+        expected, expected_grads = loss_and_grads(loss_fn, *inputs)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+        for replayed, eager in zip(grads, expected_grads):
+            torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
 def test_cuda_edge_cases():
     for case in ("on_proxy", "no_positive_classes", "huge_C"):
         if case == "huge_C":
