@@ -157,20 +157,29 @@ def metrics_from_ranks(ranks: torch.Tensor, num_relevant: torch.Tensor, ks=(1, 2
     max_r. The t-th relevant item (in rank order) is among the R nearest iff its rank is
     <= R, and then contributes precision t / rank to MAP@R.
     """
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"metrics_from_ranks: ks must be one or more positive integers, got {ks}")
     names = [f"R@{k}" for k in ks] + ["RP", "MAP@R"]
     n = num_relevant.shape[0]
     if n == 0 or ranks.shape[1] == 0:  # no query, or none with a relevant item
         return dict.fromkeys(names, 0.0)
-    # All on the device, read back once: on a GPU each .item() would wait for it.
-    valid = num_relevant > 0
-    # Not torch.tensor(ks, device=...): a copy from the host would synchronise too.
-    recall = torch.stack([(ranks[:, 0] <= k) & valid for k in ks], dim=1).sum(dim=0).double() / n
-    ranks, r = ranks.double(), num_relevant.double().clamp_min(1.0)
+    # All on the device and read back once (on a GPU each .item() or copy from the host
+    # would wait for it), in few operations: at CUB size their launches, not their
+    # arithmetic, set the pace on a GPU.
+    # A listed item counts iff 0 < rank <= R (the lists are 0-padded past R, so a query
+    # without relevant items counts nothing and adds 0 to the sums).
+    counted = (ranks > 0) & (ranks <= num_relevant.unsqueeze(1))
     t = torch.arange(1, ranks.shape[1] + 1, device=ranks.device, dtype=torch.float64)
-    in_top_r = (ranks > 0) & (ranks <= r.unsqueeze(1))
-    precision_terms = torch.where(in_top_r, t / ranks.clamp_min(1.0), 0.0)
-    per_query = torch.stack([in_top_r.sum(dim=1), precision_terms.sum(dim=1)]) / r  # RP, AP@R
-    averages = (per_query * valid).sum(dim=1) / valid.sum().clamp_min(1)
+    precision_terms = torch.where(counted, t / ranks, 0.0)
+    per_query = torch.stack([counted.sum(dim=1), precision_terms.sum(dim=1)]) / num_relevant.clamp_min(1)  # RP, AP@R
+    averages = per_query.sum(dim=1) / (num_relevant > 0).sum().clamp_min(1)
+    # R@K from a histogram of the first relevant item's rank (0: the query has none).
+    largest = max(ks)
+    first = ranks[:, 0].clamp_max(largest + 1)
+    histogram = torch.zeros(largest + 2, dtype=torch.long, device=ranks.device).scatter_add_(0, first, torch.ones_like(first))
+    within = histogram[1:].cumsum(dim=0)  # within[k - 1]: queries whose first relevant item ranks <= k
+    recall = torch.stack([within[k - 1] for k in ks]).double() / n
     return dict(zip(names, torch.cat([recall, averages]).tolist()))
 
 
