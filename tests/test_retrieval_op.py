@@ -220,6 +220,13 @@ def test_metrics_from_ranks_reads_back_once():
     assert list(result) == ["R@1", "R@5", "RP", "MAP@R"] and all(type(v) is float for v in result.values())
 
 
+def test_metrics_from_ranks_refuses_a_k_below_one():
+    ranks, num_relevant = ops.retrieval_ranks(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    for ks in [(0, 1), ()]:
+        with pytest.raises(ValueError, match="positive integers"):
+            ops.metrics_from_ranks(ranks, num_relevant, ks=ks)
+
+
 @pytest.mark.cuda
 def test_cuda_metrics_from_ranks_synchronises_at_most_once():
     """On the GPU: only the final read-back waits for the device (torch's sync debug mode
