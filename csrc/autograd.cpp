@@ -1,14 +1,15 @@
 // Autograd of the introspective Proxy Anchor loss, in C++: idml::pa_ism_loss calls the
 // forward operator and saves what idml::pa_ism_backward needs. Python's torch.autograd
-// machinery (an autograd.Function or torch.library.register_autograd) cost the host 2-3
-// times the forward and backward operators' own dispatch at small sizes, on every loss
-// evaluation; on a GPU that host time is what the kernels wait for (bench/RESULTS.md,
-// session 8). Registered under the Autograd key, the way torchvision's C++ ops are, so
-// the same autograd runs from Python, TorchScript and libtorch.
+// machinery (an autograd.Function or torch.library.register_autograd) added twice the host
+// time per loss evaluation that this adds (bench/RESULTS.md, session 8); on a GPU that host
+// time is what the kernels wait for. Registered under the Autograd key, the way
+// torchvision's C++ ops are, so the same autograd runs from Python, TorchScript and libtorch.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 namespace idml {
 namespace {
@@ -16,26 +17,27 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, bool, double,
-    double);
-using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, bool, double,
-    double);
+// (margin, alpha, ism, ism_offset, ism_scale), saved for the backward as one value.
+using Hyper = std::tuple<double, double, bool, double, double>;
 
-at::Tensor pa_ism_forward_loss(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& labels,
-                               const at::Tensor& proxies, double margin, double alpha, bool ism,
-                               double ism_offset, double ism_scale, AutogradContext* ctx) {
+// The operators, looked up once.
+const auto& forward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("idml::pa_ism_forward", "")
-                             .typed<ForwardSignature>();
-  auto [loss, dots, row_stats, col_stats, num_positive] =
-      op.call(mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale);
-  if (ctx != nullptr) {
-    ctx->save_for_backward({mu, sigma, labels, proxies, dots, row_stats, col_stats, num_positive});
-  }
-  return loss;
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 double, double, bool, double, double)>();
+  return op;
+}
+
+const auto& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("idml::pa_ism_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, double, double, bool, double, double)>();
+  return op;
 }
 
 // Passes the loss's gradients through, tied to the loss's inputs: differentiating them
@@ -58,27 +60,25 @@ class PaIsmLoss : public torch::autograd::Function<PaIsmLoss> {
                             const at::Tensor& labels, const at::Tensor& proxies, double margin, double alpha,
                             bool ism, double ism_offset, double ism_scale) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    ctx->saved_data["hyper"] = c10::List<double>({margin, alpha, ism_offset, ism_scale});
-    ctx->saved_data["ism"] = ism;
+    auto [loss, dots, row_stats, col_stats, num_positive] =
+        forward_op().call(mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale);
+    ctx->save_for_backward({mu, sigma, labels, proxies, dots, row_stats, col_stats, num_positive});
+    ctx->saved_data["hyper"] = Hyper(margin, alpha, ism, ism_offset, ism_scale);
     ctx->set_materialize_grads(false);
-    return pa_ism_forward_loss(mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale, ctx);
+    return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     if (!grad_outputs[0].defined()) return variable_list(9);  // no gradient reached the loss
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("idml::pa_ism_backward", "")
-                               .typed<BackwardSignature>();
     const variable_list saved = ctx->get_saved_variables();
-    const c10::List<double> hyper = ctx->saved_data["hyper"].toDoubleList();
-    const bool ism = ctx->saved_data["ism"].toBool();
+    const auto [margin, alpha, ism, ism_offset, ism_scale] = ctx->saved_data["hyper"].to<Hyper>();
     const bool create_graph = at::GradMode::is_enabled();
     variable_list grads(3);
     {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(grads[0], grads[1], grads[2]) =
-          op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6],
-                  saved[7], hyper[0], hyper[1], ism, hyper[2], hyper[3]);
+          backward_op().call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                             saved[6], saved[7], margin, alpha, ism, ism_offset, ism_scale);
     }
     if (create_graph) grads = NoSecondDerivative::apply(grads, saved[0], saved[1], saved[3]);
     return {grads[0], grads[1], at::Tensor(), grads[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
@@ -96,7 +96,7 @@ at::Tensor pa_ism_loss_autograd(const at::Tensor& mu, const at::Tensor& sigma, c
 at::Tensor pa_ism_loss_no_grad(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& labels,
                                const at::Tensor& proxies, double margin, double alpha, bool ism,
                                double ism_offset, double ism_scale) {
-  return pa_ism_forward_loss(mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale, nullptr);
+  return std::get<0>(forward_op().call(mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale));
 }
 
 }  // namespace

@@ -177,7 +177,8 @@ def metrics_from_ranks(ranks: torch.Tensor, num_relevant: torch.Tensor, ks=(1, 2
     # R@K from a histogram of the first relevant item's rank (0: the query has none).
     largest = max(ks)
     first = ranks[:, 0].clamp_max(largest + 1)
-    histogram = torch.zeros(largest + 2, dtype=torch.long, device=ranks.device).scatter_add_(0, first, torch.ones_like(first))
+    histogram = torch.zeros(largest + 2, dtype=torch.long, device=ranks.device)
+    histogram.scatter_add_(0, first, torch.ones_like(first))
     within = histogram[1:].cumsum(dim=0)  # within[k - 1]: queries whose first relevant item ranks <= k
     recall = torch.stack([within[k - 1] for k in ks]).double() / n
     return dict(zip(names, torch.cat([recall, averages]).tolist()))
