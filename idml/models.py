@@ -71,8 +71,26 @@ def _conv_frozen_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> tor
     bias = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
         bias = bias + conv.bias * scale
-    return F.conv2d(x, conv.weight * scale.reshape(-1, 1, 1, 1), bias, conv.stride, conv.padding,
-                    conv.dilation, conv.groups)
+    return _conv2d(x, conv.weight * scale.reshape(-1, 1, 1, 1), bias, conv)
+
+
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """F.conv2d(x, weight, bias) with `conv`'s geometry. When the output is one pixel (small
+    images: 32 px leave layer4 at 1 x 1) it is one matrix product of the input window that
+    pixel sees with the kernel taps that see it, those over the zero padding left out: the
+    same sums. oneDNN's backward of a 3 x 3 convolution on 1 x 1 inputs (512 channels,
+    batch 240) took 318 ms on an AVX2 CPU, the matrix product 11 ms."""
+    plain = (conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+             and not isinstance(conv.padding, str))
+    (kh, kw), (ph, pw), (sh, sw) = conv.kernel_size, (conv.padding if plain else (0, 0)), conv.stride
+    height, width = x.shape[-2:]
+    rows, cols = min(kh - ph, height), min(kw - pw, width)  # of the window, from the input's top left
+    one_pixel = (height + 2 * ph - kh) // sh == 0 and (width + 2 * pw - kw) // sw == 0
+    if not (plain and one_pixel and rows > 0 and cols > 0):
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    window = x[:, :, :rows, :cols].reshape(x.shape[0], -1)
+    taps = weight[:, :, ph:ph + rows, pw:pw + cols].reshape(weight.shape[0], -1)
+    return F.linear(window, taps, bias).reshape(x.shape[0], -1, 1, 1)
 
 
 def _folded_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torchvision
 
 from idml import reference
 from idml.errors import UsageError
-from idml.models import IDMLNet, load_backbone
+from idml.models import IDMLNet, _conv2d, load_backbone
 
 
 def small_net(**kwargs):
@@ -47,7 +47,8 @@ def outputs_and_gradients(net, images, fold):
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])  # BasicBlock and Bottleneck
 @pytest.mark.parametrize("bn_freeze, mode", [(True, "train"), (False, "eval")])
-def test_eval_batch_norm_folded_into_the_convolutions_is_the_same_function(arch, bn_freeze, mode):
+@pytest.mark.parametrize("image_size", [64, 32])  # 32: layer4 at one pixel (convolutions as products)
+def test_eval_batch_norm_folded_into_the_convolutions_is_the_same_function(arch, bn_freeze, mode, image_size):
     """Folded (the default whenever every BatchNorm is in eval mode) and layer by layer
     (torchvision's forward) agree to float64 rounding, outputs and every gradient."""
     torch.manual_seed(0)
@@ -55,11 +56,38 @@ def test_eval_batch_norm_folded_into_the_convolutions_is_the_same_function(arch,
     net = small_net(arch=arch, bn_freeze=bn_freeze, uncertainty="softplus")
     net = with_random_batch_norm_statistics(net.double())
     net.train(mode == "train")
-    images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    images = torch.randn(3, 3, image_size, image_size, dtype=torch.float64)
     folded, layered = outputs_and_gradients(net, images, True), outputs_and_gradients(net, images, False)
     assert len(folded) == len(layered) > 2
     for got, expected in zip(folded, layered):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+
+
+# (kernel, stride, padding, input height, input width): one output pixel, then more
+ONE_PIXEL = [(3, 1, 1, 1, 1), (3, 2, 1, 2, 2), (1, 2, 0, 2, 2), (1, 1, 0, 1, 1), (7, 2, 3, 2, 2),
+             ((3, 1), (2, 1), (1, 0), 2, 1), (5, 4, 0, 5, 8)]
+MORE_PIXELS = [(3, 1, 1, 2, 2), (3, 2, 1, 3, 3), (1, 1, 0, 1, 2)]
+
+
+@pytest.mark.parametrize("geometry", ONE_PIXEL + MORE_PIXELS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_pixel_convolutions_are_matrix_products_with_the_same_values_and_gradients(geometry, bias,
+                                                                                       monkeypatch):
+    kernel, stride, padding, height, width = geometry
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 4, kernel, stride, padding, bias=bias).double()
+    x = torch.randn(3, 5, height, width, dtype=torch.float64, requires_grad=True)
+    expected = conv(x)
+    expected_grads = torch.autograd.grad(expected.sin().sum(), [x, *conv.parameters()])
+    convolutions = []
+    real_conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: convolutions.append(1) or real_conv2d(*a, **k))
+    got = _conv2d(x, conv.weight, conv.bias, conv)
+    assert len(convolutions) == (geometry in MORE_PIXELS)
+    got_grads = torch.autograd.grad(got.sin().sum(), [x, *conv.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
 def test_batch_norm_is_folded_only_while_every_one_is_in_eval_mode(monkeypatch):
