@@ -81,6 +81,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_non_negative(int), default=1, help="random seed (default 1)")
 
 
+def _add_kmeans_runs_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kmeans-runs", type=_positive(int), default=None, metavar="N",
+                        help="k-means runs for NMI and F1, the lowest-inertia one kept (default 10, as "
+                             "scikit-learn's KMeans did until version 1.4; SOP 1: seconds per run)")
+
+
 def _add_loader_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loader", choices=("pil", "dali"), default="pil",
                         help="image decoding: pil (DataLoader processes, default) or dali (NVIDIA DALI, GPU "
@@ -128,6 +134,7 @@ def train_parser() -> argparse.ArgumentParser:
                         help="1: torch.compile the model and the loss (slow first steps, faster after)")
     parser.add_argument("--eval-clustering", type=int, choices=(0, 1), default=1,
                         help="compute NMI and F1 (k-means) at every evaluation (default 1)")
+    _add_kmeans_runs_argument(parser)
     return parser
 
 
@@ -149,6 +156,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument("--plots", metavar="DIR", default=None,
                         help="also write recall_at_k.png and query_grid.png (queries and their neighbours) to DIR")
+    _add_kmeans_runs_argument(parser)
     return parser
 
 

@@ -133,18 +133,34 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int, stop_early: bool
     return ids, centroids
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, progress: bool = False) -> torch.Tensor:
+def inertia(x: torch.Tensor, ids: torch.Tensor, centroids: torch.Tensor) -> float:
+    """Sum of squared distances of the rows to their centroids (float64; one host read)."""
+    return float((x - centroids.index_select(0, ids)).double().square().sum())
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, runs: int = 1,
+           progress: bool = False) -> torch.Tensor:
     """Cluster ids (LongTensor [n], on x's device) of k-means with k-means++ seeding.
 
-    Deterministic for a seed; stops when the assignment is stable or after `iters`
-    Lloyd iterations. Computed in float32 at least. `progress`: progress bars for the
-    seeding and the iterations.
+    Deterministic for a seed; each run stops when the assignment is stable or after
+    `iters` Lloyd iterations. With runs > 1, the run (seeded seed, seed + 1, ...) of the
+    lowest inertia, the earlier on a tie: what scikit-learn's KMeans(n_init=runs) keeps.
+    Computed in float32 at least. `progress`: progress bars for the seeding and the iterations.
     """
     if not 1 <= k <= x.shape[0]:
         raise ValueError(f"kmeans: k must be in [1, {x.shape[0]}] (number of rows), got {k}")
+    if runs < 1:
+        raise ValueError(f"kmeans: runs must be at least 1, got {runs}")
     x = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
-    ids, _ = lloyd(x, kmeans_plus_plus(x, k, seed, progress), iters, progress=progress)
-    return ids
+    best, best_inertia = None, float("inf")
+    for run in range(runs):
+        ids, centroids = lloyd(x, kmeans_plus_plus(x, k, seed + run, progress), iters, progress=progress)
+        if runs == 1:
+            return ids
+        run_inertia = inertia(x, ids, centroids)
+        if best is None or run_inertia < best_inertia:
+            best, best_inertia = ids, run_inertia
+    return best
 
 
 def _contingency(labels: torch.Tensor, clusters: torch.Tensor):

@@ -30,7 +30,7 @@ from idml.data import build_dataset, default_image_size
 from idml.data.datasets import BadImageBudget
 from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler
 from idml.errors import TrainingDiverged, UsageError
-from idml.evaluate import embed, format_metrics, recall_ks
+from idml.evaluate import embed, format_metrics, kmeans_runs, recall_ks
 from idml.files import atomic_write_text
 from idml.losses import build_criterion
 from idml.metrics import compute_metrics, non_finite_rows
@@ -363,7 +363,8 @@ class Trainer:
         metrics = None
         if distributed.is_main():
             metrics = compute_metrics(embeddings, labels, ks=recall_ks(args.dataset),
-                                      clustering=bool(args.eval_clustering), progress=True)
+                                      clustering=bool(args.eval_clustering), progress=True,
+                                      kmeans_runs=kmeans_runs(args.dataset, args.kmeans_runs))
             print(f"[{when}] unseen classes: {format_metrics(metrics)}", flush=True)
         return distributed.broadcast_object(metrics)
 

@@ -126,6 +126,7 @@ def test_synthetic_data_command_writes_a_layout_the_loader_reads(tmp_path):
     ("--IPC", "-1", "expected a number >= 0, got -1"),
     ("--mrg", "nan", "expected a finite number, got nan"),
     ("--remark", "a/b", "expected a name without '/', got 'a/b'"),
+    ("--kmeans-runs", "0", "expected a positive number, got 0"),
 ])
 def test_bad_numbers_and_names_are_refused_by_the_parser(flag, value, expected, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -74,6 +74,24 @@ def test_kmeans_is_deterministic_for_a_seed():
     assert not torch.equal(first, cluster.kmeans(x, 40, seed=8))
 
 
+def test_kmeans_runs_keep_the_lowest_inertia_run():
+    """runs=R keeps the run of least inertia among the single runs seeded seed .. seed+R-1
+    (scikit-learn's n_init); on overlapping clusters the single runs differ."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 4, generator=g)
+    singles = [cluster.kmeans(x, 12, seed=5 + run) for run in range(4)]
+    inertias = []
+    for ids in singles:
+        centroids = torch.stack([x[ids == c].mean(dim=0) for c in range(12)])  # Lloyd's fixed point
+        inertias.append(float(((x.double() - centroids.double()[ids]) ** 2).sum()))
+    assert len(set(inertias)) > 1
+    best = min(range(4), key=lambda run: (inertias[run], run))
+    assert torch.equal(cluster.kmeans(x, 12, seed=5, runs=4), singles[best])
+    assert torch.equal(cluster.kmeans(x, 12, seed=5, runs=1), singles[0])
+    with pytest.raises(ValueError, match="runs must be at least 1"):
+        cluster.kmeans(x, 12, runs=0)
+
+
 def test_kmeans_assignment_is_blockwise_and_exact(monkeypatch):
     # Force many row blocks (never n x k at once); the result must not change.
     x, _ = separated_blobs(30, 25)

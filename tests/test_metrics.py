@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from idml import cluster, metrics, ops, reference
+from idml import cluster, evaluate, metrics, ops, reference
+from idml.cli import evaluate_parser, train_parser
 from idml.errors import UsageError
 
 
@@ -45,10 +46,18 @@ def test_compute_metrics_normalises_then_combines():
     expected = ops.metrics_from_ranks(*reference.retrieval_ranks(normalised.double(), labels), ks=(1, 10, 100))
     for key in expected:
         assert result[key] == pytest.approx(expected[key], abs=1e-12), key
-    ids = cluster.kmeans(normalised, 20, seed=0)
+    ids = cluster.kmeans(normalised, 20, seed=0, runs=10)  # compute_metrics' default
     assert result["NMI"] == cluster.nmi(labels, ids)
     assert result["F1"] == cluster.pairwise_f1(labels, ids)
     assert result["NMI"] > 0.9  # well separated classes
+
+
+def test_kmeans_runs_default_to_ten_and_to_one_at_sop_size():
+    assert evaluate.kmeans_runs("cub") == evaluate.kmeans_runs("digits") == 10
+    assert evaluate.kmeans_runs("SOP") == 1
+    assert evaluate.kmeans_runs("SOP", 3) == evaluate.kmeans_runs("cars", 3) == 3
+    args = train_parser().parse_args(["--kmeans-runs", "4"])
+    assert args.kmeans_runs == 4 and evaluate_parser().parse_args(["--resume", "x"]).kmeans_runs is None
 
 
 def test_compute_metrics_without_clustering():
