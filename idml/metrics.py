@@ -30,8 +30,9 @@ def compute_metrics(
     k-means (k = number of distinct labels, k-means++ seeded by `seed`) on the normalised
     embeddings, the lowest-inertia of `kmeans_runs` runs (10: scikit-learn's KMeans default
     until version 1.4, which the published code called with its defaults; one run's NMI
-    scatters and is lower on average). CUB/Cars use ks = (1, 2, 4, 8), SOP (1, 10, 100). `progress`: a
-    progress bar for each stage (at SOP size on a CPU they take seconds to minutes).
+    scatters and is lower on average). CUB/Cars use ks = (1, 2, 4, 8), SOP (1, 10, 100).
+    `progress`: a progress bar for each stage (at SOP size on a CPU they take seconds to
+    minutes).
     """
     if embeddings.shape[0] < 2:
         raise UsageError(f"retrieval metrics need at least 2 embeddings, got {embeddings.shape[0]} "
