@@ -27,7 +27,7 @@ root="$(pwd)"
 extension_loads() {  # from another folder: through the editable install, as scripts/ import it
   (cd / && "$root/.venv/bin/python" -c "import idml.ops as o; assert o.EXTENSION_ERROR is None" 2>/dev/null)
 }
-library="$(ls idml/_C*.so 2>/dev/null | head -n 1)"
+library="$(find idml -maxdepth 1 -name '_C*.so' -print -quit)"  # empty before the first build
 if [ -n "$library" ] && [ -z "$(find csrc setup.py .venv/lib/python3*/site-packages/torch/version.py \
     -newer "$library" -print -quit)" ] && extension_loads; then
   echo "setup: idml._C is up to date and loads"
