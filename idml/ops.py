@@ -180,6 +180,7 @@ def metrics_from_ranks(ranks: torch.Tensor, num_relevant: torch.Tensor, ks=(1, 2
     histogram = torch.zeros(largest + 2, dtype=torch.long, device=ranks.device)
     histogram.scatter_add_(0, first, torch.ones_like(first))
     within = histogram[1:].cumsum(dim=0)  # within[k - 1]: queries whose first relevant item ranks <= k
+    # One index per k: indexing with ks as a tensor would copy it from the host, which waits for the GPU.
     recall = torch.stack([within[k - 1] for k in ks]).double() / n
     return dict(zip(names, torch.cat([recall, averages]).tolist()))
 

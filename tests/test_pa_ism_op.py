@@ -1,6 +1,7 @@
 """The fused introspective Proxy Anchor loss (torch.ops.idml.pa_ism_loss, its forward and
-backward operators pa_ism_forward/backward, and idml.ops.pa_ism_loss) against idml/reference.py, an independent float64 evaluation of
-IDML_METHOD.md sections 2-3 written here, and pytorch-metric-learning's ProxyAnchorLoss.
+backward operators pa_ism_forward/backward, and idml.ops.pa_ism_loss) against
+idml/reference.py, an independent float64 evaluation of IDML_METHOD.md sections 2-3
+written here, and pytorch-metric-learning's ProxyAnchorLoss.
 """
 import math
 import os
