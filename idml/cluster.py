@@ -37,8 +37,8 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0, progress: bool = Fa
     """k initial centroids [k, d] by k-means++ (D^2 sampling), seeded and deterministic.
 
     Each draw is u * sum(D^2) located in the running cumulative sum (float64), so the
-    loop never synchronises with the device. `progress`: a progress bar (the k draws take
-    minutes on a CPU at SOP size).
+    loop never synchronises with the device. `progress`: a progress bar once a second has
+    passed (the k draws take minutes on a CPU at SOP size).
     """
     n = x.shape[0]
     generator = torch.Generator().manual_seed(seed)
@@ -55,7 +55,7 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0, progress: bool = Fa
         return torch.addmv(sq_norms + sq_norms.index_select(0, index), x, centroid[0], alpha=-2.0).clamp_min_(0.0)
 
     closest = squared_distances(0, first).double()
-    for c in tqdm(range(1, k), desc="k-means++ seeding", leave=False, disable=not progress):
+    for c in tqdm(range(1, k), desc="k-means++ seeding", leave=False, delay=1, disable=not progress):
         cumulative = closest.cumsum(0)
         index = torch.searchsorted(cumulative, uniforms[c:c + 1] * cumulative[-1:], right=True).clamp_max_(n - 1)
         torch.minimum(closest, squared_distances(c, index), out=closest)
@@ -124,7 +124,7 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int, stop_early: bool
     """
     points = _augmented_points(x)
     ids = _nearest(points, centroids)
-    for _ in tqdm(range(iters), desc="k-means iterations", leave=False, disable=not progress):
+    for _ in tqdm(range(iters), desc="k-means iterations", leave=False, delay=1, disable=not progress):
         centroids = update_centroids(x, ids, centroids)
         new_ids = _nearest(points, centroids)
         if stop_early and torch.equal(new_ids, ids):

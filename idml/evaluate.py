@@ -35,7 +35,7 @@ def embed(model, loader: DataLoader, device: torch.device, amp: str = "off", pro
     was_training = model.training
     model.eval()
     embeddings, labels, uncertainties = [], [], []
-    for images, targets, dropped in tqdm(loader, desc="embedding", leave=False, disable=not progress):
+    for images, targets, dropped in tqdm(loader, desc="embedding", leave=False, delay=1, disable=not progress):
         bad_images.add(dropped)
         if images is None:
             continue

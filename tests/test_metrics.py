@@ -1,6 +1,9 @@
 """idml.metrics.compute_metrics and agreement with pytorch-metric-learning."""
+import itertools
+
 import pytest
 import torch
+import tqdm.std
 
 from idml import cluster, evaluate, metrics, ops, reference
 from idml.cli import evaluate_parser, train_parser
@@ -83,12 +86,18 @@ def test_compute_metrics_refuses_non_finite_embeddings(bad):
         metrics.compute_metrics(embeddings, labels, clustering=False)
 
 
-def test_progress_bars_name_each_stage_only_when_asked(capsys):
+def test_progress_bars_name_each_stage_that_lasts_only_when_asked(capsys, monkeypatch):
     x, labels = normalised_clusters(200, 10)
     quiet = metrics.compute_metrics(x, labels)
     assert capsys.readouterr().err == ""
-    shown = metrics.compute_metrics(x, labels, progress=True)
+    # Every stage takes milliseconds here: no bar shows, so a log keeps only the results.
+    quick = metrics.compute_metrics(x, labels, progress=True)
+    assert capsys.readouterr().err == ""
+    # A clock that jumps 2 s per reading makes every stage last: each one names itself.
+    clock = itertools.count(0.0, 2.0)
+    monkeypatch.setattr(tqdm.std, "time", lambda: next(clock))
+    slow = metrics.compute_metrics(x, labels, progress=True)
     err = capsys.readouterr().err
     for stage in ("retrieval metrics", "k-means++ seeding", "k-means iterations"):
         assert stage in err, err
-    assert shown == quiet
+    assert slow == quick == quiet
