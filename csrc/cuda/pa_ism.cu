@@ -4,9 +4,10 @@
 // Forward: squared row norms (one block per row); dots = mu P^T through ATen (cuBLAS; half
 // inputs give a float32 product through at::mm's out_dtype); then ONE column kernel: one
 // block per 32 proxy columns, lanes along the columns (coalesced rows of the B x C matrix),
-// warps splitting the B rows. It computes its proxies' squared norms, sI and the online
-// positive and negative log-sum-exp of each column, and the block's share of the loss; a
-// one-block kernel sums the shares in a fixed order (loss and |P+| stay on the device).
+// warps splitting the B rows (their per-row values staged in shared memory, see RowTable).
+// It computes its proxies' squared norms, sI and the online positive and negative
+// log-sum-exp of each column, and the block's share of the loss; a one-block kernel sums
+// the shares in a fixed order (loss and |P+| stay on the device).
 // Backward: ONE column kernel of the same shape writes the B x C coefficient matrix
 // dL/d(dots), each block's per-row norm terms and grad_P's norm term; a row kernel sums
 // the per-row terms into grad_mu's norm term and grad_sigma; two addmm_ finish.
@@ -39,6 +40,58 @@ using pa_ism::Row;
 constexpr int kWarp = 32;          // proxy columns per block of the column kernels
 constexpr int kMaxRowWarps = 32;   // 32 x 32 = 1024 threads, the CUDA block limit
 constexpr int kReduceThreads = 256;
+constexpr int kRowChunk = 256;    // rows staged in shared memory at a time (RowTable)
+constexpr int kRowPrefetch = 4;   // rows of `dots` each warp loads before it uses the first
+
+// The column kernels' rows, staged in shared memory a chunk at a time: each row's values
+// (pa_ism::make_row) and label are computed once per block instead of by every lane for
+// every element, and the row loop's only global loads are its `dots`, kRowPrefetch rows
+// at a time. Read in the loop, the row's norms, label and dots were four dependent loads
+// per row (the disassembly shows each issued after the previous one's use).
+template <typename acc_t>
+struct RowTable {
+  Row<acc_t> row[kRowChunk];
+  int64_t label[kRowChunk];
+};
+
+// Rows per chunk: a multiple of the row warps, so each warp keeps the rows i = warp (mod
+// warps) in increasing order, whatever B: the same summation order as one pass over B.
+__device__ __forceinline__ int row_chunk(int warps) { return (kRowChunk / warps) * warps; }
+
+// Stages the chunk of rows from r0 (row_chunk(warps) of them, fewer at the end of B) with
+// all the block's threads, between two barriers; returns how many rows it staged.
+template <typename acc_t>
+__device__ int stage_rows(RowTable<acc_t>& table, const acc_t* __restrict__ row_stats,
+                          const int64_t* __restrict__ labels, int64_t B, int64_t r0, int warps,
+                          const Params<acc_t>& p) {
+  const int chunk = row_chunk(warps);
+  const int n = static_cast<int>(B - r0 < chunk ? B - r0 : chunk);
+  const int threads = blockDim.x * blockDim.y;
+  __syncthreads();  // the previous chunk is no longer read
+  for (int j = threadIdx.y * blockDim.x + threadIdx.x; j < n; j += threads) {
+    // All three loads before any use: make_row's square root and division would otherwise
+    // hold back the next load.
+    const acc_t mu_sq = row_stats[r0 + j], sigma_sq = row_stats[B + r0 + j];
+    const int64_t label = labels[r0 + j];
+    table.row[j] = pa_ism::make_row(mu_sq, sigma_sq, p);
+    table.label[j] = label;
+  }
+  __syncthreads();
+  return n;
+}
+
+// dots[r0 + j][c] for this warp's next kRowPrefetch rows j = j0, j0 + warps, ... (0 past n
+// or for an invalid column), loaded before any of them is used.
+template <typename acc_t>
+__device__ __forceinline__ void prefetch_dots(acc_t (&out)[kRowPrefetch], const acc_t* __restrict__ dots,
+                                              int64_t r0, int j0, int warps, int n, int64_t C, int64_t c,
+                                              bool valid) {
+#pragma unroll
+  for (int u = 0; u < kRowPrefetch; ++u) {
+    const int j = j0 + u * warps;
+    out[u] = valid && j < n ? dots[(r0 + j) * C + c] : acc_t(0);
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -144,6 +197,7 @@ __global__ void __launch_bounds__(1024) forward_kernel(
   __shared__ acc_t s_m[2][kMaxRowWarps][kWarp];
   __shared__ acc_t s_sum[2][kMaxRowWarps][kWarp];
   __shared__ bool s_has_pos[kMaxRowWarps][kWarp];
+  __shared__ RowTable<acc_t> s_rows;
   const int lane = threadIdx.x, warp = threadIdx.y, warps = blockDim.y;
   const int64_t c0 = int64_t(blockIdx.x) * kWarp;
 
@@ -166,15 +220,22 @@ __global__ void __launch_bounds__(1024) forward_kernel(
   const Col<acc_t> col = pa_ism::make_col(s_p_sq[lane]);
   acc_t m_neg = 0, sum_neg = 0, m_pos = 0, sum_pos = 0;
   bool has_pos = false;
-  if (valid) {
-    for (int64_t i = warp; i < B; i += warps) {
-      const Row<acc_t> row = pa_ism::make_row(row_stats[i], row_stats[B + i], p);
-      const acc_t sim = pa_ism::similarity<ISM>(dots[i * C + c], row, col);
-      if (labels[i] == c) {
-        has_pos = true;
-        pa_ism::lse_add(pa_ism::logit(sim, true, p), m_pos, sum_pos);
-      } else {
-        pa_ism::lse_add(pa_ism::logit(sim, false, p), m_neg, sum_neg);
+  for (int64_t r0 = 0; r0 < B; r0 += row_chunk(warps)) {
+    const int n = stage_rows(s_rows, row_stats, labels, B, r0, warps, p);
+    for (int j0 = warp; j0 < n; j0 += kRowPrefetch * warps) {
+      acc_t dot[kRowPrefetch];
+      prefetch_dots(dot, dots, r0, j0, warps, n, C, c, valid);
+#pragma unroll
+      for (int u = 0; u < kRowPrefetch; ++u) {
+        const int j = j0 + u * warps;
+        if (!valid || j >= n) break;
+        const acc_t sim = pa_ism::similarity<ISM>(dot[u], s_rows.row[j], col);
+        if (s_rows.label[j] == c) {
+          has_pos = true;
+          pa_ism::lse_add(pa_ism::logit(sim, true, p), m_pos, sum_pos);
+        } else {
+          pa_ism::lse_add(pa_ism::logit(sim, false, p), m_neg, sum_neg);
+        }
       }
     }
   }
@@ -241,6 +302,7 @@ __global__ void __launch_bounds__(1024) backward_kernel(
     scalar_t* __restrict__ grad_proxies) {
   __shared__ acc_t s_col[kMaxRowWarps][kWarp];
   __shared__ acc_t s_scale[kWarp];
+  __shared__ RowTable<acc_t> s_rows;
   const int lane = threadIdx.x, warp = threadIdx.y, warps = blockDim.y;
   const int64_t c0 = int64_t(blockIdx.x) * kWarp;
   const int64_t c = c0 + lane;
@@ -252,22 +314,31 @@ __global__ void __launch_bounds__(1024) backward_kernel(
   const acc_t lse_pos = valid ? col_stats[C + c] : acc_t(0);
   const acc_t lse_neg = valid ? col_stats[2 * C + c] : acc_t(0);
   acc_t col_term = 0;
-  // The whole warp runs every iteration (invalid lanes add zeros) for the row sums.
-  for (int64_t i = warp; i < B; i += warps) {
-    pa_ism::Grad<acc_t> e{0, 0, 0, 0};
-    if (valid) {
-      const Row<acc_t> row = pa_ism::make_row(row_stats[i], row_stats[B + i], p);
-      const bool positive = labels[i] == c;
-      e = pa_ism::element_grad<ISM>(dots[i * C + c], row, col, positive, positive ? lse_pos : lse_neg,
-                                    positive ? pos_weight : neg_weight, p);
-      coeff[i * C + c] = static_cast<scalar_t>(e.dots * coeff_scale);
-      col_term += e.p_sq;
-    }
-    const acc_t mu_term = warp_sum(e.mu_sq);
-    const acc_t u_term = warp_sum(e.u);
-    if (lane == 0) {
-      row_partials[(2 * int64_t(blockIdx.x)) * B + i] = mu_term;
-      row_partials[(2 * int64_t(blockIdx.x) + 1) * B + i] = u_term;
+  for (int64_t r0 = 0; r0 < B; r0 += row_chunk(warps)) {
+    const int n = stage_rows(s_rows, row_stats, labels, B, r0, warps, p);
+    for (int j0 = warp; j0 < n; j0 += kRowPrefetch * warps) {
+      acc_t dot[kRowPrefetch];
+      prefetch_dots(dot, dots, r0, j0, warps, n, C, c, valid);
+#pragma unroll
+      for (int u = 0; u < kRowPrefetch; ++u) {
+        const int j = j0 + u * warps;
+        if (j >= n) break;  // the same for the whole warp: every lane takes part in the row sums
+        const int64_t i = r0 + j;
+        pa_ism::Grad<acc_t> e{0, 0, 0, 0};
+        if (valid) {
+          const bool positive = s_rows.label[j] == c;
+          e = pa_ism::element_grad<ISM>(dot[u], s_rows.row[j], col, positive, positive ? lse_pos : lse_neg,
+                                        positive ? pos_weight : neg_weight, p);
+          coeff[i * C + c] = static_cast<scalar_t>(e.dots * coeff_scale);
+          col_term += e.p_sq;
+        }
+        const acc_t mu_term = warp_sum(e.mu_sq);
+        const acc_t u_term = warp_sum(e.u);
+        if (lane == 0) {
+          row_partials[(2 * int64_t(blockIdx.x)) * B + i] = mu_term;
+          row_partials[(2 * int64_t(blockIdx.x) + 1) * B + i] = u_term;
+        }
+      }
     }
   }
   s_col[warp][lane] = col_term;
