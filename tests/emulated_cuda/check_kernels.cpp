@@ -164,8 +164,8 @@ int main() {
   check_pa_ism(40, 3000, 16, at::kFloat, true, 1);  // more blocks than one wave holds
   check_pa_ism(120, 11318, 8, at::kFloat, true, 132);  // SOP's classes: more blocks than a reduction's threads
   // More rows than one staged chunk (kRowChunk): the row loop runs over several chunks.
-  for (bool ism : {true, false}) check_pa_ism(600, 70, 16, at::kFloat, ism, 132);
-  check_pa_ism(600, 70, 16, at::kDouble, true, 1);
+  for (bool ism : {true, false}) check_pa_ism(300, 70, 8, at::kFloat, ism, 132);
+  check_pa_ism(300, 70, 8, at::kDouble, true, 1);  // 21 row warps: chunks of 252
   check_pa_ism_loss_scale();
   const idml::retrieval::Backend cuda = idml::cuda_backend();  // its own tile sizes first
   for (const char* precision : {"fp32", "tf32", "bf16"})
