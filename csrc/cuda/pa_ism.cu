@@ -80,16 +80,33 @@ __device__ int stage_rows(RowTable<acc_t>& table, const acc_t* __restrict__ row_
   return n;
 }
 
-// dots[r0 + j][c] for this warp's next kRowPrefetch rows j = j0, j0 + warps, ... (0 past n
-// or for an invalid column), loaded before any of them is used.
-template <typename acc_t>
-__device__ __forceinline__ void prefetch_dots(acc_t (&out)[kRowPrefetch], const acc_t* __restrict__ dots,
-                                              int64_t r0, int j0, int warps, int n, int64_t C, int64_t c,
-                                              bool valid) {
+// Calls body(row, label, i, dot) for this warp's rows i = warp (mod warps) in increasing
+// order: row i's staged values and label (RowTable) and dot = dots[i][c] (0 for an invalid
+// column). The rows are staged a chunk at a time, and the warp loads the dots of its next
+// kRowPrefetch rows before it uses the first. The loop bounds are the same for the whole
+// warp, so every lane calls body for every row and body may sum over the warp.
+template <typename acc_t, typename Body>
+__device__ __forceinline__ void for_each_row(RowTable<acc_t>& table, const acc_t* __restrict__ row_stats,
+                                             const int64_t* __restrict__ labels,
+                                             const acc_t* __restrict__ dots, int64_t B, int64_t C, int64_t c,
+                                             bool valid, const Params<acc_t>& p, Body body) {
+  const int warp = threadIdx.y, warps = blockDim.y;
+  for (int64_t r0 = 0; r0 < B; r0 += row_chunk(warps)) {
+    const int n = stage_rows(table, row_stats, labels, B, r0, warps, p);
+    for (int j0 = warp; j0 < n; j0 += kRowPrefetch * warps) {
+      acc_t dot[kRowPrefetch];
 #pragma unroll
-  for (int u = 0; u < kRowPrefetch; ++u) {
-    const int j = j0 + u * warps;
-    out[u] = valid && j < n ? dots[(r0 + j) * C + c] : acc_t(0);
+      for (int u = 0; u < kRowPrefetch; ++u) {
+        const int j = j0 + u * warps;
+        dot[u] = valid && j < n ? dots[(r0 + j) * C + c] : acc_t(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kRowPrefetch; ++u) {
+        const int j = j0 + u * warps;
+        if (j >= n) break;
+        body(table.row[j], table.label[j], r0 + j, dot[u]);
+      }
+    }
   }
 }
 
@@ -220,25 +237,17 @@ __global__ void __launch_bounds__(1024) forward_kernel(
   const Col<acc_t> col = pa_ism::make_col(s_p_sq[lane]);
   acc_t m_neg = 0, sum_neg = 0, m_pos = 0, sum_pos = 0;
   bool has_pos = false;
-  for (int64_t r0 = 0; r0 < B; r0 += row_chunk(warps)) {
-    const int n = stage_rows(s_rows, row_stats, labels, B, r0, warps, p);
-    for (int j0 = warp; j0 < n; j0 += kRowPrefetch * warps) {
-      acc_t dot[kRowPrefetch];
-      prefetch_dots(dot, dots, r0, j0, warps, n, C, c, valid);
-#pragma unroll
-      for (int u = 0; u < kRowPrefetch; ++u) {
-        const int j = j0 + u * warps;
-        if (!valid || j >= n) break;
-        const acc_t sim = pa_ism::similarity<ISM>(dot[u], s_rows.row[j], col);
-        if (s_rows.label[j] == c) {
-          has_pos = true;
-          pa_ism::lse_add(pa_ism::logit(sim, true, p), m_pos, sum_pos);
-        } else {
-          pa_ism::lse_add(pa_ism::logit(sim, false, p), m_neg, sum_neg);
-        }
-      }
-    }
-  }
+  for_each_row(s_rows, row_stats, labels, dots, B, C, c, valid, p,
+               [&](const Row<acc_t>& row, int64_t label, int64_t, acc_t dot) {
+                 if (!valid) return;
+                 const acc_t sim = pa_ism::similarity<ISM>(dot, row, col);
+                 if (label == c) {
+                   has_pos = true;
+                   pa_ism::lse_add(pa_ism::logit(sim, true, p), m_pos, sum_pos);
+                 } else {
+                   pa_ism::lse_add(pa_ism::logit(sim, false, p), m_neg, sum_neg);
+                 }
+               });
   s_m[0][warp][lane] = m_neg;
   s_sum[0][warp][lane] = sum_neg;
   s_m[1][warp][lane] = m_pos;
@@ -314,33 +323,23 @@ __global__ void __launch_bounds__(1024) backward_kernel(
   const acc_t lse_pos = valid ? col_stats[C + c] : acc_t(0);
   const acc_t lse_neg = valid ? col_stats[2 * C + c] : acc_t(0);
   acc_t col_term = 0;
-  for (int64_t r0 = 0; r0 < B; r0 += row_chunk(warps)) {
-    const int n = stage_rows(s_rows, row_stats, labels, B, r0, warps, p);
-    for (int j0 = warp; j0 < n; j0 += kRowPrefetch * warps) {
-      acc_t dot[kRowPrefetch];
-      prefetch_dots(dot, dots, r0, j0, warps, n, C, c, valid);
-#pragma unroll
-      for (int u = 0; u < kRowPrefetch; ++u) {
-        const int j = j0 + u * warps;
-        if (j >= n) break;  // the same for the whole warp: every lane takes part in the row sums
-        const int64_t i = r0 + j;
-        pa_ism::Grad<acc_t> e{0, 0, 0, 0};
-        if (valid) {
-          const bool positive = s_rows.label[j] == c;
-          e = pa_ism::element_grad<ISM>(dot[u], s_rows.row[j], col, positive, positive ? lse_pos : lse_neg,
-                                        positive ? pos_weight : neg_weight, p);
-          coeff[i * C + c] = static_cast<scalar_t>(e.dots * coeff_scale);
-          col_term += e.p_sq;
-        }
-        const acc_t mu_term = warp_sum(e.mu_sq);
-        const acc_t u_term = warp_sum(e.u);
-        if (lane == 0) {
-          row_partials[(2 * int64_t(blockIdx.x)) * B + i] = mu_term;
-          row_partials[(2 * int64_t(blockIdx.x) + 1) * B + i] = u_term;
-        }
-      }
-    }
-  }
+  for_each_row(s_rows, row_stats, labels, dots, B, C, c, valid, p,
+               [&](const Row<acc_t>& row, int64_t label, int64_t i, acc_t dot) {
+                 pa_ism::Grad<acc_t> e{0, 0, 0, 0};  // invalid lanes add zeros to the row sums
+                 if (valid) {
+                   const bool positive = label == c;
+                   e = pa_ism::element_grad<ISM>(dot, row, col, positive, positive ? lse_pos : lse_neg,
+                                                 positive ? pos_weight : neg_weight, p);
+                   coeff[i * C + c] = static_cast<scalar_t>(e.dots * coeff_scale);
+                   col_term += e.p_sq;
+                 }
+                 const acc_t mu_term = warp_sum(e.mu_sq);
+                 const acc_t u_term = warp_sum(e.u);
+                 if (lane == 0) {
+                   row_partials[(2 * int64_t(blockIdx.x)) * B + i] = mu_term;
+                   row_partials[(2 * int64_t(blockIdx.x) + 1) * B + i] = u_term;
+                 }
+               });
   s_col[warp][lane] = col_term;
   __syncthreads();
   if (warp == 0) {
