@@ -1,3 +1,4 @@
+import os
 import shutil
 import signal
 
@@ -34,6 +35,19 @@ def module_tmp_path(tmp_path_factory, request):
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Gives every test the environment it started with. torchrun run in-process (the
+    --gpu -1 relaunch) sets OMP_NUM_THREADS=1 in this process's environment; every later
+    subprocess then ran on one thread, summed floats in another order and (on an Intel
+    AVX-512 CPU) moved a near-tie: evaluate.py's MAP@R came out 1e-6 off the training's."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)
