@@ -74,7 +74,7 @@ def extension():
     debug = os.environ.get("IDML_DEBUG") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-fopenmp"] + LIMITED_API_FLAGS
-    sources = [os.path.join("csrc", name) for name in ("module.cpp", "idml.cpp", "autograd.cpp")]
+    sources = [os.path.join("csrc", name) for name in ("module.cpp", "idml.cpp", "autograd.cpp", "kmeans.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     kwargs = dict(
         name="idml._C",

@@ -37,9 +37,9 @@ def size_of(name, bench_scale):
 
 @pytest.fixture
 def compiled_op(device):
-    assert ops.has_kernel("retrieval_ranks", device), (
-        f"idml._C has no retrieval_ranks kernel for {device}: build the extension "
-        f"({ops.EXTENSION_ERROR})")
+    for op in ("retrieval_ranks", "kmeans_plus_plus_draws"):
+        assert ops.has_kernel(op, device), (
+            f"idml._C has no {op} kernel for {device}: build the extension ({ops.EXTENSION_ERROR})")
 
 
 def torch_topk(x, labels, k, block=2048):

@@ -1,7 +1,8 @@
 // Schemas of the idml operators. Kernels live in cpu/*.cpp and cuda/*.cu and register
-// themselves per backend (TORCH_LIBRARY_IMPL); the loss's autograd is autograd.cpp; fake
-// kernels are registered from Python in idml/ops.py. The loss's forward and backward are
-// also operators of their own, so both can be called from TorchScript and from C++.
+// themselves per backend (TORCH_LIBRARY_IMPL); kmeans.cpp, made of ATen operations, serves
+// every backend; the loss's autograd is autograd.cpp; fake kernels are registered from
+// Python in idml/ops.py. The loss's forward and backward are also operators of their own,
+// so both can be called from TorchScript and from C++.
 // (The Python module that loads them is csrc/module.cpp: these files build without Python.)
 #include <torch/library.h>
 
@@ -36,4 +37,13 @@ TORCH_LIBRARY(idml, m) {
   m.def(
       "retrieval_ranks(Tensor queries, Tensor query_labels, Tensor? references, "
       "Tensor? reference_labels, int max_r, int max_k, str precision) -> (Tensor, Tensor)");
+
+  // --- k-means++ seeding (k-means for NMI and F1, IDML_METHOD.md section 5) ---
+  // Draws centroids start..stop-1 in place (kmeans.cpp; idml/reference.py has the same
+  // loop): draw c is the row where uniforms[c] * sum(closest) falls in the running sum of
+  // closest (float64 squared distances to the nearest centroid so far), then closest takes
+  // the distances to it into account. sq_norms = |x_i|^2; draw 0 is the caller's.
+  m.def(
+      "kmeans_plus_plus_draws(Tensor x, Tensor sq_norms, Tensor uniforms, Tensor(a!) closest, "
+      "Tensor(b!) centroids, int start, int stop) -> ()");
 }

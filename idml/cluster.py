@@ -8,6 +8,8 @@ Empty clusters keep their centroid.
 import torch
 from tqdm import tqdm
 
+from idml import ops, reference
+
 # Most point-centroid distances held at once: 64 MiB of float32 on a CPU, 256 MiB on a GPU,
 # where fewer, larger GEMMs leave less of a partly filled last wave of tiles.
 CPU_BLOCK_ELEMENTS = 1 << 24
@@ -16,6 +18,9 @@ GPU_BLOCK_ELEMENTS = 1 << 26
 GEMM_TILE_ROWS = 128
 # Width of the augmented rows: a multiple of 8 floats keeps every row's GEMM loads aligned.
 GEMM_ALIGNMENT = 8
+# k-means++ draws per operator call: the progress bar's step (about a second on a CPU at
+# SOP size, a few ms on a GPU).
+DRAWS_PER_CALL = 256
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -36,29 +41,24 @@ def _row_blocks(n: int, k: int, budget: int):
 def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0, progress: bool = False) -> torch.Tensor:
     """k initial centroids [k, d] by k-means++ (D^2 sampling), seeded and deterministic.
 
-    Each draw is u * sum(D^2) located in the running cumulative sum (float64), so the
-    loop never synchronises with the device. `progress`: a progress bar once a second has
-    passed (the k draws take minutes on a CPU at SOP size).
+    The first centroid is a uniformly drawn row; each later one is u * sum(D^2) located in
+    the running cumulative sum of D^2 (float64), so the draws never synchronise with the
+    device (ops.kmeans_plus_plus_draws, a C++ loop). `progress`: a progress bar once a
+    second has passed (the k draws take a minute on a CPU at SOP size).
     """
     n = x.shape[0]
     generator = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(k, generator=generator, dtype=torch.float64).to(x.device)
     first = torch.randint(n, (1,), generator=generator).to(x.device)
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    torch.index_select(x, 0, first, out=centroids[:1])
     sq_norms = (x * x).sum(dim=1)
-
-    def squared_distances(c: int, index: torch.Tensor) -> torch.Tensor:
-        """Makes row `index` centroid c; |x - x_i|^2 = |x|^2 + |x_i|^2 - 2 x.x_i (one addmv:
-        the loop runs k times, so every kernel launch saved counts on a GPU)."""
-        centroid = x.index_select(0, index)
-        centroids[c:c + 1] = centroid
-        return torch.addmv(sq_norms + sq_norms.index_select(0, index), x, centroid[0], alpha=-2.0).clamp_min_(0.0)
-
-    closest = squared_distances(0, first).double()
-    for c in tqdm(range(1, k), desc="k-means++ seeding", leave=False, delay=1, disable=not progress):
-        cumulative = closest.cumsum(0)
-        index = torch.searchsorted(cumulative, uniforms[c:c + 1] * cumulative[-1:], right=True).clamp_max_(n - 1)
-        torch.minimum(closest, squared_distances(c, index), out=closest)
+    closest = reference.squared_distances_to_row(x, sq_norms, first, centroids[0]).double()
+    with tqdm(total=k, initial=1, desc="k-means++ seeding", leave=False, delay=1, disable=not progress) as bar:
+        for start in range(1, k, DRAWS_PER_CALL):
+            stop = min(k, start + DRAWS_PER_CALL)
+            ops.kmeans_plus_plus_draws(x, sq_norms, uniforms, closest, centroids, start, stop)
+            bar.update(stop - start)
     return centroids
 
 

@@ -30,20 +30,22 @@ def has_kernel(op_name: str, device: torch.device) -> bool:
     if EXTENSION_ERROR is not None or not hasattr(torch.ops.idml, op_name):
         return False
     dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return dispatch_key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    # "computed": also a kernel registered for all backends at once (CompositeExplicitAutograd).
+    return dispatch_key is not None and torch._C._dispatch_has_computed_kernel_for_dispatch_key(
         f"idml::{op_name}", dispatch_key
     )
 
 
-# --- introspective Proxy Anchor loss -------------------------------------------------
-
 # Looked up once, so that the functions below stay traceable by torch.compile (fullgraph).
 _KERNELS = {(op, dev): has_kernel(op, torch.device(dev))
-            for op in ("pa_ism_forward", "retrieval_ranks") for dev in ("cpu", "cuda")}
+            for op in ("pa_ism_forward", "retrieval_ranks", "kmeans_plus_plus_draws") for dev in ("cpu", "cuda")}
 
 
 def _kernel_for(op_name: str, tensor: torch.Tensor) -> bool:
     return _KERNELS.get((op_name, tensor.device.type), False)
+
+
+# --- introspective Proxy Anchor loss -------------------------------------------------
 
 
 def pa_ism_loss(
@@ -211,3 +213,16 @@ def retrieval_metrics(
     """
     ranks, num_relevant = retrieval_ranks(emb, labels, max_r, precision, reference, reference_labels, max(ks))
     return metrics_from_ranks(ranks, num_relevant, ks)
+
+
+# --- k-means++ seeding ------------------------------------------------------------------
+
+
+def kmeans_plus_plus_draws(x: torch.Tensor, sq_norms: torch.Tensor, uniforms: torch.Tensor,
+                           closest: torch.Tensor, centroids: torch.Tensor, start: int, stop: int) -> None:
+    """Draws k-means++ centroids start..stop-1 into `centroids` and updates `closest`, in
+    place (reference.kmeans_plus_plus_draws; the operator runs the same loop from C++)."""
+    if _kernel_for("kmeans_plus_plus_draws", x):
+        torch.ops.idml.kmeans_plus_plus_draws.default(x, sq_norms, uniforms, closest, centroids, start, stop)
+    else:
+        reference.kmeans_plus_plus_draws(x, sq_norms, uniforms, closest, centroids, start, stop)

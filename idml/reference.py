@@ -134,3 +134,28 @@ def retrieval_ranks(
         above = num_relevant.clamp_min(max_k).unsqueeze(1) + 1
         ranks = torch.where(ranks > above, above, ranks)
     return ranks, num_relevant
+
+
+# --- k-means++ seeding (IDML_METHOD.md section 5: k-means for NMI and F1) -------------------
+
+
+def squared_distances_to_row(x: torch.Tensor, sq_norms: torch.Tensor, index: torch.Tensor,
+                             row: torch.Tensor) -> torch.Tensor:
+    """|x - x_i|^2 = |x|^2 + |x_i|^2 - 2 x.x_i for every row of x, clamped at 0; i = index
+    (one element), row = x_i as stored among the centroids (the C++ operator multiplies by
+    that copy, and a product's rounding may depend on where its vector lies), sq_norms = |x|^2."""
+    return torch.addmv(sq_norms + sq_norms.index_select(0, index), x, row, alpha=-2.0).clamp_min_(0.0)
+
+
+def kmeans_plus_plus_draws(x: torch.Tensor, sq_norms: torch.Tensor, uniforms: torch.Tensor,
+                           closest: torch.Tensor, centroids: torch.Tensor, start: int, stop: int) -> None:
+    """Draws centroids start..stop-1 of k-means++ (D^2 sampling), in place: draw c is the
+    row where uniforms[c] * sum(closest) falls in the running sum of `closest` (float64, the
+    squared distance of every row to its nearest centroid so far), which then takes the
+    distances to the new centroid into account. No host synchronisation."""
+    n = x.shape[0]
+    for c in range(start, stop):
+        cumulative = closest.cumsum(0)
+        index = torch.searchsorted(cumulative, uniforms[c:c + 1] * cumulative[-1:], right=True).clamp_max_(n - 1)
+        torch.index_select(x, 0, index, out=centroids[c:c + 1])
+        torch.minimum(closest, squared_distances_to_row(x, sq_norms, index, centroids[c]), out=closest)

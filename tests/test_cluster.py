@@ -1,11 +1,11 @@
 """idml.cluster: k-means, NMI (vs scikit-learn) and pairwise F1 (vs a brute-force count)."""
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
-from idml import cluster
-
+from idml import cluster, ops, reference
 
 
 def brute_force_f1(labels, clusters):
@@ -164,6 +164,97 @@ def test_centroid_update_is_the_float64_mean_and_keeps_empty_clusters(device):
         members = x[ids == c].double()
         expected = members.mean(dim=0).float() if len(members) else centroids[c]
         torch.testing.assert_close(got[c], expected, rtol=1e-6, atol=1e-7)
+
+
+def seeding_inputs(n, k, dim, dtype, device, seed=0):
+    """(x, sq_norms, uniforms, closest, centroids) after draw 0 (row 0), as kmeans_plus_plus
+    prepares them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=dtype).to(device)
+    uniforms = torch.rand(k, generator=g, dtype=torch.float64).to(device)
+    sq_norms = (x * x).sum(dim=1)
+    centroids = torch.empty(k, dim, dtype=dtype, device=device)
+    centroids[:1] = x[:1]
+    closest = reference.squared_distances_to_row(x, sq_norms, torch.zeros(1, dtype=torch.long, device=device),
+                                                 centroids[0])
+    return x, sq_norms, uniforms, closest.double(), centroids
+
+
+def draw_all(draws, inputs, splits):
+    """Runs `draws` over draws 1..k-1 in calls that end at each of `splits`; (centroids, closest)."""
+    x, sq_norms, uniforms, closest, centroids = (t.clone() for t in inputs)
+    start = 1
+    for stop in splits:
+        draws(x, sq_norms, uniforms, closest, centroids, start, stop)
+        start = stop
+    return centroids, closest
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_seeding_operator_draws_what_the_reference_draws(device, dtype):
+    """The C++ loop runs the reference's operations in the same order: the same centroids and
+    distances, bit for bit, however the draws are split into calls."""
+    assert ops.has_kernel("kmeans_plus_plus_draws", torch.device(device)), ops.EXTENSION_ERROR
+    k = 90
+    inputs = seeding_inputs(700, k, 13, dtype, device)  # 13: rows of the centroids at every alignment
+    expected = draw_all(reference.kmeans_plus_plus_draws, inputs, [k])
+    for splits in ([k], [2, 40, 41, k], [k - 1, k]):
+        got = draw_all(torch.ops.idml.kmeans_plus_plus_draws, inputs, splits)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), splits
+
+
+def test_seeding_draws_rows_by_their_squared_distance_share():
+    """Each draw is the row where u * sum(D^2) falls in the running sum of D^2, D = distance
+    to the nearest centroid so far: checked against numpy in float64, draw by draw."""
+    k = 60
+    x, sq_norms, uniforms, closest, centroids = seeding_inputs(400, k, 5, torch.float64, "cpu", seed=4)
+    ops.kmeans_plus_plus_draws(x, sq_norms, uniforms, closest, centroids, 1, k)
+    points, u = x.numpy(), uniforms.numpy()
+    nearest = ((points - points[0]) ** 2).sum(axis=1)
+    for c in range(1, k):
+        cumulative = np.cumsum(nearest)
+        row = min(int(np.searchsorted(cumulative, u[c] * cumulative[-1], side="right")), len(points) - 1)
+        np.testing.assert_array_equal(centroids[c].numpy(), points[row], err_msg=f"draw {c}")
+        nearest = np.minimum(nearest, ((points - points[row]) ** 2).sum(axis=1))
+    np.testing.assert_allclose(closest.numpy(), nearest, rtol=1e-9, atol=1e-9)
+
+
+def test_seeding_operator_rejects_draws_out_of_range():
+    inputs = seeding_inputs(50, 10, 4, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"draws \[0, 5\) must lie within \[1, 10\]"):
+        torch.ops.idml.kmeans_plus_plus_draws(*inputs, 0, 5)
+    x, sq_norms, uniforms, closest, centroids = inputs
+    with pytest.raises(RuntimeError, match="closest must be a contiguous float64 vector"):
+        torch.ops.idml.kmeans_plus_plus_draws(x, sq_norms, uniforms, closest.float(), centroids, 1, 5)
+
+
+class RecordingBar:
+    """A stand-in for tqdm that keeps its count."""
+    last = None
+
+    def __init__(self, total, initial=0, **kwargs):
+        self.total, self.n = total, initial
+        RecordingBar.last = self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, steps):
+        self.n += steps
+
+
+def test_seeding_shows_progress_in_steps_of_the_operator_calls(monkeypatch, capsys):
+    """k = 600: three operator calls (256 draws each, the last 87); the bar counts all 600."""
+    calls = []
+    monkeypatch.setattr(ops, "kmeans_plus_plus_draws", lambda *args: calls.append(args[-2:]))
+    monkeypatch.setattr(cluster, "tqdm", RecordingBar)
+    cluster.kmeans_plus_plus(torch.randn(700, 4), 600, progress=True)
+    assert calls == [(1, 257), (257, 513), (513, 600)]
+    assert RecordingBar.last.n == 600 and RecordingBar.last.total == 600
 
 
 def test_kmeans_rejects_bad_k():
