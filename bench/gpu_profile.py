@@ -26,7 +26,7 @@ from bench_metrics import embeddings, size_of, twenty_lloyd_iterations  # noqa: 
 from bench_train_step import SIZES as STEP_SIZES, Step  # noqa: E402
 from timing import synchronize  # noqa: E402
 
-from idml import ops  # noqa: E402
+from idml import cluster, ops  # noqa: E402
 
 LOSS_SHAPES = {"small": (120, 100), "full": (120, 11318)}
 
@@ -62,6 +62,10 @@ def metrics_cases(scale, device):
 def kmeans_cases(scale, device):
     x, start, run = twenty_lloyd_iterations(scale, device)
     yield f"k-means 20 iterations n={x.shape[0]} k={start.shape[0]}", run
+    # The first 512 of k-means++'s k sequential draws: each one's host and device time (the
+    # H100's first run: 200 us per draw at SOP size, from Python).
+    draws = min(512, x.shape[0])
+    yield f"k-means++ {draws} draws n={x.shape[0]}", lambda: cluster.kmeans_plus_plus(x, draws)
 
 
 def step_cases(scale, device):
