@@ -41,16 +41,20 @@ void kmeans_plus_plus_draws(const at::Tensor& x, const at::Tensor& sq_norms, con
                             at::Tensor closest, at::Tensor centroids, int64_t start, int64_t stop) {
   check_inputs(x, sq_norms, uniforms, closest, centroids, start, stop);
   const int64_t n = x.size(0);
-  at::Tensor cumulative = at::empty_like(closest);
+  // Every intermediate allocated once: the loop's host time per draw is what this operator
+  // is for, and each allocation is a call into the caching allocator.
+  at::Tensor cumulative = at::empty_like(closest), target = at::empty({1}, closest.options());
   at::Tensor index = at::empty({1}, x.options().dtype(at::kLong));
+  at::Tensor centroid_sq = at::empty({1}, sq_norms.options()), distances = at::empty_like(sq_norms);
   for (int64_t c = start; c < stop; ++c) {
     at::cumsum_out(cumulative, closest, 0);
-    at::searchsorted_out(index, cumulative, uniforms.narrow(0, c, 1) * cumulative.narrow(0, n - 1, 1),
-                         /*out_int32=*/false, /*right=*/true);
+    at::mul_out(target, uniforms.narrow(0, c, 1), cumulative.narrow(0, n - 1, 1));
+    at::searchsorted_out(index, cumulative, target, /*out_int32=*/false, /*right=*/true);
     index.clamp_max_(n - 1);
     at::Tensor centroid = centroids.narrow(0, c, 1);
     at::index_select_out(centroid, x, 0, index);
-    at::Tensor distances = at::addmv(sq_norms + sq_norms.index_select(0, index), x, centroid[0], 1, -2);
+    at::index_select_out(centroid_sq, sq_norms, 0, index);
+    at::add_out(distances, sq_norms, centroid_sq).addmv_(x, centroid[0], 1, -2);
     at::minimum_out(closest, closest, distances.clamp_min_(0));
   }
 }

@@ -24,7 +24,8 @@ def test_profile_prints_a_row_per_case_and_writes_the_tables(tmp_path):
     assert names == ["loss fwd+bwd B=120 C=100 float32", "its forward op alone float32",
                      "its backward op alone float32", "its three matmuls float32",
                      "metrics cub n=1500 fp32", "metrics sop n=4000 fp32", "k-means 20 iterations n=4000 k=748",
-                     "k-means++ 512 draws n=4000", "training step idml resnet18", "training step published resnet18"], result.stdout
+                     "k-means++ 512 draws n=4000", "training step idml resnet18",
+                     "training step published resnet18"], result.stdout
     for cells in rows[1:]:
         assert float(cells[1]) > 0 and float(cells[2]) > 0  # wall and host ms
         assert cells[3:6] == [" 0.000 ", " - ", " 0 "]  # no device: busy 0, idle and operations empty
