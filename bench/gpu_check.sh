@@ -6,6 +6,8 @@
 # Budget: at most about 6 minutes (IDML_CHECK_SECONDS, below, plus 15 s for a step killed
 # at the deadline); give the device tool's run a timeout_s of about 420. Full logs land in
 # $OUT (default /tmp/idml_gpu_check). Usage: bash bench/gpu_check.sh
+# Before spending device time on a change to csrc/, bench/device_torch_check.sh builds and
+# tests it here under that machine's torch, without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The extension is built in place, not installed: torchrun runs scripts/train.py as a file,
