@@ -139,10 +139,13 @@ class IDMLNet(nn.Module):
         num_features = backbone.fc.in_features
         backbone.fc = nn.Identity()
         self.backbone = backbone
+        # The published order of random draws, so that a seed gives the published initial model:
+        # both heads are created (PyTorch's default init of each), then the semantic weight is
+        # drawn again, Kaiming-normal (fan_out). The uncertainty head keeps its default init.
         self.semantic = nn.Linear(num_features, embedding_size)
+        self.uncertainty_head = nn.Linear(num_features, embedding_size)
         nn.init.kaiming_normal_(self.semantic.weight, mode="fan_out")
         nn.init.zeros_(self.semantic.bias)
-        self.uncertainty_head = nn.Linear(num_features, embedding_size)  # PyTorch's default init
         self.arch, self.embedding_size = arch, embedding_size
         self.l2_norm, self.uncertainty, self.bn_freeze = l2_norm, uncertainty, bn_freeze
         self.fold_batch_norm = fold_batch_norm

@@ -8,6 +8,7 @@ import torchvision
 
 from idml import reference
 from idml.errors import UsageError
+from idml.losses import ProxyAnchorISM
 from idml.models import IDMLNet, _conv2d, load_backbone
 
 
@@ -134,6 +135,33 @@ def test_semantic_head_init_is_kaiming_fan_out_with_zero_bias():
     assert torch.count_nonzero(net.semantic.bias) == 0
     # kaiming normal, fan_out = 256 outputs: std sqrt(2 / 256)
     assert abs(net.semantic.weight.std().item() - (2 / 256) ** 0.5) < 0.005
+
+
+def published_initial_model(seed: int, arch: str, embedding_size: int):
+    """The published code's initialisation order (its ResNet classes, the one with the uncertainty
+    head): seed, torchvision's ResNet, the semantic Linear, the uncertainty Linear, then Kaiming-normal
+    (fan_out) on the semantic weight and a zero bias; the proxies come after (randn, then Kaiming)."""
+    torch.manual_seed(seed)
+    backbone = getattr(torchvision.models, arch)()
+    semantic = torch.nn.Linear(backbone.fc.in_features, embedding_size)
+    uncertainty = torch.nn.Linear(backbone.fc.in_features, embedding_size)
+    torch.nn.init.kaiming_normal_(semantic.weight, mode="fan_out")
+    torch.nn.init.constant_(semantic.bias, 0)
+    proxies = torch.randn(7, embedding_size)
+    torch.nn.init.kaiming_normal_(proxies, mode="fan_out")
+    return backbone, semantic, uncertainty, proxies
+
+
+def test_a_seed_gives_the_published_initial_model_heads_included():
+    backbone, semantic, uncertainty, proxies = published_initial_model(5, "resnet18", 16)
+    torch.manual_seed(5)
+    net = small_net(bn_freeze=True)
+    criterion = ProxyAnchorISM(7, 16)
+    for name, value in net.backbone.state_dict().items():
+        assert torch.equal(value, backbone.state_dict()[name]), name
+    for mine, published in [(net.semantic, semantic), (net.uncertainty_head, uncertainty)]:
+        assert torch.equal(mine.weight, published.weight) and torch.equal(mine.bias, published.bias)
+    assert torch.equal(criterion.proxies, proxies)
 
 
 def uncertainty_gradient(mode: str) -> float:
