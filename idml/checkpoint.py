@@ -6,7 +6,11 @@ loads safely and without idml's classes. checkpoint_last.pt, the state a run res
   epoch (epochs completed), best ({"epoch", "metrics"}), rng, wandb_run_id.
 <dataset>_<model>_best.pth, the best epoch's weights: format, version, args, model,
   criterion, epoch, metrics.
+Both carry "sha256", a digest of everything else (checked on load: a damaged file is refused,
+where torch.load would read flipped bits silently; files without one still load), and are
+written only from finite weights.
 """
+import hashlib
 import io
 import os
 import random
@@ -15,21 +19,69 @@ import warnings
 import numpy as np
 import torch
 
-from idml.errors import UsageError, torch_load_failure
+from idml.errors import TrainingDiverged, UsageError, torch_load_failure
 from idml.files import atomic_write
 
 FORMAT = "idml-checkpoint"
 VERSION = 1
+WEIGHTS = ("model", "criterion")  # the parts that must be finite to be written
+
+
+def digest(state) -> str:
+    """sha256 of a checkpoint's contents in a fixed order: each tensor's dtype, shape and
+    bytes, each plain value's repr, dict entries sorted by key."""
+    sha = hashlib.sha256()
+
+    def feed(value):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            sha.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+            sha.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            sha.update(f"D{len(value)}".encode())
+            for key in sorted(value, key=repr):
+                sha.update(repr(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            sha.update(f"{type(value).__name__[0]}{len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            sha.update(repr(value).encode())
+
+    feed(state)
+    return sha.hexdigest()
+
+
+def non_finite_weights(state: dict) -> list:
+    """Names of the floating-point weight tensors of `state` holding NaN or infinite values
+    (the model's as named in its state_dict, the others prefixed with their part)."""
+    return [name if part == "model" else f"{part}.{name}"
+            for part in WEIGHTS for name, tensor in state.get(part, {}).items()
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
 
 
 def save_checkpoint(path: str, state: dict) -> None:
+    """Writes `state` atomically; TrainingDiverged when its weights are not finite (such a
+    file could only be resumed into NaNs), UsageError when the disk refuses it (the previous
+    file stays intact)."""
+    broken = non_finite_weights(state)
+    if broken:
+        raise TrainingDiverged(f"{len(broken)} weight tensors hold NaN or infinite values (e.g. {broken[0]}), so "
+                               f"{path} was not written")
+    state = {"format": FORMAT, "version": VERSION, **state}
     buffer = io.BytesIO()  # serialise fully before touching the disk
-    torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    torch.save({**state, "sha256": digest(state)}, buffer)
+    try:
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    except OSError as error:
+        raise UsageError(f"cannot write {path} ({error.strerror or error}); the previous file there is intact: "
+                         f"free some space and resume from it") from None
 
 
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint at `path`; UsageError when it is missing or not an idml checkpoint."""
+def load_checkpoint(path: str, required=()) -> dict:
+    """The checkpoint at `path`; UsageError when it is missing, damaged, not an idml
+    checkpoint, or lacks one of the keys `required`."""
     if os.path.isdir(path):
         raise UsageError(f"{path} is a folder; expected a checkpoint file (a run folder holds checkpoint_last.pt)")
     try:
@@ -43,7 +95,20 @@ def load_checkpoint(path: str) -> dict:
             from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not an idml checkpoint (expected a file written by scripts/train.py)")
+    saved = state.pop("sha256", None)
+    if saved is not None and saved != digest(state):
+        raise UsageError(f"{path} is damaged: its checksum does not match its contents (a disk or copy error); "
+                         f"use another checkpoint")
+    require(state, path, required)
     return state
+
+
+def require(state: dict, path: str, keys) -> None:
+    """UsageError, in one sentence, when the checkpoint `state` read from `path` lacks one of `keys`."""
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise UsageError(f"{path} lacks {', '.join(repr(key) for key in missing)}, which every checkpoint written by "
+                         f"scripts/train.py holds: it is incomplete or was written by another program")
 
 
 def model_from_checkpoint(path: str):
@@ -53,7 +118,7 @@ def model_from_checkpoint(path: str):
 
     from idml.runtime import build_model
 
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, required=("args", "model"))
     args = checkpoint["args"]
     model = build_model(Namespace(**args), pretrained="none")
     try:
@@ -61,8 +126,7 @@ def model_from_checkpoint(path: str):
     except RuntimeError as error:
         raise UsageError(f"{path}: the weights do not fit a {args['model']} with embedding size "
                          f"{args['embedding_size']} ({str(error).splitlines()[0]})") from None
-    broken = [name for name, tensor in checkpoint["model"].items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    broken = non_finite_weights({"model": checkpoint["model"]})
     if broken:
         raise UsageError(f"{path}: {len(broken)} weight tensors hold NaN or infinite values (e.g. {broken[0]}): "
                          f"the run diverged before this checkpoint; use an earlier one")

@@ -2,7 +2,11 @@
 their flags and what they print (the library modules return what they compute).
 
 Every flag of the published commands is accepted verbatim (`--gpu -1` included). Bad
-arguments or data end with one sentence on stderr and exit code 2, never a traceback.
+arguments or data end with one sentence on stderr and exit code 2, never a traceback; a
+diverged training run ends with one sentence and exit code 3.
+
+This module and its imports stay free of torch until a command runs, so that --help answers
+at once: the choices below are the library's (tests/test_cli.py checks that they agree).
 """
 import argparse
 import json
@@ -11,7 +15,16 @@ import os
 import signal
 import sys
 
-from idml.errors import UsageError
+from idml.errors import Interrupted, TrainingDiverged, UsageError
+
+# idml.data.DATASETS, idml.models.ARCHITECTURES and UNCERTAINTY_MODES, idml.losses.LOSSES,
+# idml.precision.AMP_CHOICES: those modules import torch.
+DATASETS = ("digits", "cub", "cars", "SOP", "custom")
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
+UNCERTAINTY_MODES = ("normalized", "relu", "softplus")
+LOSSES = ("Proxy_Anchor", "Proxy_NCA", "MS", "Contrastive", "Triplet", "NPair")
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+DIVERGED = 3  # exit code of a run whose loss or weights stopped being finite
 
 DATASET_NAMES = {"cub": "cub", "cars": "cars", "sop": "SOP", "digits": "digits", "custom": "custom"}
 
@@ -52,10 +65,6 @@ def _folder_name(value: str) -> str:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from idml.data import DATASETS
-    from idml.models import ARCHITECTURES, UNCERTAINTY_MODES
-    from idml.precision import AMP_CHOICES
-
     parser.add_argument("--dataset", type=_dataset, default="digits", metavar="{" + ",".join(DATASETS) + "}",
                         help="data set (default: digits, embedded; cub, cars, SOP and custom read --data-root)")
     parser.add_argument("--data-root", default="./data",
@@ -94,8 +103,6 @@ def _add_loader_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    from idml.losses import LOSSES
-
     parser = argparse.ArgumentParser(
         prog="scripts/train.py",
         description="Train Introspective Deep Metric Learning (ProxyAnchor + IDML) and evaluate on unseen classes.")
@@ -122,14 +129,21 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", default="imagenet",
                         help="backbone weights: imagenet (default), none, or a torchvision state-dict file")
     _add_loader_argument(parser)
-    parser.add_argument("--resume", default=None, help="continue from this checkpoint_last.pt")
+    parser.add_argument("--resume", default=None,
+                        help="continue from this checkpoint_last.pt; --lr, --weight-decay, --lr-decay-step, "
+                             "--lr-decay-gamma and --optimizer apply from there on when they differ")
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
-                        help="auto: online with credentials, else offline (default)")
+                        help="auto: online with credentials and a reachable server, else offline (default); "
+                             "WANDB_MODE, when stricter, wins")
     parser.add_argument("--max-steps", type=_positive(int), default=None, help="cap steps per epoch (smoke runs)")
     parser.add_argument("--max-bad-images", type=_non_negative(int), default=10,
                         help="unreadable images to skip (with a warning) before stopping (default 10)")
     parser.add_argument("--checkpoint-every", type=_positive(int), default=None,
                         help="also write checkpoint_last.pt every N steps (default: at the end of every epoch)")
+    parser.add_argument("--max-loss-jump", type=_positive(float), default=None, metavar="F",
+                        help="skip the update of a step whose loss exceeds F times the running mean of recent "
+                             "finite losses (default: off); steps with a non-finite loss or gradient are always "
+                             "skipped, and 10 in a row stop the run")
     parser.add_argument("--compile", type=int, choices=(0, 1), default=0,
                         help="1: torch.compile the model and the loss (slow first steps, faster after)")
     parser.add_argument("--eval-clustering", type=int, choices=(0, 1), default=1,
@@ -139,8 +153,6 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    from idml.precision import AMP_CHOICES
-
     parser = argparse.ArgumentParser(prog="scripts/evaluate.py",
                                      description="Evaluate a trained checkpoint on the unseen test classes.")
     parser.add_argument("--dataset", type=_dataset, default=None, help="default: the checkpoint's")
@@ -156,6 +168,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument("--plots", metavar="DIR", default=None,
                         help="also write recall_at_k.png and query_grid.png (queries and their neighbours) to DIR")
+    parser.add_argument("--published-protocol", action="store_true",
+                        help="also R@K, RP and MAP@R as the published code computes them: neighbour lists as long "
+                             "as the largest class, so its R@K for larger K is R@(that length)")
     _add_kmeans_runs_argument(parser)
     return parser
 
@@ -164,11 +179,10 @@ PEER_STOPPED = ("Connection closed by peer", "Connection reset by peer")  # gloo
 
 
 def run_guarded(main, argv=None) -> int:
-    """Run main(argv); a UsageError becomes one line on stderr and exit code 2. Under
-    torchrun each process says its own error (naming itself unless it is rank 0), and a
-    process whose collective failed because another one stopped says only that."""
-    from idml.train import Interrupted
-
+    """Run main(argv); a UsageError becomes one line on stderr and exit code 2, a diverged
+    run one line and exit code 3. Under torchrun each process says its own error (naming
+    itself unless it is rank 0), and a process whose collective failed because another one
+    stopped says only that."""
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     prefix = "error" if rank == "0" else f"error (process {rank} of {world})"
     try:
@@ -176,6 +190,10 @@ def run_guarded(main, argv=None) -> int:
     except UsageError as error:
         _say(f"{prefix}: {error}")
         return 2
+    except TrainingDiverged as error:
+        if rank == "0":  # every rank stops at the same step, on the same loss
+            _say(f"error: {error}")
+        return DIVERGED
     except Interrupted as stop:
         if rank == "0":  # every rank stops at the same step
             _say(str(stop))
@@ -198,10 +216,10 @@ def _say(line: str) -> None:
 
 
 def train_main(argv=None) -> None:
+    args = train_parser().parse_args(argv)  # before torch is imported: --help and bad flags answer at once
     from idml.distributed import relaunch_command
     from idml.train import train
 
-    args = train_parser().parse_args(argv)
     # --gpu -1 with several GPUs: start the DDP run itself, one process per GPU, as
     # `torchrun --standalone --nproc_per_node=<GPUs> scripts/train.py ...` would.
     command = relaunch_command([sys.argv[0], *(sys.argv[1:] if argv is None else argv)], args.gpu, args.device)
@@ -219,16 +237,25 @@ def train_main(argv=None) -> None:
 
 
 def evaluate_main(argv=None) -> None:
+    args = evaluate_parser().parse_args(argv)
     from idml.evaluate import evaluate_checkpoint
 
-    args = evaluate_parser().parse_args(argv)
     metrics, plots = evaluate_checkpoint(args)
     for path in plots:
         print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(metrics))
-    else:
-        for name, value in metrics.items():
+        return
+    sections = [(None, metrics)]
+    if args.published_protocol:
+        from idml.published_protocol import heading
+
+        sections = [("project's metrics", metrics["project"]),
+                    (heading(metrics["published_list_length"]), metrics["published_protocol"])]
+    for title, values in sections:
+        if title:
+            print(f"{title}:")
+        for name, value in values.items():
             print(f"{name:6s} {value * 100:6.2f}")
 
 
@@ -263,9 +290,9 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv=None) -> None:
+    args = export_parser().parse_args(argv)
     from idml.export import export_checkpoint
 
-    args = export_parser().parse_args(argv)
     summary = export_checkpoint(args.resume, args.out)
     print(f"wrote {summary['out']}: uint8 (N, 3, H, W) -> embedding N x {summary['embedding_size']} "
           f"+ uncertainty N (input {summary['input_size']} px, uncertainty {summary['uncertainty']})")

@@ -25,6 +25,7 @@ global batch; each rank loads its contiguous slice, idml/data/samplers.py):
     agree; `average_gradients` all-reduces them anyway so replicas can never drift.
 """
 import contextlib
+import inspect
 import os
 from typing import Iterable, Tuple
 
@@ -34,6 +35,8 @@ import torch.distributed as dist
 # torch >= 2.14 renames the tensor collectives (the old names warn that they are deprecated)
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_DDP_HAS_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(
+    torch.nn.parallel.DistributedDataParallel).parameters
 
 
 def is_distributed() -> bool:
@@ -195,9 +198,13 @@ def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: 
     synchronised BatchNorm statistics are equal on every rank."""
     if not is_distributed():
         return module
+    # torch >= 2.14 names the option forward_sync_buffers and warns (in every process) when
+    # broadcast_buffers is passed; its init-time sync of the buffers is harmless here, as they
+    # are equal on every rank when DDP is (re)built.
+    sync = "forward_sync_buffers" if _DDP_HAS_FORWARD_SYNC else "broadcast_buffers"
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=find_unused_parameters, broadcast_buffers=buffers_differ)
+        find_unused_parameters=find_unused_parameters, **{sync: buffers_differ})
 
 
 def relaunch_command(argv, gpu: int, device: str, env=os.environ, gpu_count: int = None):

@@ -1,19 +1,30 @@
-"""The one exception type for bad input (arguments, data, checkpoints), and the words for
-a file that torch.load refuses.
+"""The exception types the command lines turn into one sentence and an exit code, and the
+words for a file that torch.load refuses. Torch-free, so that --help stays fast.
 
-The command line catches it, prints its message (one sentence saying what was expected
-where) and exits with code 2; library users can catch it as a ValueError.
+UsageError (bad input: arguments, data, checkpoints): exit code 2; library users can catch
+it as a ValueError. TrainingDiverged: exit code 3. Interrupted: 128 + the signal's number.
 """
 import os
 import pickle
+import signal
 
 
 class UsageError(ValueError):
     pass
 
 
-class TrainingDiverged(UsageError):
-    """The loss stopped being finite; reported like bad input (one sentence, exit code 2)."""
+class TrainingDiverged(Exception):
+    """The loss or the weights stopped being finite: one sentence naming a checkpoint that is
+    still good (exit code 3, apart from bad input's 2)."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after a step; checkpoint_last.pt holds that step."""
+
+    def __init__(self, signal_number: int, checkpoint: str, epoch: int, step: int):
+        self.signal_number, self.checkpoint = signal_number, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signal_number).name} after epoch {epoch + 1}, step {step}; "
+                         f"{checkpoint} holds that step: continue with the same command plus --resume {checkpoint}")
 
 
 def require_file(path: str, expected: str) -> None:

@@ -1,5 +1,8 @@
 """Atomic file writes: every file the project writes goes to a temporary name in the same
 folder first and is renamed over the target, so a crash never leaves a truncated file."""
+import contextlib
+import fcntl
+import glob
 import os
 import tempfile
 from typing import Callable
@@ -40,3 +43,43 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def temporary_name_pattern(name: str) -> str:
+    """A glob matching the temporary files atomic_write makes for target file `name`."""
+    return "." + glob.escape(name) + ".*.tmp"
+
+
+def remove_stale_temporaries(folder: str) -> int:
+    """Removes the temporary files atomic_write left in `folder` (a process killed while
+    writing cannot remove its own); call it only while no other process writes there.
+    Returns how many it removed."""
+    removed = 0
+    for path in glob.glob(os.path.join(glob.escape(folder), temporary_name_pattern("*"))):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed += 1
+    return removed
+
+
+class FolderLock:
+    """An exclusive flock on `folder`/.lock for as long as it is held (the kernel releases it
+    when the process ends, however it ends); UsageError when another process holds it."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, LOCK_NAME)
+        self.file = open(self.path, "a")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise UsageError(f"{folder} is in use by another run (which holds its {LOCK_NAME}): two runs writing "
+                             f"there would overwrite each other's checkpoints; wait until that run ends") from None
+
+    def release(self) -> None:
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+
+
+LOCK_NAME = ".lock"

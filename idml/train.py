@@ -2,7 +2,8 @@
 
 Each epoch: shuffled (or --IPC balanced) batches; per step a mixup of the batch, the clean
 and the mixed batch forwarded, the three-term introspective Proxy Anchor loss, gradient
-clipping by value, an optimizer step. After every epoch: StepLR, evaluation on the unseen
+clipping by value, an optimizer step (skipped, on the device, when the loss or the gradient is
+not finite or the loss jumps past --max-loss-jump). After every epoch: StepLR, evaluation on the unseen
 classes, metrics.jsonl, checkpoint_last.pt, and the best checkpoint by R@1.
 
 Under torchrun every rank runs this same loop on its slice of each global batch; the loss
@@ -13,7 +14,9 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import signal
+import sys
 import threading
 import types
 from dataclasses import dataclass, field
@@ -25,13 +28,13 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from idml import distributed, plots, tracking
-from idml.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from idml.checkpoint import load_checkpoint, non_finite_weights, require, restore_rng_state, rng_state, save_checkpoint
 from idml.data import build_dataset, default_image_size
 from idml.data.datasets import BadImageBudget
 from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler
-from idml.errors import TrainingDiverged, UsageError
+from idml.errors import Interrupted, TrainingDiverged, UsageError
 from idml.evaluate import embed, format_metrics, kmeans_runs, recall_ks
-from idml.files import atomic_write_text
+from idml.files import LOCK_NAME, FolderLock, atomic_write_text, remove_stale_temporaries
 from idml.losses import build_criterion
 from idml.metrics import compute_metrics, non_finite_rows
 from idml.models import IDMLNet
@@ -41,15 +44,10 @@ from idml.runtime import build_model, eval_loader, resolve_device, seed_everythi
 GRADIENT_CLIP = 10.0
 PROXY_LR_FACTOR = 100.0
 PROGRESS_EVERY = 10  # steps between progress updates (each one synchronises with the device)
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT stopped the run after a step; checkpoint_last.pt holds that step."""
-
-    def __init__(self, signal_number: int, checkpoint: str, epoch: int, step: int):
-        self.signal_number, self.checkpoint = signal_number, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signal_number).name} after epoch {epoch + 1}, step {step}; "
-                         f"{checkpoint} holds that step: continue with the same command plus --resume {checkpoint}")
+MAX_SKIPPED_IN_A_ROW = 10  # steps skipped for a non-finite loss in a row that stop the run as diverged
+LOSS_MEAN_DECAY = 0.9  # of the running mean of finite losses that --max-loss-jump compares with
+SCHEDULE_FLAGS = ("lr", "weight_decay", "lr_decay_step", "lr_decay_gamma")  # a resumed run applies them
+RESUME_KEYS = ("scheduler", "scaler", "epoch", "step", "epoch_loss_sum", "best", "history", "rng", "wandb_run_id")
 
 
 @contextlib.contextmanager
@@ -89,14 +87,16 @@ def claim_run_folder(args) -> str:
             continue
 
 
+def group_learning_rates(args) -> List[float]:
+    """The initial lr of each parameter group of build_optimizer."""
+    return [args.lr, args.lr, args.lr * PROXY_LR_FACTOR]
+
+
 def build_optimizer(args, model, criterion) -> torch.optim.Optimizer:
     """Backbone and heads at lr, proxies at 100 x lr (as published)."""
     head_parameters = list(model.semantic.parameters()) + list(model.uncertainty_head.parameters())
-    groups = [
-        {"params": list(model.backbone.parameters())},
-        {"params": head_parameters},
-        {"params": list(criterion.parameters()), "lr": args.lr * PROXY_LR_FACTOR},
-    ]
+    parts = [list(model.backbone.parameters()), head_parameters, list(criterion.parameters())]
+    groups = [{"params": params, "lr": lr} for params, lr in zip(parts, group_learning_rates(args))]
     # Adam(W) fused: one kernel per parameter group instead of a chain of foreach operators,
     # the same update to rounding; 5-7x faster on the CPU (AdamW over ResNet-18: 3.4 vs 24.5 ms).
     # Not SGD: its fused kernel fills the momentum buffers on a step GradScaler skips (torch 2.14).
@@ -107,6 +107,103 @@ def build_optimizer(args, model, criterion) -> torch.optim.Optimizer:
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, weight_decay=args.weight_decay, momentum=0.9, nesterov=True)
     return torch.optim.RMSprop(groups, lr=args.lr, alpha=0.9, weight_decay=args.weight_decay, momentum=0.9)
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler, args, epochs_done: int) -> None:
+    """Sets the groups' lr and weight decay and the StepLR of --lr, --weight-decay,
+    --lr-decay-step and --lr-decay-gamma as they stand after `epochs_done` epochs."""
+    bases = group_learning_rates(args)
+    factor = args.lr_decay_gamma ** (epochs_done // args.lr_decay_step)
+    for group, base in zip(optimizer.param_groups, bases):
+        group.update(initial_lr=base, lr=base * factor, weight_decay=args.weight_decay)
+    scheduler.step_size, scheduler.gamma, scheduler.base_lrs = args.lr_decay_step, args.lr_decay_gamma, bases
+    scheduler.last_epoch = epochs_done
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
+class StepGuard:
+    """Decides on the device, without a host synchronisation, which steps update the weights:
+    not one whose loss or gradient norm is NaN or infinite, nor (with --max-loss-jump F) one
+    whose loss exceeds F times the running mean of recent finite losses. Counts on the device
+    what it skipped; the loop reads the counts where it synchronises anyway.
+
+    With fp16, a gradient that overflows with a finite loss is GradScaler's business (it
+    lowers its scale): skipped, but not counted towards stopping the run."""
+
+    COUNTERS = ("in_a_row", "most_in_a_row", "skipped", "epoch_skipped", "finite_losses")
+
+    def __init__(self, device: torch.device, max_loss_jump: Optional[float], overflow_is_normal: bool):
+        self.max_loss_jump, self.overflow_is_normal = max_loss_jump, overflow_is_normal
+        self.loss_mean = torch.zeros((), device=device)
+        for name in self.COUNTERS:
+            setattr(self, name, torch.zeros((), dtype=torch.long, device=device))
+
+    def check(self, loss: torch.Tensor, gradients: List[torch.Tensor]) -> torch.Tensor:
+        """True (a 0-d bool tensor) when this step's update must be skipped; updates the counts."""
+        loss = loss.detach().float()
+        finite_loss = torch.isfinite(loss)
+        bad_loss = ~finite_loss
+        if self.max_loss_jump:
+            warm = self.finite_losses >= PROGRESS_EVERY  # a mean of a few losses is no baseline yet
+            bad_loss = bad_loss | (warm & (loss > self.max_loss_jump * self.loss_mean))
+        bad_gradient = ~torch.isfinite(torch.nn.utils.get_total_norm(gradients)) if gradients else bad_loss
+        skip = bad_loss | bad_gradient
+        counted = bad_loss if self.overflow_is_normal else skip
+        mean = torch.where(self.finite_losses == 0, loss, LOSS_MEAN_DECAY * self.loss_mean
+                           + (1.0 - LOSS_MEAN_DECAY) * loss)
+        self.loss_mean = torch.where(finite_loss, mean, self.loss_mean)
+        self.finite_losses = self.finite_losses + finite_loss
+        self.in_a_row = torch.where(counted, self.in_a_row + 1, 0)
+        self.most_in_a_row = torch.maximum(self.most_in_a_row, self.in_a_row)
+        self.skipped = self.skipped + skip
+        self.epoch_skipped = self.epoch_skipped + skip
+        return skip
+
+    def counts(self) -> dict:
+        """The counters on the host (one synchronisation)."""
+        values = torch.stack([getattr(self, name) for name in self.COUNTERS]).tolist()
+        return dict(zip(self.COUNTERS, values))
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).cpu() for name in ("loss_mean",) + self.COUNTERS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value.to(getattr(self, name).device))
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step(), or no change to the weights nor the optimizer's state where `skip`
+    is true, decided on the device. Fused Adam(W) takes the flag as GradScaler's found_inf
+    (its kernel then leaves parameters, moments and step counts unchanged); the others step
+    and are put back with torch.where (state they create on a skipped step keeps its
+    initial zeros)."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+        return
+    before = {id(t): t.clone() for t in _stepped_tensors(optimizer, skip.device)}
+    optimizer.step()
+    with torch.no_grad():
+        for t in _stepped_tensors(optimizer, skip.device):
+            previous = before.get(id(t))
+            t.copy_(torch.where(skip, torch.zeros_like(t) if previous is None else previous, t))
+
+
+def _stepped_tensors(optimizer: torch.optim.Optimizer, device: torch.device):
+    """The parameters a step changes and their state tensors on `device` (a step counter
+    kept on the host is left alone: RMSprop and SGD do not use it in the update)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            yield p
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.device == device and value.is_floating_point():
+                    yield value
 
 
 def mixup_draw(batch_size: int, generator: torch.Generator):
@@ -194,6 +291,9 @@ class Trainer:
                                        self.image_size)
 
         self.amp = resolve_amp(args.amp, self.device)
+        if self.device.type == "cpu" and self.amp in ("fp16", "bf16"):
+            print_main(f"warning: --amp {self.amp} on a CPU is much slower than float32 (tens of times on a ResNet): "
+                       f"pass --amp off (or auto) unless you mean to test the mixed-precision path", file=sys.stderr)
         configure_cudnn(self.device, self.amp)
         self.model = place_model(self._sync_batch_norm(build_model(args, args.pretrained)), self.device, self.amp)
         self.criterion = build_criterion(args, self.num_classes).to(self.device)
@@ -203,24 +303,61 @@ class Trainer:
         self.optimizer = build_optimizer(args, self.model, self.criterion)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, args.lr_decay_step, args.lr_decay_gamma)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.guard = StepGuard(self.device, args.max_loss_jump, overflow_is_normal=self.scaler.is_enabled())
+        self.reported_skips = 0  # skipped steps already reported in a warning
         self.mixup_generator = torch.Generator().manual_seed(args.seed)
         self.stop_request = types.SimpleNamespace(signal=None)  # set by SIGTERM/SIGINT inside run()
         self.forward_pair, self._wrapped_for = None, None  # the (DDP-wrapped) model, built by train_epoch
         self.bad_images = BadImageBudget(args.max_bad_images)
         self.state = RunState()
+        self.lock, self.created_run_dir = None, False
         try:
             if args.resume:
                 self._resume(args.resume)  # sets run_dir: the checkpoint's folder
             else:  # rank 0 claims a folder, the others write into it
                 self.run_dir = distributed.broadcast_object(claim_run_folder(args) if distributed.is_main() else None)
+                self.created_run_dir = True
         except OSError as error:
             raise UsageError(f"cannot create a run folder under --LOG_DIR {args.LOG_DIR} ({error.strerror})") from None
         self.wandb = None
-        if distributed.is_main():
-            self.wandb = tracking.open_run(args.wandb, f"{args.dataset}_ProxyAnchor", self.run_dir, vars(args),
-                                           self.state.wandb_run_id)
+        try:
+            self._lock_run_folder()
+            if distributed.is_main():
+                self.wandb = tracking.open_run(args.wandb, f"{args.dataset}_ProxyAnchor", self.run_dir, vars(args),
+                                               self.state.wandb_run_id)
+        except BaseException:
+            self._release(failed=True)
+            raise
         if self.wandb is not None:
             self.state.wandb_run_id = self.wandb.id
+
+    def _lock_run_folder(self) -> None:
+        """Rank 0 holds the run folder's lock for the run's life: a second run resuming the
+        same checkpoint stops (on every rank) instead of overwriting this one's files. With
+        the lock held, temporary files there are those of killed writers: removed."""
+        refused = None
+        if distributed.is_main():
+            try:
+                self.lock = FolderLock(self.run_dir)
+            except UsageError as error:
+                refused = str(error)
+        refused = distributed.broadcast_object(refused)
+        if refused:
+            raise UsageError(refused)
+        if distributed.is_main():
+            removed = remove_stale_temporaries(self.run_dir)
+            if removed:
+                print(f"removed {removed} temporary file(s) that an interrupted write left in {self.run_dir}")
+
+    def _release(self, failed: bool) -> None:
+        """Unlocks the run folder; after a failed start, removes the folder this run created
+        if nothing was written into it."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if failed and self.created_run_dir and distributed.is_main() and os.path.isdir(self.run_dir) \
+                and set(os.listdir(self.run_dir)) <= {LOCK_NAME}:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _per_rank_batch_norm(self) -> bool:
         """BatchNorm statistics that differ between ranks: trained (--bn-freeze 0) on several
@@ -240,6 +377,15 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> RunState:
+        try:
+            state = self._run()
+        except BaseException:
+            self._release(failed=True)
+            raise
+        self._release(failed=False)
+        return state
+
+    def _run(self) -> RunState:
         args = self.args
         print_main(f"training IDML on {args.dataset} ({len(self.train_set)} images, {self.num_classes} classes) "
                    f"on {self.device} ({describe(self.device, self.amp)}{', compiled' if args.compile else ''}"
@@ -274,9 +420,8 @@ class Trainer:
         steps = min(self.sampler.num_batches, args.max_steps or self.sampler.num_batches)
         self.sampler.set_epoch(epoch, start_step=self.state.step)
         loss_sum = torch.tensor(self.state.epoch_loss_sum, device=self.device)
-        # The first step whose loss is not finite, kept on the device: checked without a
-        # host synchronisation in every step, only when progress is shown or saved.
-        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        if self.state.step == 0:
+            self.guard.epoch_skipped.zero_()
         progress = tqdm(total=steps, initial=self.state.step, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                         disable=not distributed.is_main())
         for step, (images, labels, dropped) in enumerate(self.train_loader, start=self.state.step):
@@ -287,10 +432,10 @@ class Trainer:
                 images, labels = refill_share(images, labels, len(dropped))
             if images is None:
                 continue
-            loss = self.train_step(images.to(self.device, non_blocking=True),
-                                   labels.to(self.device, non_blocking=True)).detach()
-            loss_sum += loss
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+            images = images.to(self.device, non_blocking=True)
+            loss, skipped = self.train_step(images, labels.to(self.device, non_blocking=True))
+            loss = loss.detach()
+            loss_sum += torch.where(skipped, torch.zeros_like(loss), loss)
             progress.update()
             done = step + 1
             save_now = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
@@ -301,9 +446,10 @@ class Trainer:
             if sync_now or distributed.world_size() == 1:
                 stop = distributed.any_rank(self.stop_request.signal or 0, self.device)
             if sync_now or stop:
-                self._stop_if_diverged(int(bad_step), epoch)
+                self._check_skipped_steps(epoch, done)
                 progress.set_postfix(loss=f"{float(loss):.4f}")
             if save_now or stop:
+                self._check_weights(f"epoch {epoch + 1}, step {done}", probe=images)
                 self.state.step, self.state.epoch_loss_sum = done, float(loss_sum)
                 self._save_last()
             if stop:
@@ -311,10 +457,11 @@ class Trainer:
                 raise Interrupted(stop, os.path.join(self.run_dir, "checkpoint_last.pt"),
                                   epoch, done)
         progress.close()
-        return float(loss_sum) / max(steps, 1)
+        return float(loss_sum) / max(steps - self.guard.counts()["epoch_skipped"], 1)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimisation step on a batch; returns its loss (no host synchronisation)."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor):
+        """One optimisation step on a batch; returns its loss and whether the update was
+        skipped (StepGuard), both on the device (no host synchronisation)."""
         lam, permutation = mixup_draw(images.shape[0] * distributed.world_size(), self.mixup_generator)
         if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU to finish
             permutation = permutation.pin_memory()
@@ -324,26 +471,57 @@ class Trainer:
         self.scaler.scale(loss).backward()
         distributed.average_gradients(self.criterion.parameters())  # DDP averages the model's
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_value_(list(self.model.parameters()) + list(self.criterion.parameters()),
-                                        GRADIENT_CLIP)
-        self.scaler.step(self.optimizer)
+        parameters = list(self.model.parameters()) + list(self.criterion.parameters())
+        # before clipping, which would turn an infinite gradient into a finite one
+        skip = self.guard.check(loss, [p.grad for p in parameters if p.grad is not None])
+        torch.nn.utils.clip_grad_value_(parameters, GRADIENT_CLIP)
+        guarded_step(self.optimizer, skip)  # (GradScaler's own skip is part of `skip`: inf gradients)
         self.scaler.update()
-        return loss
+        return loss, skip
 
-    def _stop_if_diverged(self, bad_step: int, epoch: int) -> None:
-        if bad_step >= 0:
-            raise self._diverged(f"the loss became NaN or infinite at epoch {epoch + 1}, step {bad_step + 1}")
+    def _check_skipped_steps(self, epoch: int, done: int) -> None:
+        """Where the loop synchronises: a warning for steps skipped since the last one, and
+        the stop of a run whose loss keeps failing."""
+        counts = self.guard.counts()
+        if counts["skipped"] > self.reported_skips:
+            print_main(f"warning: {counts['skipped'] - self.reported_skips} step(s) up to epoch {epoch + 1}, step "
+                       f"{done} did not update the weights: their loss or gradient was NaN or infinite"
+                       f"{' (or the loss jumped past --max-loss-jump)' if self.args.max_loss_jump else ''}",
+                       file=sys.stderr, flush=True)
+            self.reported_skips = counts["skipped"]
+        if counts["most_in_a_row"] >= MAX_SKIPPED_IN_A_ROW:
+            raise self._diverged(f"the loss was NaN or infinite{' or jumped' if self.args.max_loss_jump else ''} "
+                                 f"in {counts['most_in_a_row']} steps in a row (up to epoch {epoch + 1}, step {done})")
+
+    def _check_weights(self, when: str, probe: Optional[torch.Tensor] = None) -> None:
+        """Before a checkpoint is written: the weights are finite and (`probe`, a batch of
+        images) give finite embeddings in evaluation mode; else the run stops as diverged."""
+        bad = bool(non_finite_weights({"model": self.model.state_dict(), "criterion": self.criterion.state_dict()}))
+        if not bad and probe is not None:
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad(), autocast(self.device, self.amp):
+                mu, _ = self.model(probe)
+            self.model.train(was_training)
+            bad = not bool(torch.isfinite(mu).all())
+        if distributed.any_rank(int(bad), self.device):
+            raise self._diverged(f"the weights at {when} are not finite or give NaN or infinite embeddings")
 
     def _diverged(self, what: str) -> TrainingDiverged:
-        """`what` went wrong; the error says which checkpoint is still good (self.state is
-        the state of the last one written)."""
+        """`what` went wrong; the error names checkpoint_last.pt only after checking that its
+        weights give finite embeddings of the test set (every rank takes part)."""
         last = os.path.join(self.run_dir, "checkpoint_last.pt")
+        advice = "with a lower --lr (or --amp off, or --max-loss-jump)"
         if not os.path.isfile(last):
-            return TrainingDiverged(f"{what}; no checkpoint was written yet: start again with a lower --lr "
-                                    f"(or --amp off)")
-        return TrainingDiverged(f"{what}; the last good checkpoint {last} is intact (it resumes at epoch "
-                                f"{self.state.epoch + 1}, step {self.state.step}): resume from it with a lower "
-                                f"--lr (or --amp off)")
+            return TrainingDiverged(f"{what}; no checkpoint was written yet: start again {advice}")
+        checkpoint = load_checkpoint(last, required=("model", "epoch", "step"))
+        self.model.load_state_dict(checkpoint["model"])  # this run ends: its own weights are of no more use
+        embeddings = distributed.gather_eval(embed(self.model, self.test_loader, self.device, self.amp,
+                                                   progress=False, bad_images=self.bad_images)[0])
+        if non_finite_rows(embeddings):
+            return TrainingDiverged(f"{what}; {last} gives NaN or infinite embeddings too: start again {advice}")
+        return TrainingDiverged(f"{what}; {last} is good (its test embeddings are finite; it resumes at epoch "
+                                f"{checkpoint['epoch'] + 1}, step {checkpoint['step']}): resume from it {advice}")
 
     def _evaluate(self, when: str) -> dict:
         args = self.args
@@ -376,6 +554,8 @@ class Trainer:
         is_best = epoch > 0 and (self.state.best is None or metrics["R@1"] > self.state.best["metrics"]["R@1"])
         if is_best:
             self.state.best = {"epoch": epoch, "metrics": metrics}
+        if epoch > 0:  # before any checkpoint of it is written (every rank: it may stop them all)
+            self._check_weights(f"epoch {epoch}")
         if not distributed.is_main():  # the state is the same on every rank; rank 0 writes
             return
         atomic_write_text(os.path.join(self.run_dir, "metrics.jsonl"),
@@ -415,13 +595,17 @@ class Trainer:
             "history": self.state.history,
             "rng": rng_state(self.mixup_generator),
             "wandb_run_id": self.state.wandb_run_id,
+            "step_guard": self.guard.state_dict(),
         }
 
     def _resume(self, path: str) -> None:
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_checkpoint(path, required=("args", "model", "criterion"))
         saved = checkpoint["args"]
         for name in ("model", "embedding_size", "dataset", "uncertainty", "l2_norm", "loss", "batch_size", "IPC",
                      "seed"):  # the last three: the sampler's order, so that the run continues exactly
+            if name not in saved:
+                raise UsageError(f"--resume {path}: its args lack --{name.replace('_', '-')}, which scripts/train.py "
+                                 f"always records: the file is incomplete or was written by another program")
             if saved[name] != getattr(self.args, name):
                 raise UsageError(f"--resume {path} was trained with --{name.replace('_', '-')} {saved[name]}, "
                                  f"this run asks for {getattr(self.args, name)}")
@@ -431,17 +615,38 @@ class Trainer:
         if checkpoint["epoch"] >= self.args.epochs:
             raise UsageError(f"--resume {path}: that run has trained all {checkpoint['epoch']} of its epochs; "
                              f"pass a larger --epochs to train it further")
+        require(checkpoint, path, RESUME_KEYS)
         self.model.load_state_dict(checkpoint["model"])
         self.criterion.load_state_dict(checkpoint["criterion"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self._restore_schedule(checkpoint, saved)
         self.scaler.load_state_dict(checkpoint["scaler"])
+        if "step_guard" in checkpoint:  # (absent from checkpoints older than the guard)
+            self.guard.load_state_dict(checkpoint["step_guard"])
+            self.reported_skips = int(self.guard.skipped)
         restore_rng_state(checkpoint["rng"], self.mixup_generator)
         self.state = RunState(epoch=checkpoint["epoch"], step=checkpoint["step"],
                               epoch_loss_sum=checkpoint["epoch_loss_sum"], best=checkpoint["best"],
                               history=checkpoint["history"], wandb_run_id=checkpoint["wandb_run_id"])
         self.run_dir = os.path.dirname(os.path.abspath(path))
         print_main(f"resumed from {path} at epoch {self.state.epoch + 1}, step {self.state.step}")
+
+    def _restore_schedule(self, checkpoint: dict, saved: dict) -> None:
+        """The optimizer's and StepLR's state of the checkpoint, with the schedule of this
+        run's flags where they differ (one line each): so the checkpoint's args always say
+        what the run uses. Another --optimizer starts from a fresh state."""
+        args = self.args
+        same_optimizer = saved.get("optimizer", args.optimizer) == args.optimizer
+        if same_optimizer:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        else:
+            print_main(f"--optimizer {saved['optimizer']} -> {args.optimizer}: the {args.optimizer} state starts "
+                       f"afresh (the {saved['optimizer']} state of the checkpoint does not apply)")
+        self.scheduler.load_state_dict(checkpoint["scheduler"])  # the epoch count
+        changed = [name for name in SCHEDULE_FLAGS if saved.get(name) != getattr(args, name)]
+        for name in changed:
+            print_main(f"--{name.replace('_', '-')} {saved.get(name)} -> {getattr(args, name)}")
+        if changed or not same_optimizer:  # else exactly the saved state, so that the run continues bit for bit
+            apply_schedule(self.optimizer, self.scheduler, args, self.scheduler.last_epoch)
 
     def _summary(self) -> None:
         first, last = self.state.history[0], self.state.history[-1]
