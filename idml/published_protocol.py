@@ -88,3 +88,17 @@ def published_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequen
     precision_at_hits = within_r.cumsum(dim=1) / ranks * within_r
     result["MAP@R"] = (precision_at_hits.sum(dim=1, keepdim=True) / relevant_count).mean().item()
     return result
+
+
+def beside(project: Dict[str, float], embeddings: torch.Tensor, labels: torch.Tensor,
+           ks: Sequence[int]) -> Dict[str, object]:
+    """scripts/evaluate.py --published-protocol: the project's metrics and the published code's R@K, RP
+    and MAP@R of the same embeddings (its NMI and F1 are the project's: same definitions), named apart."""
+    return {"project": project, "published_protocol": published_metrics(embeddings, labels, ks),
+            "published_list_length": list_length(labels)}
+
+
+def heading(length: int) -> str:
+    """What the published-protocol numbers are, in one line."""
+    return (f"published protocol (neighbour lists of {length}, the largest class: R@K for K > {length} "
+            f"is R@{length}; equal distances to the lower index, the first neighbour dropped)")

@@ -107,3 +107,42 @@ def test_blocks_of_queries_give_the_same_lists(monkeypatch):
     whole = published_metrics(embeddings, labels)
     monkeypatch.setattr(published_protocol, "CHUNK_BYTES", 8 * 50 * 7)  # blocks of 7 queries
     assert published_metrics(embeddings, labels) == whole
+
+
+def test_evaluate_gives_both_sets_named_apart(tmp_path, capsys):
+    import glob
+    import json
+
+    from idml.cli import evaluate_main, train_parser
+    from idml.train import train
+
+    state = train(train_parser().parse_args([
+        "--dataset", "digits", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "16",
+        "--image-size", "32", "--workers", "0", "--wandb", "disabled", "--warm", "0", "--epochs", "1",
+        "--max-steps", "1", "--batch-size", "32", "--eval-clustering", "0", "--LOG_DIR", str(tmp_path / "logs")]))
+    checkpoint, = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "checkpoint_last.pt"))
+    capsys.readouterr()
+    evaluate_main(["--resume", checkpoint, "--workers", "0", "--kmeans-runs", "1", "--json", "--published-protocol"])
+    both = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(both) == {"project", "published_protocol", "published_list_length"}
+    trained = state.history[-1]  # (the reloaded model's embeddings may differ from training's by rounding)
+    for name in ("R@1", "R@2", "R@4", "R@8", "RP", "MAP@R"):
+        assert both["project"][name] == pytest.approx(trained[name], abs=1e-4), name
+    assert set(both["published_protocol"]) == {"R@1", "R@2", "R@4", "R@8", "RP", "MAP@R"}
+    assert both["published_list_length"] >= 8  # digits' test classes are large: no R@K is truncated
+    for name in both["published_protocol"]:  # near-ties (float64 distances here) and duplicates may differ
+        assert both["published_protocol"][name] == pytest.approx(both["project"][name], abs=1e-3), name
+
+
+def test_evaluate_text_names_the_two_sets(monkeypatch, capsys):
+    from idml import evaluate
+    from idml.cli import evaluate_main
+
+    project = {"R@1": 0.5, "R@10": 0.7, "R@100": 0.99, "RP": 0.3, "MAP@R": 0.2, "NMI": 0.8, "F1": 0.4}
+    published = {"R@1": 0.5, "R@10": 0.7, "R@100": 0.9, "RP": 0.3, "MAP@R": 0.2}
+    both = {"project": project, "published_protocol": published, "published_list_length": 12}
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", lambda args: (both, []))
+    evaluate_main(["--resume", "unused.pt", "--published-protocol"])
+    text = capsys.readouterr().out
+    assert text.index("project's metrics:\nR@1     50.00\n") < text.index("published protocol (neighbour lists of 12")
+    assert "R@100   99.00\n" in text and "R@100   90.00\n" in text and text.count("NMI ") == 1
