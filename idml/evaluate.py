@@ -80,5 +80,10 @@ def evaluate_checkpoint(args) -> Tuple[Dict[str, float], List[str]]:
         from idml.plots import evaluation_plots
 
         plots = evaluation_plots(args.plots, test_set, embeddings, labels, f"{dataset}: {args.resume}")
-    return compute_metrics(embeddings, labels, ks=recall_ks(dataset), progress=not args.json,
-                           kmeans_runs=kmeans_runs(dataset, args.kmeans_runs)), plots
+    metrics = compute_metrics(embeddings, labels, ks=recall_ks(dataset), progress=not args.json,
+                              kmeans_runs=kmeans_runs(dataset, args.kmeans_runs))
+    if getattr(args, "published_protocol", False):
+        from idml.published_protocol import beside
+
+        metrics = beside(metrics, embeddings, labels, recall_ks(dataset))
+    return metrics, plots
