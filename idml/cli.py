@@ -266,15 +266,15 @@ def synthetic_main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="scripts/synthetic.py",
                                      description=synthetic.__doc__.split("\n\n")[0])
     parser.add_argument("--layout", choices=synthetic.LAYOUTS, required=True)
-    parser.add_argument("--out", required=True, help="the data root to write into")
+    parser.add_argument("--out", required=True, help="the data root to write into: a new or empty folder")
     parser.add_argument("--classes", type=_checked(int, lambda number: number >= 4, "at least 4"), default=8,
                         help="number of classes, half train, half test (each half needs two)")
     parser.add_argument("--per-class", type=_positive(int), default=6, help="images per class")
     parser.add_argument("--seed", type=_non_negative(int), default=0)
+    parser.add_argument("--force", action="store_true",
+                        help="rewrite a synthetic data set this command wrote in --out before (never other files)")
     args = parser.parse_args(argv)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a file; expected a folder to write the data set into")
-    synthetic.WRITERS[args.layout](args.out, args.classes, args.per_class, args.seed)
+    synthetic.write_dataset(args.layout, args.out, args.classes, args.per_class, args.seed, force=args.force)
     print(f"wrote a synthetic {args.layout} dataset ({args.classes} classes x {args.per_class} images) "
           f"under {args.out}")
 

@@ -75,15 +75,16 @@ def evaluate_checkpoint(args) -> Tuple[Dict[str, float], List[str]]:
     test_set = build_dataset(dataset, args.data_root or saved.data_root, train=False, image_size=image_size)
     loader = eval_loader(test_set, args.batch_size, args.workers, device, args.loader, image_size)
     embeddings, labels, _ = embed(model, loader, device, amp, progress=not args.json)
-    plots = []
-    if getattr(args, "plots", None):
-        from idml.plots import evaluation_plots
-
-        plots = evaluation_plots(args.plots, test_set, embeddings, labels, f"{dataset}: {args.resume}")
+    # Metrics first: a test set they are undefined on is refused before any plot of it is written.
     metrics = compute_metrics(embeddings, labels, ks=recall_ks(dataset), progress=not args.json,
                               kmeans_runs=kmeans_runs(dataset, args.kmeans_runs))
     if getattr(args, "published_protocol", False):
         from idml.published_protocol import beside
 
         metrics = beside(metrics, embeddings, labels, recall_ks(dataset))
+    plots = []
+    if getattr(args, "plots", None):
+        from idml.plots import evaluation_plots
+
+        plots = evaluation_plots(args.plots, test_set, embeddings, labels, f"{dataset}: {args.resume}")
     return metrics, plots

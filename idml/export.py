@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from idml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size
+from idml.errors import UsageError
 from idml.files import atomic_write
 
 # The digits are grey scans scaled to [-1, 1] and upsampled straight to the input size.
@@ -172,17 +173,24 @@ def export_checkpoint(checkpoint: str, out: str) -> dict:
     model on a random batch. Returns a summary (the max abs differences included)."""
     from idml.checkpoint import model_from_checkpoint
 
-    model, args = model_from_checkpoint(checkpoint)
+    model, args = model_from_checkpoint(checkpoint)  # refuses non-finite weights
     wrapper, scripted = build_exported(model, args)
-    save_scripted(scripted, out)
-    with quiet_jit():
-        loaded = torch.jit.load(out, map_location="cpu")
     generator = torch.Generator().manual_seed(0)
     size = preprocessing_of(args)["resize"]
     images = torch.randint(0, 256, (2, 3, size + 7, size), dtype=torch.uint8, generator=generator)
     with torch.no_grad():
-        embedding, uncertainty = loaded(images)
         eager_embedding, eager_uncertainty = eager_reference(model, wrapper, images)
+        # Finite weights can still give NaN (a negative BatchNorm variance, an overflow): checked
+        # before anything is written, so no search ever ranks by NaN similarities.
+        if not all(bool(torch.isfinite(t).all()) for t in (*scripted(images), eager_embedding, eager_uncertainty)):
+            raise UsageError(f"{checkpoint}: the model's embedding or uncertainty of a random check batch is NaN "
+                             f"or infinite, so it is not exported (a diverged or damaged run; use an earlier "
+                             f"checkpoint)")
+    save_scripted(scripted, out)
+    with quiet_jit():
+        loaded = torch.jit.load(out, map_location="cpu")
+    with torch.no_grad():
+        embedding, uncertainty = loaded(images)
     return {
         "out": out,
         "embedding_size": int(embedding.shape[1]),

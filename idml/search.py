@@ -5,7 +5,10 @@
 The gallery folder (images in it and its subfolders; hidden files skipped) is embedded once;
 the index (embeddings, |sigma|^2, file list, a fingerprint of the folder and of the model)
 is cached beside it in DIR/.idml_index.pt, written atomically, and rebuilt when a file is
-added, removed or changed (name, size, mtime) or the model is another one. `search()` returns
+added, removed or changed (name, size, mtime) or the model is another one. A gallery image
+that cannot be decoded is left out with a warning naming it (the index lists it, so a cached
+index says so again without decoding it); a query that cannot be, or a model whose
+embeddings are not finite, ends the search with one sentence. `search()` returns
 each query's k nearest gallery images by cosine similarity, flagged when its uncertainty
 |sigma|^2 lies above the gallery's 95th percentile (with --uncertainty normalized, as
 published, |sigma|^2 = 1 for every image: the report says so instead); idml/cli.py prints
@@ -32,6 +35,9 @@ INDEX_NAME = ".idml_index.pt"
 INDEX_FORMAT = "idml-search-index"
 INDEX_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+# What PIL raises on a damaged file (idml.data.datasets.UNREADABLE, not imported: searching
+# needs neither torchvision nor the training data stack).
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 # --- the gallery folder -------------------------------------------------------------------
@@ -100,15 +106,35 @@ def load_model(path: str, device: torch.device):
     return model.eval()
 
 
+def unreadable_reason(path: str) -> Optional[str]:
+    """Why the image file `path` cannot be decoded in full (a truncated file's header reads
+    fine), or None when it can."""
+    try:
+        read_image(path)
+    except UNREADABLE as error:
+        return str(error) or type(error).__name__
+    return None
+
+
+def _some(paths: List[str]) -> str:
+    return ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+
+def _skip(path: str, reason: str, skipped: List[str]) -> None:
+    warnings.warn(f"skipping {path}: not a readable image ({reason})", stacklevel=3)
+    skipped.append(path)
+
+
 @torch.no_grad()
 def embed_paths(model, paths: List[str], device: torch.device, batch_size: int = 32, progress: bool = True):
-    """(embeddings N x D, uncertainties N, indices of the paths embedded) on the CPU.
-    Images of one size go through the model together; unreadable files are skipped."""
-    sizes = {}
+    """(embeddings N x D, uncertainties N, indices of the paths embedded, paths skipped) on
+    the CPU. Images of one size go through the model together; unreadable files are skipped
+    with a warning; UsageError naming the images whose embedding or uncertainty is not finite."""
+    sizes, skipped = {}, []
     for index, path in enumerate(paths):
         size = image_size(path)
         if size is None:
-            warnings.warn(f"skipping {path}: not a readable image", stacklevel=2)
+            _skip(path, "unknown format or damaged header", skipped)
         else:
             sizes.setdefault(size, []).append(index)
     embeddings, uncertainties, order = [], [], []
@@ -116,20 +142,39 @@ def embed_paths(model, paths: List[str], device: torch.device, batch_size: int =
     for size in sorted(sizes):
         group = sizes[size]
         for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
-            batch = torch.stack([read_image(paths[i]) for i in chunk]).to(device)
-            embedding, uncertainty = model(batch)
+            chunk, pixels = [], []
+            for i in group[start:start + batch_size]:
+                try:
+                    pixels.append(read_image(paths[i]))
+                    chunk.append(i)
+                except UNREADABLE as error:  # a truncated file: its header was fine
+                    _skip(paths[i], str(error) or type(error).__name__, skipped)
+            bar.update(len(group[start:start + batch_size]))
+            if not chunk:
+                continue
+            embedding, uncertainty = model(torch.stack(pixels).to(device))
             embeddings.append(embedding.float().cpu())
             uncertainties.append(uncertainty.float().cpu())
             order += chunk
-            bar.update(len(chunk))
     bar.close()
     if not order:
-        return torch.zeros(0, 0), torch.zeros(0), []
+        return torch.zeros(0, 0), torch.zeros(0), [], skipped
     # Back into the order of `paths`.
     embeddings, uncertainties = torch.cat(embeddings), torch.cat(uncertainties)
     permutation = torch.argsort(torch.tensor(order))
-    return embeddings[permutation], uncertainties[permutation], sorted(order)
+    embeddings, uncertainties, kept = embeddings[permutation], uncertainties[permutation], sorted(order)
+    broken = [paths[kept[row]] for row in non_finite(embeddings, uncertainties).tolist()]
+    if broken:  # NaN compares false with everything: the ranking would be arbitrary
+        raise UsageError(f"the model's embedding or uncertainty is NaN or infinite for {len(broken)} of {len(kept)} "
+                         f"images ({_some(broken)}), so it cannot rank "
+                         f"them: a diverged or damaged model (scripts/export.py refuses such models)")
+    return embeddings, uncertainties, kept, skipped
+
+
+def non_finite(embeddings: torch.Tensor, uncertainties: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows whose embedding or uncertainty holds a NaN or an infinity."""
+    finite = torch.isfinite(embeddings).all(dim=1) & torch.isfinite(uncertainties)
+    return torch.nonzero(~finite).flatten()
 
 
 # --- the cached index -------------------------------------------------------------------------
@@ -148,18 +193,22 @@ def load_index(folder: str) -> Optional[dict]:
         return None  # unreadable (another version, damaged): rebuild it
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
         return None
+    if len(non_finite(index["embeddings"], index["uncertainties"])):  # cached from a model that gave NaN
+        return None
     return index
 
 
 def build_index(model, folder: str, files: List[str], fingerprint: str, model_id: str, device: torch.device,
                 batch_size: int, progress: bool) -> dict:
-    embeddings, uncertainties, kept = embed_paths(model, [os.path.join(folder, f) for f in files], device,
-                                                  batch_size, progress)
+    paths = [os.path.join(folder, f) for f in files]
+    embeddings, uncertainties, kept, skipped = embed_paths(model, paths, device, batch_size, progress)
     if not kept:
         raise UsageError(f"--gallery {folder} holds no readable images "
                          f"(looked for {', '.join(IMAGE_EXTENSIONS)} files)")
+    # The unreadable files are remembered: while the folder is unchanged they are not decoded again.
     return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": fingerprint, "model": model_id,
-            "files": [files[i] for i in kept], "embeddings": embeddings, "uncertainties": uncertainties}
+            "files": [files[i] for i in kept], "embeddings": embeddings, "uncertainties": uncertainties,
+            "skipped": [os.path.relpath(path, folder) for path in skipped]}
 
 
 def save_index(folder: str, index: dict) -> bool:
@@ -219,14 +268,19 @@ def search(model_path: str, gallery: str, queries: List[str], k: int, device: to
     """Each query's k nearest gallery images: (a sentence on the index used, one result per
     query with "query", "uncertainty" |sigma|^2, "high_uncertainty", "uncertainty_mode",
     "report" (uncertainty_report's line) and "neighbours" [(similarity, path)])."""
-    for query in queries:
-        if not os.path.isfile(query) or image_size(query) is None:
-            raise UsageError(f"--query expects image files; {query} is not a readable image")
+    for query in queries:  # decoded in full before the gallery is indexed: a truncated file's header reads fine
+        reason = unreadable_reason(query) if os.path.isfile(query) else "no such file"
+        if reason is not None:
+            raise UsageError(f"--query expects image files; {query} is not a readable image ({reason})")
     model = load_model(model_path, device)
     index, how = gallery_index(model, model_path, gallery, device, batch_size, progress, rebuild)
     info = f"{how} {len(index['files'])} images in {gallery} ({index_path(gallery)})"
+    skipped = [os.path.join(gallery, name) for name in index.get("skipped", [])]
+    if skipped:
+        info += (f"; {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} left out "
+                 f"({_some(skipped)})")
     mode = str(model.uncertainty_mode)
-    embeddings, uncertainties, _ = embed_paths(model, queries, device, batch_size, progress=False)
+    embeddings, uncertainties, _, _ = embed_paths(model, queries, device, batch_size, progress=False)
     results = []
     for number, query in enumerate(queries):
         value = float(uncertainties[number])

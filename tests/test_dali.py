@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -229,3 +230,28 @@ def test_digits_with_dali_exits_2_with_one_sentence():
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("error: --loader dali decodes image files, and --dataset digits is embedded in "
                                      "memory: use --loader pil for it")
+
+
+def test_a_file_dali_cannot_decode_is_decided_once_and_warned_about_once(items, tmp_path):
+    """A GIF named .jpg goes to PIL from the start, with one warning in all, the others of its
+    batch to DALI; a truncated JPEG is decoded once, then dropped without another try."""
+    gif = str(tmp_path / "animation.jpg")
+    photo(70, 50, seed=9).convert("P").save(gif, "GIF")
+    truncated = truncate(items[0][0], tmp_path / "truncated.jpg")
+    listed = items[:3] + [(gif, 1)] + items[3:5] + [(truncated, 2)]
+    dataset = ImageFileDataset(listed, eval_transform(SIZE))
+    loader = eval_loader(dataset, 4, 0, CPU, "dali", SIZE)
+    with pytest.warns(UserWarning) as caught:
+        first = list(loader)
+    messages = [str(w.message) for w in caught]
+    assert sum(gif in m and "GIF file, which DALI does not decode" in m for m in messages) == 1, messages
+    assert sum("truncated.jpg" in m for m in messages) == 1, messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the next epoch: every decision remembered, nothing said again
+        again = list(loader)
+    pil_images, pil_labels, _, _ = load(eval_loader(dataset, 4, 0, CPU, "pil", SIZE))
+    for batches in (first, again):
+        images, labels, dropped, _ = load(batches)
+        assert torch.equal(labels, pil_labels) and dropped == 1 and [b[2] for b in batches] == [(), (truncated,)]
+        assert (images - pil_images).abs().max() <= ONE_GREY_LEVEL
+        assert torch.equal(images[3], pil_images[3])  # the GIF: PIL's pixels

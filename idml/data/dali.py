@@ -21,15 +21,18 @@ grey level here and there; on the GPU nvJPEG and DALI's antialiased linear filte
 
 Unreadable images: every file's header is parsed with PIL before DALI sees its bytes (the
 crop box needs the image's size anyway), so a file that is not an image is skipped with the
-PIL path's warning and counted. When DALI fails on a file whose header is fine (a truncated
-JPEG, say), that one batch is decoded with PIL instead: PIL skips and counts the unreadable
-files, the others keep their crop boxes and flips.
+PIL path's warning and counted. A file in a format DALI does not decode (a GIF named .jpg,
+say) goes to PIL, with one warning. When DALI fails on a file whose header is fine (a
+truncated JPEG, say), the batch's files are decoded with PIL instead: PIL skips and counts
+the unreadable ones, the others keep their crop boxes and flips. Each of these is decided
+once per file and remembered: later batches hand the file to PIL, or drop it, directly.
 """
 import collections
 import contextlib
 import io
 import types
 import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional
 
 import numpy as np
@@ -37,13 +40,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from idml.data.datasets import (UNREADABLE, ImageFileDataset, Items, Unreadable, collate_valid, drop_unreadable,
-                                warn_unreadable)
+from idml.data.datasets import UNREADABLE, ImageFileDataset, Items, Unreadable, warn_unreadable
 from idml.data.samplers import SeededSamples
 from idml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainDraws, eval_geometry
 from idml.errors import UsageError
 
 PREFETCH = 2  # batches DALI prepares ahead of the one being consumed
+# The image formats (PIL's names) DALI's decoders read; MPO is the JPEG of many cameras.
+DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "JPEG2000", "WEBP"})
 DALI_PACKAGE = "nvidia-dali-cuda130"
 
 
@@ -70,10 +74,18 @@ def image_files(dataset: Dataset) -> Items:
     return dataset.items
 
 
+@dataclass(frozen=True)
+class NotForDali:
+    """What EncodedImages gives for an image in a format DALI does not decode."""
+    path: str
+    format: str
+
+
 class EncodedImages(Dataset):
     """(label, file bytes, geometry) of each (path, label) item, where geometry is what
     `geometry` computes from the image's header (TrainDraws, or eval_geometry's resize and
-    crop), or None, with the PIL path's warning, for a file whose header PIL cannot read."""
+    crop); Unreadable, with the PIL path's warning, for a file whose header PIL cannot read;
+    NotForDali for one in a format DALI does not decode."""
 
     def __init__(self, items: Items, geometry: Callable[[Image.Image], tuple]):
         self.items, self.geometry = items, geometry
@@ -87,6 +99,8 @@ class EncodedImages(Dataset):
             with open(path, "rb") as f:
                 encoded = f.read()
             with Image.open(io.BytesIO(encoded)) as image:  # parses the header only
+                if image.format not in DALI_FORMATS:
+                    return NotForDali(path, str(image.format))
                 geometry = self.geometry(image)
         except UNREADABLE as error:
             warn_unreadable(path, error)
@@ -208,6 +222,20 @@ def decode(dali, device: str, encoded, anchor=None, shape=None):
     return dali.fn.decoders.image_slice(encoded, anchor, shape, **options)
 
 
+@dataclass
+class Batch:
+    """One batch of indices split between DALI and PIL: DALI's share (its positions in the
+    batch, labels, file bytes, geometries), PIL's decoded (position, image, label) and the
+    paths of the unreadable files dropped."""
+    items: list
+    positions: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    encoded: list = field(default_factory=list)
+    geometries: list = field(default_factory=list)
+    pil: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)
+
+
 class DaliLoader:
     """Iterates over (images, labels, dropped) of `batches` like DataLoader(..., collate_fn=
     collate_valid): `batches` yields lists of dataset indices, or of (index, draw) pairs for
@@ -233,25 +261,26 @@ class DaliLoader:
         encoded = EncodedImages(items, geometry)
         self.samples = SeededSamples(encoded, seed) if train else encoded
         self.pil = SeededSamples(dataset, seed) if train else dataset
+        self.items, self.train = items, train
+        # Decided once per file, for every later epoch: the indices that go to PIL, and those
+        # neither decodes (dropped without decoding again; BadImageBudget counts each once).
+        self.for_pil, self.unreadable = set(), set()
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
-        # What each batch became, in the batches' order: (batch, labels, geometries, dropped);
-        # labels None for a batch of unreadable files only, which DALI is not given (it takes
-        # no empty batch).
+        # What each batch became, in the batches' order (Batch); a batch without files for
+        # DALI (all unreadable or PIL's) is not given to it, which takes no empty batch.
         pending = collections.deque()
         batches = iter(self.batches)
 
         def source():
             while True:
-                batch = next(batches)  # StopIteration ends DALI's epoch
-                valid, dropped = drop_unreadable([self.samples[item] for item in batch])
-                labels, encoded, geometries = zip(*valid) if valid else (None, None, None)
-                pending.append((batch, labels, geometries, dropped))
-                if valid:
-                    return [list(encoded)] + self.resampling.inputs(geometries)
+                batch = self._split(next(batches))  # StopIteration ends DALI's epoch
+                pending.append(batch)
+                if batch.positions:
+                    return [batch.encoded] + self.resampling.inputs(batch.geometries)
 
         pipe = self._pipeline(source)
         while True:
@@ -263,15 +292,64 @@ class DaliLoader:
                 if "decoders.image" not in str(error):  # only decoding errors have a PIL fallback
                     raise
                 outcome = error
-            while pending and pending[0][1] is None:  # batches before it that DALI was not given
-                yield None, None, pending.popleft()[3]
+            while pending and not pending[0].positions:  # batches before it that DALI was not given
+                yield self._assemble(pending.popleft(), None)
             if outcome is None:
                 return
-            batch, labels, geometries, dropped = pending.popleft()
+            batch = pending.popleft()
             if isinstance(outcome, RuntimeError):
-                yield self._decode_with_pil(batch)
+                self._decode_with_pil(batch)
+                yield self._assemble(batch, None)
             else:
-                yield self.resampling.to_torch(outcome, geometries), torch.tensor(labels), dropped
+                yield self._assemble(batch, self.resampling.to_torch(outcome, batch.geometries))
+
+    def _split(self, items: List) -> Batch:
+        """The batch's files for DALI, those PIL decodes now, and the unreadable ones."""
+        batch = Batch(items)
+        for position, item in enumerate(items):
+            index = item[0] if self.train else item
+            if index in self.unreadable:
+                batch.dropped.append(self.items[index][0])
+                continue
+            if index in self.for_pil:
+                self._add_pil(batch, position, item)
+                continue
+            sample = self.samples[item]
+            if isinstance(sample, NotForDali):
+                self.for_pil.add(index)
+                warnings.warn(f"decoding {sample.path} with PIL: it is a {sample.format} file, which DALI does not "
+                              f"decode (whatever its name says)", stacklevel=4)
+                self._add_pil(batch, position, item)
+            elif isinstance(sample, Unreadable):
+                self.unreadable.add(index)
+                batch.dropped.append(sample.path)
+            else:
+                label, encoded, geometry = sample
+                batch.positions.append(position)
+                batch.labels.append(label)
+                batch.encoded.append(encoded)
+                batch.geometries.append(geometry)
+        return batch
+
+    def _add_pil(self, batch: Batch, position: int, item) -> None:
+        """PIL's decoding of one item into `batch` (dropped, and remembered, if PIL cannot)."""
+        sample = self.pil[item]
+        if isinstance(sample, Unreadable):
+            self.unreadable.add(item[0] if self.train else item)
+            batch.dropped.append(sample.path)
+        else:
+            batch.pil.append((position, *sample))
+
+    def _assemble(self, batch: Batch, images: Optional[torch.Tensor]):
+        """(images, labels, dropped) of a batch in its order: DALI's `images` (None when it
+        was not given the batch) and PIL's."""
+        dropped = tuple(batch.dropped)
+        if not batch.pil:  # DALI's alone (or nothing): already in the batch's order
+            return (None, None, dropped) if images is None else (images, torch.tensor(batch.labels), dropped)
+        rows = [] if images is None else list(zip(batch.positions, images, batch.labels))
+        rows += [(position, image.to(self.device), label) for position, image, label in batch.pil]
+        rows.sort(key=lambda row: row[0])
+        return torch.stack([image for _, image, _ in rows]), torch.tensor([label for *_, label in rows]), dropped
 
     def _pipeline(self, source):
         """source's file bytes and arguments -> DALI's graph (the resampling's) -> the images."""
@@ -285,8 +363,11 @@ class DaliLoader:
             pipe.set_outputs(self.resampling.graph(encoded, inputs))
         return pipe
 
-    def _decode_with_pil(self, batch):
-        warnings.warn(f"DALI could not decode an image of a batch of {len(batch)}: decoding that batch with PIL",
-                      stacklevel=3)
-        images, labels, dropped = collate_valid([self.pil[item] for item in batch])
-        return (None if images is None else images.to(self.device)), labels, dropped
+    def _decode_with_pil(self, batch: Batch) -> None:
+        """DALI failed on `batch`: PIL decodes its share; a file PIL cannot decode either is
+        what failed, and is dropped from now on."""
+        warnings.warn(f"DALI could not decode an image of a batch of {len(batch.items)}: decoding that batch with "
+                      f"PIL", stacklevel=4)
+        for position in batch.positions:
+            self._add_pil(batch, position, batch.items[position])
+        batch.positions, batch.labels, batch.encoded, batch.geometries = [], [], [], []

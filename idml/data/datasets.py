@@ -6,9 +6,11 @@ the order of the original class ids. Bad layouts raise UsageError naming what wa
 expected where.
 """
 import os
+import re
+import stat
 import warnings
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
@@ -41,11 +43,44 @@ def _require(path: str, layout: str, dataset: str, kind: str = "folder") -> None
         raise UsageError(f"{dataset} {kind} not found: expected {path} (layout: <data-root>/{layout})")
 
 
+def _listdir(folder: str, dataset: str) -> List[str]:
+    """The names in `folder`, hidden ones left out; UsageError when it cannot be read."""
+    try:
+        return [name for name in os.listdir(folder) if not _is_hidden(name)]
+    except OSError as error:
+        raise UsageError(f"{dataset}: cannot read the folder {folder} ({error.strerror})") from None
+
+
+def _is_class_folder(path: str) -> bool:
+    """Whether `path` is a folder (a plain file is not a class); UsageError for a link that
+    loops or leads nowhere, which would otherwise drop a class and shift the split silently."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError as error:
+        raise UsageError(f"CUB-200-2011: {path} cannot be opened ({error.strerror}): expected a class folder "
+                         f"(remove it or repair the link)") from None
+
+
+CLASS_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: int() also takes '\u0663' and str.isdigit() '\u00b2'
+
+
+def _text_lines(list_file: str, dataset: str = "") -> Iterator[Tuple[int, str]]:
+    """(line number, line) of a UTF-8 list file; UsageError naming the first line that is not UTF-8."""
+    with open(list_file, "rb") as f:
+        lines = f.read().splitlines()
+    for number, raw in enumerate(lines, start=1):
+        try:
+            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")  # the BOM some editors write
+        except UnicodeDecodeError as error:
+            raise UsageError(f"{dataset}line {number} of {list_file} is not UTF-8 text (byte {raw[error.start]:#04x} "
+                             f"at column {error.start + 1})") from None
+
+
 def cub_split(root: str, train: bool) -> Items:
     """CUB-200-2011: classes are the sorted image folders; the first 100 train, the rest test."""
     images = os.path.join(root, "CUB_200_2011", "images")
     _require(images, CUB_LAYOUT, "CUB-200-2011")
-    classes = sorted(d for d in os.listdir(images) if not _is_hidden(d) and os.path.isdir(os.path.join(images, d)))
+    classes = sorted(d for d in _listdir(images, "CUB-200-2011") if _is_class_folder(os.path.join(images, d)))
     if len(classes) < 2:
         raise UsageError(f"CUB-200-2011: expected class folders like 001.Black_footed_Albatross in {images}, "
                          f"found {len(classes)}")
@@ -54,7 +89,7 @@ def cub_split(root: str, train: bool) -> Items:
     items = []
     for label, name in enumerate(chosen):
         folder = os.path.join(images, name)
-        files = sorted(f for f in os.listdir(folder) if not _is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(f for f in _listdir(folder, "CUB-200-2011") if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise UsageError(f"CUB-200-2011: class folder {folder} holds no images (expected <file>.jpg)")
         items += [(os.path.join(folder, f), label) for f in files]
@@ -101,13 +136,11 @@ def sop_split(root: str, train: bool) -> Items:
     list_file = os.path.join(folder, "Ebay_train.txt" if train else "Ebay_test.txt")
     _require(list_file, SOP_LAYOUT, "Stanford Online Products", kind="file")
     items = []
-    with open(list_file) as f:
-        lines = f.read().splitlines()[1:]
-    for number, line in enumerate(lines, start=2):
-        if not line.strip():
+    for number, line in _text_lines(list_file, "Stanford Online Products: "):
+        if number == 1 or not line.strip():  # the header
             continue
         fields = line.split()
-        if len(fields) != 4 or not fields[1].isdigit():
+        if len(fields) != 4 or not CLASS_ID.fullmatch(fields[1]):
             raise UsageError(f"Stanford Online Products: line {number} of {list_file} should read "
                              f"'image_id class_id super_class_id path', got {line!r}")
         items.append((os.path.join(folder, fields[3]), int(fields[1])))
@@ -141,20 +174,31 @@ def _custom_list(root: str, list_file: str) -> Items:
     """The (path, class id) lines of `list_file`, class ids as written, paths under `root`."""
     _require(list_file, CUSTOM_LAYOUT, "custom data set", kind="file")
     items = []
-    with open(list_file) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            path, _, label = line.strip().rpartition(" ")
-            if not path or not label.lstrip("-").isdigit():
-                raise UsageError(f"line {number} of {list_file} should read 'relative/path.jpg class_id', got {line.strip()!r}")
-            if int(label) < 0:
-                raise UsageError(f"class id {label} on line {number} of {list_file} is out of range: "
-                                 f"expected an integer >= 0")
-            items.append((os.path.join(root, path), int(label)))
+    for number, line in _text_lines(list_file):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, _, label = line.rpartition(" ")
+        if not path.strip() or not CLASS_ID.fullmatch(label):
+            raise UsageError(f"line {number} of {list_file} should read 'relative/path.jpg class_id' "
+                             f"(class_id in digits 0-9), got {line!r}")
+        if int(label) < 0:
+            raise UsageError(f"class id {label} on line {number} of {list_file} is out of range: "
+                             f"expected an integer >= 0")
+        items.append((_under_root(root, path, list_file, number), int(label)))
     if not items:
         raise UsageError(f"{list_file} lists no images (expected {CUSTOM_LAYOUT})")
     return items
+
+
+def _under_root(root: str, path: str, list_file: str, number: int) -> str:
+    """root/path, refused when `path` is absolute or climbs out of `root` with '..'. Checked
+    on the names, not through links: a data root may link to the disk its images are on."""
+    joined = os.path.normpath(os.path.join(root, path))
+    if os.path.isabs(path) or os.path.relpath(joined, os.path.normpath(root)).split(os.sep)[0] == os.pardir:
+        raise UsageError(f"line {number} of {list_file} names {path}, which lies outside --data-root {root}: "
+                         f"expected a path relative to it")
+    return os.path.join(root, path)
 
 
 SPLITS = {"cub": cub_split, "cars": cars_split, "SOP": sop_split, "custom": custom_split}

@@ -1,17 +1,26 @@
 """Writes a small dataset in one of the real on-disk layouts, for tests and smoke runs:
 
-    python scripts/synthetic.py --layout {cub,cars,sop} --out DIR [--classes N] [--per-class N]
+    python scripts/synthetic.py --layout {cub,cars,sop} --out DIR [--classes N] [--per-class N] [--force]
 
 Each class is a colour and a shape drawn at random positions, saved as JPEGs of varied
 sizes; every fifth image is greyscale (as in the real data sets). Cars196 gets a
 cars_annos.mat written with scipy in the real file's structure, SOP the Ebay_*.txt lists.
+
+`write_dataset` (the command) writes only into a new or empty folder, which it marks with a
+.idml-synthetic file listing what it wrote; --force writes again only into such a folder,
+and only when every file in it is one it wrote: it never writes over or beside real data.
 """
+import json
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from idml.errors import UsageError
+from idml.files import atomic_write, atomic_write_text
+
 LAYOUTS = ("cub", "cars", "sop")
+MARKER = ".idml-synthetic"
 
 
 def _class_image(rng: np.random.Generator, label: int, num_classes: int) -> Image.Image:
@@ -29,8 +38,7 @@ def _class_image(rng: np.random.Generator, label: int, num_classes: int) -> Imag
 
 
 def _save(image: Image.Image, path: str, grey: bool) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    (image.convert("L") if grey else image).save(path, "JPEG", quality=90)
+    atomic_write(path, lambda f: (image.convert("L") if grey else image).save(f, "JPEG", quality=90))
 
 
 def _images(num_classes: int, per_class: int, seed: int):
@@ -71,8 +79,8 @@ def write_cars(out: str, num_classes: int, per_class: int, seed: int = 0) -> Non
     class_names = np.empty((1, num_classes), dtype=object)
     for c in range(num_classes):
         class_names[0, c] = np.array([f"Synthetic Car {c + 1}"])
-    scipy.io.savemat(os.path.join(folder, "cars_annos.mat"),
-                     {"annotations": annotations, "class_names": class_names})
+    atomic_write(os.path.join(folder, "cars_annos.mat"),
+                 lambda f: scipy.io.savemat(f, {"annotations": annotations, "class_names": class_names}))
 
 
 def write_sop(out: str, num_classes: int, per_class: int, seed: int = 0,
@@ -89,8 +97,65 @@ def write_sop(out: str, num_classes: int, per_class: int, seed: int = 0,
     for name, keep in (("Ebay_train.txt", lambda c: c <= half), ("Ebay_test.txt", lambda c: c > half)):
         lines = ["image_id class_id super_class_id path"]
         lines += [f"{i} {c} {s} {p}" for i, c, s, p in rows if keep(c)]
-        with open(os.path.join(folder, name), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        atomic_write_text(os.path.join(folder, name), "\n".join(lines) + "\n")
 
 
 WRITERS = {"cub": write_cub, "cars": write_cars, "sop": write_sop}
+
+
+def write_dataset(layout: str, out: str, num_classes: int, per_class: int, seed: int = 0, force: bool = False) -> None:
+    """WRITERS[layout] into `out`, a new or empty folder, or with `force` one that holds only
+    files a previous write_dataset wrote (they are removed first, so the result is what a
+    fresh run writes); UsageError for any other folder, before anything is written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; expected a folder to write the data set into")
+    existing = _files_under(out) if os.path.isdir(out) else []
+    if existing or (os.path.isdir(out) and os.listdir(out)):
+        _claim_for_rewrite(out, existing, force)
+    marker = os.path.join(out, MARKER)
+    # Claimed before the first image: an interrupted run leaves a folder that --force may redo.
+    atomic_write_text(marker, json.dumps({"complete": False}) + "\n")
+    WRITERS[layout](out, num_classes, per_class, seed)
+    written = [name for name in _files_under(out) if name != MARKER]
+    atomic_write_text(marker, json.dumps({"complete": True, "files": written}, indent=0) + "\n")
+
+
+def _files_under(folder: str) -> list:
+    """Relative paths of every file (links included) under `folder`, hidden ones too."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [os.path.relpath(os.path.join(root, name), folder) for name in files]
+        # A link to a folder is not descended into; it is something the folder holds all the same.
+        found += [os.path.relpath(os.path.join(root, name), folder) for name in dirs
+                  if os.path.islink(os.path.join(root, name))]
+    return sorted(found)
+
+
+def _claim_for_rewrite(out: str, existing: list, force: bool) -> None:
+    """Removes the files of a previous synthetic data set in `out`, or refuses."""
+    marker = os.path.join(out, MARKER)
+    if not force:
+        raise UsageError(f"--out {out} is not empty: synthetic.py writes only into a new or empty folder "
+                         f"(--force rewrites a synthetic data set it wrote there before)")
+    if not os.path.isfile(marker):
+        raise UsageError(f"--out {out} holds files synthetic.py did not write (it has no {MARKER} file), so "
+                         f"even --force does not write there: choose a new or empty folder")
+    try:
+        with open(marker) as f:
+            record = json.load(f)
+        owned = set(record["files"]) if record["complete"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"--out {out}: {marker} is damaged, so which files synthetic.py wrote is unknown: "
+                         f"choose a new or empty folder") from None
+    # After an interrupted run the list is missing; the folder held only synthetic files when it began.
+    foreign = [name for name in existing if name != MARKER and owned is not None and name not in owned]
+    if foreign:
+        raise UsageError(f"--out {out} holds {len(foreign)} files synthetic.py did not write (e.g. {foreign[0]}), "
+                         f"so even --force does not write there: move them, or choose a new or empty folder")
+    for name in existing:
+        os.unlink(os.path.join(out, name))
+    for root, dirs, _ in os.walk(out, topdown=False):  # the folders the files were in, now empty
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and not os.listdir(path):
+                os.rmdir(path)
