@@ -10,6 +10,9 @@ from typing import Callable
 from idml.errors import UsageError
 
 
+TEMPORARY_PATTERN = ".*.*.tmp"  # the names atomic_write's temporary files take: .<name>.<random>.tmp
+
+
 def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -> None:
     """Call write(f) on a temporary file beside `path`, fsync it, then rename it to `path`."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -45,17 +48,12 @@ def _umask() -> int:
     return mask
 
 
-def temporary_name_pattern(name: str) -> str:
-    """A glob matching the temporary files atomic_write makes for target file `name`."""
-    return "." + glob.escape(name) + ".*.tmp"
-
-
 def remove_stale_temporaries(folder: str) -> int:
     """Removes the temporary files atomic_write left in `folder` (a process killed while
     writing cannot remove its own); call it only while no other process writes there.
     Returns how many it removed."""
     removed = 0
-    for path in glob.glob(os.path.join(glob.escape(folder), temporary_name_pattern("*"))):
+    for path in glob.glob(os.path.join(glob.escape(folder), TEMPORARY_PATTERN)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
             removed += 1
