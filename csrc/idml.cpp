@@ -40,9 +40,10 @@ TORCH_LIBRARY(idml, m) {
 
   // --- k-means++ seeding (k-means for NMI and F1, IDML_METHOD.md section 5) ---
   // Draws centroids start..stop-1 in place (kmeans.cpp; idml/reference.py has the same
-  // loop): draw c is the row where uniforms[c] * sum(closest) falls in the running sum of
-  // closest (float64 squared distances to the nearest centroid so far), then closest takes
-  // the distances to it into account. sq_norms = |x_i|^2; draw 0 is the caller's.
+  // loop): each of uniforms[c] (float64 [k, trials]) times sum(closest) falls on a row in the
+  // running sum of closest (float64 squared distances to the nearest centroid so far); draw c
+  // is the candidate that leaves the least sum of closest (the first on ties), then closest
+  // takes the distances to it into account. sq_norms = |x_i|^2; draw 0 is the caller's.
   m.def(
       "kmeans_plus_plus_draws(Tensor x, Tensor sq_norms, Tensor uniforms, Tensor(a!) closest, "
       "Tensor(b!) centroids, int start, int stop) -> ()");

@@ -5,6 +5,9 @@ deterministic for a seed: random draws come from a seeded CPU generator, assignm
 are blockwise argmins (ties to the lower centroid), and centroid sums avoid atomics.
 Empty clusters keep their centroid.
 """
+import math
+from typing import Optional
+
 import torch
 from tqdm import tqdm
 
@@ -38,17 +41,31 @@ def _row_blocks(n: int, k: int, budget: int):
     return ((start, min(n, start + step)) for start in range(0, n, step))
 
 
-def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0, progress: bool = False) -> torch.Tensor:
-    """k initial centroids [k, d] by k-means++ (D^2 sampling), seeded and deterministic.
+def local_trials(k: int, n_local_trials: Optional[int] = None) -> int:
+    """Candidates per k-means++ draw: n_local_trials, or scikit-learn's default 2 + int(ln k)."""
+    if n_local_trials is None:
+        return 2 + int(math.log(k))
+    if n_local_trials < 1:
+        raise ValueError(f"kmeans: n_local_trials must be at least 1, got {n_local_trials}")
+    return n_local_trials
 
-    The first centroid is a uniformly drawn row; each later one is u * sum(D^2) located in
-    the running cumulative sum of D^2 (float64), so the draws never synchronise with the
-    device (ops.kmeans_plus_plus_draws, a C++ loop). `progress`: a progress bar once a
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0, progress: bool = False,
+                     n_local_trials: Optional[int] = None) -> torch.Tensor:
+    """k initial centroids [k, d] by greedy k-means++ (D^2 sampling), seeded and deterministic.
+
+    The first centroid is a uniformly drawn row; each later one is the best of
+    `n_local_trials` candidates (default 2 + int(ln k), scikit-learn's): each candidate is
+    u * sum(D^2) located in the running cumulative sum of D^2 (float64), and the one that
+    leaves the least sum of D^2 is kept. 1 is plain k-means++, one candidate per draw. The
+    uniforms come from a seeded CPU generator up front, so the draws never synchronise with
+    the device (ops.kmeans_plus_plus_draws, a C++ loop). `progress`: a progress bar once a
     second has passed (the k draws take a minute on a CPU at SOP size).
     """
-    n = x.shape[0]
+    n, trials = x.shape[0], local_trials(k, n_local_trials)
     generator = torch.Generator().manual_seed(seed)
-    uniforms = torch.rand(k, generator=generator, dtype=torch.float64).to(x.device)
+    # [k, 1] draws the same numbers as the single draw's [k] did, so its centroids stay the same.
+    uniforms = torch.rand(k, trials, generator=generator, dtype=torch.float64).to(x.device)
     first = torch.randint(n, (1,), generator=generator).to(x.device)
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
     torch.index_select(x, 0, first, out=centroids[:1])
@@ -139,8 +156,9 @@ def inertia(x: torch.Tensor, ids: torch.Tensor, centroids: torch.Tensor) -> floa
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, runs: int = 1,
-           progress: bool = False) -> torch.Tensor:
-    """Cluster ids (LongTensor [n], on x's device) of k-means with k-means++ seeding.
+           progress: bool = False, n_local_trials: Optional[int] = None) -> torch.Tensor:
+    """Cluster ids (LongTensor [n], on x's device) of k-means with greedy k-means++ seeding
+    (kmeans_plus_plus; `n_local_trials` candidates per draw, default scikit-learn's).
 
     Deterministic for a seed; each run stops when the assignment is stable or after
     `iters` Lloyd iterations. With runs > 1, the run (seeded seed, seed + 1, ...) of the
@@ -154,7 +172,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, runs: int =
     x = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
     best, best_inertia = None, float("inf")
     for run in range(runs):
-        ids, centroids = lloyd(x, kmeans_plus_plus(x, k, seed + run, progress), iters, progress=progress)
+        ids, centroids = lloyd(x, kmeans_plus_plus(x, k, seed + run, progress, n_local_trials), iters,
+                               progress=progress)
         if runs == 1:
             return ids
         run_inertia = inertia(x, ids, centroids)

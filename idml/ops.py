@@ -221,7 +221,8 @@ def retrieval_metrics(
 def kmeans_plus_plus_draws(x: torch.Tensor, sq_norms: torch.Tensor, uniforms: torch.Tensor,
                            closest: torch.Tensor, centroids: torch.Tensor, start: int, stop: int) -> None:
     """Draws k-means++ centroids start..stop-1 into `centroids` and updates `closest`, in
-    place (reference.kmeans_plus_plus_draws; the operator runs the same loop from C++)."""
+    place, each the best of uniforms.shape[1] candidates (reference.kmeans_plus_plus_draws;
+    the operator runs the same loop from C++)."""
     if _kernel_for("kmeans_plus_plus_draws", x):
         torch.ops.idml.kmeans_plus_plus_draws.default(x, sq_norms, uniforms, closest, centroids, start, stop)
     else:

@@ -149,13 +149,24 @@ def squared_distances_to_row(x: torch.Tensor, sq_norms: torch.Tensor, index: tor
 
 def kmeans_plus_plus_draws(x: torch.Tensor, sq_norms: torch.Tensor, uniforms: torch.Tensor,
                            closest: torch.Tensor, centroids: torch.Tensor, start: int, stop: int) -> None:
-    """Draws centroids start..stop-1 of k-means++ (D^2 sampling), in place: draw c is the
-    row where uniforms[c] * sum(closest) falls in the running sum of `closest` (float64, the
-    squared distance of every row to its nearest centroid so far), which then takes the
-    distances to the new centroid into account. No host synchronisation."""
-    n = x.shape[0]
+    """Draws centroids start..stop-1 of k-means++ (D^2 sampling), in place. `closest` holds
+    the squared distance of every row to its nearest centroid so far (float64); each of
+    uniforms[c] (float64 [k, trials]) times sum(closest) falls on a candidate row in the
+    running sum of `closest`. One trial: draw c is that row. Several (greedy k-means++, as
+    scikit-learn's): the candidate that leaves the least sum of `closest`, the first on
+    ties. `closest` then takes the distances to it into account. No host synchronisation."""
+    n, trials = x.shape[0], uniforms.shape[1]
     for c in range(start, stop):
         cumulative = closest.cumsum(0)
-        index = torch.searchsorted(cumulative, uniforms[c:c + 1] * cumulative[-1:], right=True).clamp_max_(n - 1)
-        torch.index_select(x, 0, index, out=centroids[c:c + 1])
-        torch.minimum(closest, squared_distances_to_row(x, sq_norms, index, centroids[c]), out=closest)
+        indices = torch.searchsorted(cumulative, uniforms[c] * cumulative[-1:], right=True).clamp_max_(n - 1)
+        if trials == 1:  # a matrix-vector product, bit for bit the single draw's centroids
+            torch.index_select(x, 0, indices, out=centroids[c:c + 1])
+            torch.minimum(closest, squared_distances_to_row(x, sq_norms, indices, centroids[c]), out=closest)
+            continue
+        candidates = x.index_select(0, indices)
+        distances = torch.add(sq_norms, sq_norms.index_select(0, indices).unsqueeze(1))
+        # max(distance, 0) then the least with `closest` (never negative), in one pass.
+        reduced = distances.addmm_(candidates, x.t(), alpha=-2.0).clamp(closest.new_zeros(()), closest)
+        best = reduced.sum(dim=1).argmin(dim=0, keepdim=True)
+        torch.index_select(candidates, 0, best, out=centroids[c:c + 1])
+        torch.index_select(reduced, 0, best, out=closest.unsqueeze(0))

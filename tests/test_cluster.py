@@ -166,12 +166,12 @@ def test_centroid_update_is_the_float64_mean_and_keeps_empty_clusters(device):
         torch.testing.assert_close(got[c], expected, rtol=1e-6, atol=1e-7)
 
 
-def seeding_inputs(n, k, dim, dtype, device, seed=0):
+def seeding_inputs(n, k, dim, dtype, device, seed=0, trials=1):
     """(x, sq_norms, uniforms, closest, centroids) after draw 0 (row 0), as kmeans_plus_plus
     prepares them."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, generator=g, dtype=dtype).to(device)
-    uniforms = torch.rand(k, generator=g, dtype=torch.float64).to(device)
+    uniforms = torch.rand(k, trials, generator=g, dtype=torch.float64).to(device)
     sq_norms = (x * x).sum(dim=1)
     centroids = torch.empty(k, dim, dtype=dtype, device=device)
     centroids[:1] = x[:1]
@@ -192,32 +192,125 @@ def draw_all(draws, inputs, splits):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_seeding_operator_draws_what_the_reference_draws(device, dtype):
+@pytest.mark.parametrize("trials", [1, 5])
+def test_seeding_operator_draws_what_the_reference_draws(device, dtype, trials):
     """The C++ loop runs the reference's operations in the same order: the same centroids and
     distances, bit for bit, however the draws are split into calls."""
     assert ops.has_kernel("kmeans_plus_plus_draws", torch.device(device)), ops.EXTENSION_ERROR
     k = 90
-    inputs = seeding_inputs(700, k, 13, dtype, device)  # 13: rows of the centroids at every alignment
+    # 13: rows of the centroids at every alignment
+    inputs = seeding_inputs(700, k, 13, dtype, device, trials=trials)
     expected = draw_all(reference.kmeans_plus_plus_draws, inputs, [k])
     for splits in ([k], [2, 40, 41, k], [k - 1, k]):
         got = draw_all(torch.ops.idml.kmeans_plus_plus_draws, inputs, splits)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), splits
 
 
-def test_seeding_draws_rows_by_their_squared_distance_share():
-    """Each draw is the row where u * sum(D^2) falls in the running sum of D^2, D = distance
-    to the nearest centroid so far: checked against numpy in float64, draw by draw."""
+@pytest.mark.parametrize("draws", [ops.kmeans_plus_plus_draws, reference.kmeans_plus_plus_draws])
+def test_seeding_in_more_calls_draws_the_same_centroids(monkeypatch, draws):
+    """kmeans_plus_plus's centroids do not depend on how many draws each call makes."""
+    monkeypatch.setattr(ops, "kmeans_plus_plus_draws", draws)
+    x, _ = separated_blobs(20, 30, dim=7, seed=3)
+    expected = cluster.kmeans_plus_plus(x, 50, seed=2)
+    monkeypatch.setattr(cluster, "DRAWS_PER_CALL", 7)
+    assert torch.equal(cluster.kmeans_plus_plus(x, 50, seed=2), expected)
+
+
+def greedy_seeding_rows(points, first, uniforms):
+    """Rows of scikit-learn's greedy k-means++ in numpy float64, fed its random numbers: the
+    first row, then per draw the candidates u * potential located in the running sum of the
+    squared distances to the nearest centroid (clipped to the last row), of which the one
+    leaving the least potential (the first on ties) is kept. Returns (rows, final distances)."""
+    nearest = ((points - points[first]) ** 2).sum(axis=1)
+    rows = [first]
+    for u in uniforms[1:]:
+        candidates = np.minimum(np.searchsorted(np.cumsum(nearest), u * nearest.sum()), len(points) - 1)
+        reduced = np.minimum(nearest, ((points[None] - points[candidates][:, None]) ** 2).sum(axis=2))
+        best = int(np.argmin(reduced.sum(axis=1)))
+        rows.append(int(candidates[best]))
+        nearest = reduced[best]
+    return rows, nearest
+
+
+@pytest.mark.parametrize("draws", [ops.kmeans_plus_plus_draws, reference.kmeans_plus_plus_draws])
+@pytest.mark.parametrize("trials", [1, 2, 7])
+def test_seeding_draws_are_scikit_learns_greedy_choices(draws, trials):
+    """Each draw is the best of `trials` rows located by u * sum(D^2) in the running sum of
+    D^2 (D = distance to the nearest centroid so far), by the sum of D^2 it leaves: checked
+    against numpy in float64, draw by draw (one trial: plain D^2 sampling)."""
     k = 60
-    x, sq_norms, uniforms, closest, centroids = seeding_inputs(400, k, 5, torch.float64, "cpu", seed=4)
-    ops.kmeans_plus_plus_draws(x, sq_norms, uniforms, closest, centroids, 1, k)
-    points, u = x.numpy(), uniforms.numpy()
-    nearest = ((points - points[0]) ** 2).sum(axis=1)
-    for c in range(1, k):
-        cumulative = np.cumsum(nearest)
-        row = min(int(np.searchsorted(cumulative, u[c] * cumulative[-1], side="right")), len(points) - 1)
-        np.testing.assert_array_equal(centroids[c].numpy(), points[row], err_msg=f"draw {c}")
-        nearest = np.minimum(nearest, ((points - points[row]) ** 2).sum(axis=1))
+    x, sq_norms, uniforms, closest, centroids = seeding_inputs(400, k, 5, torch.float64, "cpu", seed=4,
+                                                               trials=trials)
+    draws(x, sq_norms, uniforms, closest, centroids, 1, k)
+    rows, nearest = greedy_seeding_rows(x.numpy(), 0, uniforms.numpy())
+    np.testing.assert_array_equal(centroids.numpy(), x.numpy()[rows])
     np.testing.assert_allclose(closest.numpy(), nearest, rtol=1e-9, atol=1e-9)
+
+
+class ReplayedRandomState(np.random.RandomState):
+    """A RandomState that hands scikit-learn's k-means++ the given first row and uniforms."""
+
+    def __init__(self, first, uniforms):
+        super().__init__(0)
+        self.first, self.uniforms = first, iter(uniforms)
+
+    def choice(self, *args, **kwargs):
+        return self.first
+
+    def uniform(self, *args, size=None, **kwargs):
+        values = next(self.uniforms)
+        assert values.shape == (size,)
+        return values
+
+
+@pytest.mark.parametrize("k,trials", [(40, None), (150, None), (40, 3)])
+def test_seeding_equals_scikit_learns_kmeans_plusplus(k, trials):
+    """kmeans_plus_plus draws scikit-learn's kmeans_plusplus centroids when both get the same
+    random numbers (replayed from the seeded generator, which kmeans_plus_plus draws up front)."""
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    x, _ = separated_blobs(8, 60, dim=6, seed=2)
+    x = x.double() + 8 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    seed = 11
+    generator = torch.Generator().manual_seed(seed)
+    uniforms = torch.rand(k, cluster.local_trials(k, trials), generator=generator, dtype=torch.float64)
+    first = int(torch.randint(x.shape[0], (1,), generator=generator))
+    kwargs = {} if trials is None else {"n_local_trials": trials}
+    replayed = ReplayedRandomState(first, uniforms[1:].numpy())
+    expected, _ = sklearn_cluster.kmeans_plusplus(x.numpy(), k, random_state=replayed, **kwargs)
+    np.testing.assert_array_equal(cluster.kmeans_plus_plus(x, k, seed=seed, n_local_trials=trials).numpy(), expected)
+
+
+def small_classes(num_classes, dim=16, spread=1.5, seed=0):
+    """Classes of 2 to 12 points around Gaussian centres that overlap: a few points per
+    cluster, where which rows seed k-means shows in NMI and F1."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(torch.randint(2, 13, (num_classes,), generator=g))
+    x = spread * torch.randn(num_classes, dim, generator=g)[labels] + torch.randn(len(labels), dim, generator=g)
+    return x, labels
+
+
+def test_kmeans_clusters_as_well_as_scikit_learns_kmeans():
+    """300 classes of 2-12 points: NMI and F1 of idml's k-means (mean of 5 seeds) are within
+    scikit-learn KMeans' spread over 5 seeds (one run each) or above; plain k-means++ seeding
+    (one trial per draw) falls below it."""
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    x, labels = small_classes(300)
+
+    def scores(ids):
+        return cluster.nmi(labels, ids), cluster.pairwise_f1(labels, ids)
+
+    ours = np.array([scores(cluster.kmeans(x, 300, seed=seed)) for seed in range(5)])
+    theirs = np.array([scores(torch.from_numpy(sklearn_cluster.KMeans(300, n_init=1, random_state=seed)
+                                               .fit(x.numpy()).labels_)) for seed in range(5)])
+    floor = theirs.mean(axis=0) - 2 * theirs.std(axis=0)
+    assert (ours.mean(axis=0) >= floor).all(), f"NMI, F1: idml {ours.mean(axis=0)}, scikit-learn floor {floor}"
+
+
+def test_seeding_trials_default_to_scikit_learns():
+    assert [cluster.local_trials(k) for k in (1, 2, 7, 8, 748, 11316)] == [2, 2, 3, 4, 8, 11]
+    assert cluster.local_trials(748, 1) == 1
+    with pytest.raises(ValueError, match="n_local_trials must be at least 1"):
+        cluster.kmeans(torch.randn(20, 2), 3, n_local_trials=0)
 
 
 def test_seeding_operator_rejects_draws_out_of_range():
@@ -227,6 +320,12 @@ def test_seeding_operator_rejects_draws_out_of_range():
     x, sq_norms, uniforms, closest, centroids = inputs
     with pytest.raises(RuntimeError, match="closest must be a contiguous float64 vector"):
         torch.ops.idml.kmeans_plus_plus_draws(x, sq_norms, uniforms, closest.float(), centroids, 1, 5)
+    for bad in (uniforms[:, 0], uniforms[:, :0], uniforms.float(), torch.rand(2, 10, dtype=torch.float64).t()):
+        with pytest.raises(RuntimeError, match=r"uniforms must be a contiguous float64 \[k, trials\] matrix"):
+            torch.ops.idml.kmeans_plus_plus_draws(x, sq_norms, bad, closest, centroids, 1, 5)
+    with pytest.raises(RuntimeError, match="sq_norms must be a contiguous vector"):
+        strided = torch.stack([sq_norms] * 2, 1)[:, 0]
+        torch.ops.idml.kmeans_plus_plus_draws(x, strided, uniforms, closest, centroids, 1, 5)
 
 
 class RecordingBar:
