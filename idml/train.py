@@ -599,7 +599,7 @@ class Trainer:
         }
 
     def _resume(self, path: str) -> None:
-        checkpoint = load_checkpoint(path, required=("args", "model", "criterion"))
+        checkpoint = load_checkpoint(path, required=("args",))  # the others once the args fit (a clearer message)
         saved = checkpoint["args"]
         for name in ("model", "embedding_size", "dataset", "uncertainty", "l2_norm", "loss", "batch_size", "IPC",
                      "seed"):  # the last three: the sampler's order, so that the run continues exactly
@@ -615,7 +615,7 @@ class Trainer:
         if checkpoint["epoch"] >= self.args.epochs:
             raise UsageError(f"--resume {path}: that run has trained all {checkpoint['epoch']} of its epochs; "
                              f"pass a larger --epochs to train it further")
-        require(checkpoint, path, RESUME_KEYS)
+        require(checkpoint, path, ("model", "criterion") + RESUME_KEYS)
         self.model.load_state_dict(checkpoint["model"])
         self.criterion.load_state_dict(checkpoint["criterion"])
         self._restore_schedule(checkpoint, saved)
