@@ -2,15 +2,18 @@
 // shared by the CPU kernel (cpu/pa_ism.cpp) and the CUDA kernel (cuda/pa_ism.cu) so both
 // evaluate exactly the same formulas. Everything here works on ONE element (i, c) of the
 // B x C similarity matrix, from the product mu_i . p_c and the squared row/column norms.
-// checked_inputs at the end validates the operators' arguments for both backends.
+// checked_inputs and checked_backward_inputs at the end validate the operators' arguments
+// for both backends.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #if defined(__CUDACC__)
 #define IDML_HD __host__ __device__ __forceinline__
@@ -192,27 +195,109 @@ IDML_HD Grad<T> element_grad(T dot, const Row<T>& row, const Col<T>& col, bool p
           g_u};
 }
 
+// --- argument checks, shared by the CPU and CUDA kernels ---------------------------------
+// Every tensor's rank, shape, dtype, device and layout and every hyperparameter's range
+// are checked before a kernel reads anything: bad input raises a c10::Error (RuntimeError
+// in Python) naming the argument, never an out-of-bounds read or an uninitialised result.
+// Metadata only, so no host synchronisation; the labels' range is the kernels' (data).
+
 // The operators' tensor arguments, validated and made contiguous.
 struct Inputs {
   at::Tensor mu, sigma, labels, proxies;
 };
 
+// The backward's further arguments (the forward's outputs), validated and made contiguous.
+struct BackwardInputs {
+  Inputs in;
+  at::Tensor grad_loss, dots, row_stats, col_stats, num_positive;
+};
+
+// A dense tensor on `device` (the device of mu).
+inline void check_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.defined(), "pa_ism: ", name, " is an undefined tensor");
+  TORCH_CHECK(t.layout() == at::kStrided, "pa_ism: ", name, " must be a dense (strided) tensor, got layout ",
+              t.layout());
+  TORCH_CHECK(t.device() == device, "pa_ism: all inputs must be on the same device, but ", name, " is on ",
+              t.device(), " and mu on ", device);
+}
+
+// A tensor of exactly `sizes` and dtype `dtype` (the forward's outputs, fed to the backward).
+inline void check_saved(const at::Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType dtype,
+                        const at::Device& device) {
+  check_tensor(t, name, device);
+  TORCH_CHECK(t.sizes() == sizes, "pa_ism_backward: ", name, " must have shape ", sizes,
+              " (as pa_ism_forward returns it for these inputs), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "pa_ism_backward: ", name, " must be ", dtype,
+              " (as pa_ism_forward returns it for these inputs), got ", t.scalar_type());
+}
+
+// reduced_precision: whether the backend's kernels take float16 and bfloat16 (CUDA's do).
 inline Inputs checked_inputs(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& labels,
-                             const at::Tensor& proxies) {
+                             const at::Tensor& proxies, double margin, double alpha, double ism_offset,
+                             double ism_scale, bool reduced_precision) {
+  TORCH_CHECK(mu.defined(), "pa_ism: mu is an undefined tensor");
+  const at::Device device = mu.device();
+  check_tensor(mu, "mu", device);
+  check_tensor(sigma, "sigma", device);
+  check_tensor(labels, "labels", device);
+  check_tensor(proxies, "proxies", device);
   TORCH_CHECK(mu.dim() == 2 && sigma.dim() == 2 && proxies.dim() == 2,
-              "pa_ism: mu (B, D), sigma (B, D') and proxies (C, D) must be matrices");
+              "pa_ism: mu (B, D), sigma (B, D') and proxies (C, D) must be matrices, got ", mu.dim(), "-D, ",
+              sigma.dim(), "-D and ", proxies.dim(), "-D");
   TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong,
-              "pa_ism: labels must be a 1-d int64 tensor");
+              "pa_ism: labels must be a 1-d int64 tensor, got ", labels.dim(), "-D ", labels.scalar_type());
   TORCH_CHECK(sigma.size(0) == mu.size(0) && labels.size(0) == mu.size(0),
-              "pa_ism: mu, sigma and labels must have the same number of rows");
-  TORCH_CHECK(proxies.size(1) == mu.size(1), "pa_ism: proxies and mu must have the same width");
+              "pa_ism: mu, sigma and labels must have the same number of rows, got ", mu.size(0), ", ",
+              sigma.size(0), " and ", labels.size(0));
+  // An empty batch has no loss (the reference's maxima over it are undefined).
+  TORCH_CHECK(mu.size(0) > 0, "pa_ism: mu must hold at least one sample, got shape ", mu.sizes());
+  TORCH_CHECK(mu.size(1) > 0, "pa_ism: mu must have at least one column, got shape ", mu.sizes(),
+              " (embeddings of width 0 have no direction)");
+  TORCH_CHECK(proxies.size(1) == mu.size(1), "pa_ism: proxies and mu must have the same width, got ",
+              proxies.size(1), " and ", mu.size(1));
   TORCH_CHECK(proxies.size(0) > 0, "pa_ism: at least one proxy is needed");
-  TORCH_CHECK(sigma.scalar_type() == mu.scalar_type() && proxies.scalar_type() == mu.scalar_type(),
-              "pa_ism: mu, sigma and proxies must have the same dtype");
-  TORCH_CHECK(sigma.device() == mu.device() && labels.device() == mu.device() &&
-                  proxies.device() == mu.device(),
-              "pa_ism: all inputs must be on the same device");
+  const at::ScalarType dtype = mu.scalar_type();
+  TORCH_CHECK(sigma.scalar_type() == dtype && proxies.scalar_type() == dtype,
+              "pa_ism: mu, sigma and proxies must have the same dtype, got ", dtype, ", ", sigma.scalar_type(),
+              " and ", proxies.scalar_type());
+  const bool supported = dtype == at::kFloat || dtype == at::kDouble ||
+                         (reduced_precision && (dtype == at::kHalf || dtype == at::kBFloat16));
+  TORCH_CHECK(supported, "pa_ism: mu, sigma and proxies must be ",
+              reduced_precision ? "float16, bfloat16, float32 or float64" : "float32 or float64", " on ",
+              device.type(), ", got ", dtype);
+  TORCH_CHECK(std::isfinite(margin), "pa_ism: margin must be finite, got ", margin);
+  TORCH_CHECK(std::isfinite(alpha) && alpha > 0, "pa_ism: alpha must be a positive finite number, got ", alpha);
+  TORCH_CHECK(std::isfinite(ism_offset), "pa_ism: ism_offset must be finite, got ", ism_offset);
+  TORCH_CHECK(std::isfinite(ism_scale) && ism_scale > 0, "pa_ism: ism_scale must be a positive finite number, got ",
+              ism_scale);
   return {mu.contiguous(), sigma.contiguous(), labels.contiguous(), proxies.contiguous()};
+}
+
+// The backward's arguments: the forward's, and its outputs as pa_ism_forward returns them
+// for these inputs (statistics in at::toOpMathType of the inputs' dtype). grad_loss is a
+// 0-dim floating tensor on the inputs' device or the CPU.
+inline BackwardInputs checked_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& mu,
+                                              const at::Tensor& sigma, const at::Tensor& labels,
+                                              const at::Tensor& proxies, const at::Tensor& dots,
+                                              const at::Tensor& row_stats, const at::Tensor& col_stats,
+                                              const at::Tensor& num_positive, double margin, double alpha,
+                                              double ism_offset, double ism_scale, bool reduced_precision) {
+  Inputs in = checked_inputs(mu, sigma, labels, proxies, margin, alpha, ism_offset, ism_scale, reduced_precision);
+  const at::Device device = mu.device();
+  TORCH_CHECK(grad_loss.defined(), "pa_ism_backward: grad_loss is an undefined tensor");
+  TORCH_CHECK(grad_loss.device() == device || grad_loss.device().is_cpu(),
+              "pa_ism_backward: grad_loss must be on the inputs' device or the CPU, got ", grad_loss.device());
+  TORCH_CHECK(grad_loss.dim() == 0 && at::isFloatingType(grad_loss.scalar_type()),
+              "pa_ism_backward: grad_loss must be a 0-dim floating tensor (the loss's gradient), got ",
+              grad_loss.dim(), "-D ", grad_loss.scalar_type());
+  const int64_t B = mu.size(0), C = proxies.size(0);
+  const at::ScalarType stats = at::toOpMathType(mu.scalar_type());
+  check_saved(dots, "dots", {B, C}, stats, device);
+  check_saved(row_stats, "row_stats", {2, B}, stats, device);
+  check_saved(col_stats, "col_stats", {3, C}, stats, device);
+  check_saved(num_positive, "num_positive", {}, stats, device);
+  return {std::move(in), grad_loss, dots.contiguous(), row_stats.contiguous(), col_stats.contiguous(),
+          num_positive.contiguous()};
 }
 
 }  // namespace pa_ism

@@ -22,6 +22,8 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -114,6 +116,57 @@ struct Backend {
   std::function<void(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Precision)> gemm;
   std::function<void(const Tile&, const Lists&)> count;
 };
+
+// --- argument checks, shared by the CPU and CUDA kernels (compute_ranks calls them) ---------
+// Metadata only (rank, width, dtype, device, layout, ranges); the embeddings' finiteness
+// needs their values and is checked in compute_ranks, read back with the class segments
+// (no extra host synchronisation).
+
+inline Precision parse_precision(const std::string& name) {
+  if (name == "fp32") return Precision::FP32;
+  if (name == "tf32") return Precision::TF32;
+  if (name == "bf16") return Precision::BF16;
+  TORCH_CHECK(false, "retrieval_ranks: precision must be 'fp32', 'tf32' or 'bf16', got '", name, "'");
+}
+
+// Rows x (n, d) with d >= 1 and their labels (n), on `device`.
+inline void check_rows(const at::Tensor& x, const at::Tensor& labels, const char* what, const at::Device& device) {
+  TORCH_CHECK(x.defined() && labels.defined(), "retrieval_ranks: ", what, " or its labels is an undefined tensor");
+  TORCH_CHECK(x.layout() == at::kStrided && labels.layout() == at::kStrided, "retrieval_ranks: ", what,
+              " and its labels must be dense (strided) tensors");
+  TORCH_CHECK(x.dim() == 2, "retrieval_ranks: ", what, " must be 2-D [n, d], got ", x.sizes());
+  TORCH_CHECK(x.size(1) > 0, "retrieval_ranks: ", what, " must have at least one column, got ", x.sizes(),
+              " (embeddings of width 0 are all equal)");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "retrieval_ranks: ", what, " must be floating point, got ",
+              x.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "retrieval_ranks: ", what,
+              " labels must be 1-D with one label per row, got ", labels.sizes(), " for ", x.size(0), " rows");
+  TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
+              "retrieval_ranks: labels must be integers, got ", labels.scalar_type());
+  TORCH_CHECK(x.device() == device, "retrieval_ranks: ", what, " must be on the queries' device ", device,
+              ", got ", x.device());
+  TORCH_CHECK(labels.device() == device, "retrieval_ranks: labels must be on the device of ", what);
+  TORCH_CHECK(x.size(0) < std::numeric_limits<int32_t>::max(), "retrieval_ranks: too many rows");
+}
+
+inline Precision checked_arguments(const at::Tensor& queries, const at::Tensor& query_labels,
+                                   const std::optional<at::Tensor>& references,
+                                   const std::optional<at::Tensor>& reference_labels, int64_t max_r,
+                                   int64_t max_k, const std::string& precision) {
+  const Precision parsed = parse_precision(precision);
+  TORCH_CHECK(max_r >= 1 && max_k >= 1, "retrieval_ranks: max_r and max_k must be >= 1, got ", max_r, " and ",
+              max_k);
+  TORCH_CHECK(references.has_value() == reference_labels.has_value(),
+              "retrieval_ranks: give both references and reference_labels, or neither");
+  TORCH_CHECK(queries.defined(), "retrieval_ranks: queries is an undefined tensor");
+  check_rows(queries, query_labels, "queries", queries.device());
+  if (references.has_value()) {
+    check_rows(*references, *reference_labels, "references", queries.device());
+    TORCH_CHECK(references->size(1) == queries.size(1), "retrieval_ranks: references must have the queries' width ",
+                queries.size(1), ", got ", references->size(1));
+  }
+  return parsed;
+}
 
 // (ranks [n_queries, cap] int64, num_relevant [n_queries] int64), in the callers' order:
 // ranks[q][t] = 1-based rank of q's (t+1)-th relevant item for t < R_q, else 0; a rank

@@ -152,6 +152,14 @@ IDML_MULTIVERSION void backward_tile(const T* dots, const T* row_stats, const T*
   scale_rows(proxies + c0 * D, col_term, grad_proxies + c0 * D, n, D);
 }
 
+// A label outside [0, C) would make a row without a positive proxy (a silently wrong loss).
+void check_label_range(const at::Tensor& labels, int64_t C) {
+  const int64_t* label = labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < labels.numel(); ++i) {
+    TORCH_CHECK(label[i] >= 0 && label[i] < C, "pa_ism: label ", label[i], " is outside [0, ", C, ")");
+  }
+}
+
 template <typename T>
 Params<T> make_params(double margin, double alpha, double ism_offset, double ism_scale) {
   return {T(margin), T(alpha), T(ism_offset), T(ism_scale)};
@@ -161,19 +169,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
     const at::Tensor& mu_in, const at::Tensor& sigma_in, const at::Tensor& labels_in,
     const at::Tensor& proxies_in, double margin, double alpha, bool ism, double ism_offset,
     double ism_scale) {
-  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in);
+  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in, margin, alpha,
+                                                   ism_offset, ism_scale, /*reduced_precision=*/false);
   const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1);
+  check_label_range(labels, C);
   const at::Tensor dots = at::mm(mu, proxies.t());
   const at::Tensor row_stats = at::empty({2, B}, mu.options());
   const at::Tensor col_stats = at::empty({3, C}, mu.options());
   const int64_t num_tiles = (C + kTile - 1) / kTile;
   const at::Tensor partials = at::empty({num_tiles, 3}, mu.options());
   const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK(label_ptr[i] >= 0 && label_ptr[i] < C, "pa_ism: label ", label_ptr[i],
-                " is outside [0, ", C, ")");
-  }
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "pa_ism_forward_cpu", [&] {
     const Params<scalar_t> p = make_params<scalar_t>(margin, alpha, ism_offset, ism_scale);
     scalar_t* rows = row_stats.mutable_data_ptr<scalar_t>();
@@ -208,13 +214,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& mu_in, const at::Tensor& sigma_in,
     const at::Tensor& labels_in, const at::Tensor& proxies_in, const at::Tensor& dots_in,
     const at::Tensor& row_stats_in, const at::Tensor& col_stats_in,
-    const at::Tensor& num_positive, double margin, double alpha, bool ism, double ism_offset,
+    const at::Tensor& num_positive_in, double margin, double alpha, bool ism, double ism_offset,
     double ism_scale) {
-  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in);
-  const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
-  const at::Tensor dots = dots_in.contiguous(), row_stats = row_stats_in.contiguous();
-  const at::Tensor col_stats = col_stats_in.contiguous();
+  const pa_ism::BackwardInputs checked = pa_ism::checked_backward_inputs(
+      grad_loss, mu_in, sigma_in, labels_in, proxies_in, dots_in, row_stats_in, col_stats_in, num_positive_in,
+      margin, alpha, ism_offset, ism_scale, /*reduced_precision=*/false);
+  const at::Tensor &mu = checked.in.mu, &sigma = checked.in.sigma, &labels = checked.in.labels;
+  const at::Tensor &proxies = checked.in.proxies, &dots = checked.dots, &row_stats = checked.row_stats;
+  const at::Tensor &col_stats = checked.col_stats, &num_positive = checked.num_positive;
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1);
+  check_label_range(labels, C);
   const int64_t num_tiles = (C + kTile - 1) / kTile;
   const at::Tensor coeff = at::empty({B, C}, mu.options());
   const at::Tensor row_partials = at::empty({num_tiles, 2, B}, mu.options());

@@ -14,24 +14,6 @@ namespace retrieval {
 
 namespace {
 
-Precision parse_precision(const std::string& name) {
-  if (name == "fp32") return Precision::FP32;
-  if (name == "tf32") return Precision::TF32;
-  if (name == "bf16") return Precision::BF16;
-  TORCH_CHECK(false, "retrieval_ranks: precision must be 'fp32', 'tf32' or 'bf16', got '", name, "'");
-}
-
-void check_inputs(const at::Tensor& x, const at::Tensor& labels, const char* what) {
-  TORCH_CHECK(x.dim() == 2, "retrieval_ranks: ", what, " must be 2-D [n, d], got ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "retrieval_ranks: ", what, " must be floating point");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), "retrieval_ranks: ", what,
-              " labels must be 1-D with one label per row");
-  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
-              "retrieval_ranks: labels must be integers");
-  TORCH_CHECK(labels.device() == x.device(), "retrieval_ranks: labels must be on the device of ", what);
-  TORCH_CHECK(x.size(0) < std::numeric_limits<int32_t>::max(), "retrieval_ranks: too many rows");
-}
-
 // Rows sorted by label (stable, so equal labels keep their original order).
 struct Sorted {
   at::Tensor x, labels, order;  // order: original index of each sorted position (int64)
@@ -81,17 +63,9 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
     const at::Tensor& queries, const at::Tensor& query_labels,
     const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
     int64_t max_r, int64_t max_k, const std::string& precision_name, const Backend& backend) {
-  const Precision precision = parse_precision(precision_name);
-  TORCH_CHECK(max_r >= 1 && max_k >= 1, "retrieval_ranks: max_r and max_k must be >= 1");
-  TORCH_CHECK(references.has_value() == reference_labels.has_value(),
-              "retrieval_ranks: give both references and reference_labels, or neither");
-  check_inputs(queries, query_labels, "queries");
+  const Precision precision =
+      checked_arguments(queries, query_labels, references, reference_labels, max_r, max_k, precision_name);
   const bool symmetric = !references.has_value();
-  if (!symmetric) {
-    check_inputs(*references, *reference_labels, "references");
-    TORCH_CHECK(references->size(1) == queries.size(1) && references->device() == queries.device(),
-                "retrieval_ranks: references must have the queries' width and device");
-  }
   const auto device = queries.device();
   const auto long_opts = at::TensorOptions().dtype(at::kLong).device(device);
 
@@ -103,12 +77,18 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
   auto begin = at::searchsorted(r.labels, q.labels, /*out_int32=*/false, /*right=*/false);
   auto end = at::searchsorted(r.labels, q.labels, /*out_int32=*/false, /*right=*/true);
   auto num_relevant = (end - begin - (symmetric ? 1 : 0)).clamp_max(max_r);
-  // The class segments on the host, in one transfer (it waits for the device). From them:
+  // The class segments on the host, in one transfer (it waits for the device), with whether
+  // every row is finite as the GEMM sees it (a NaN would compare false with everything and
+  // give plausible but wrong ranks; float64 rows may overflow float32). From the segments:
   // cap, the width of the relevant lists (the largest R, = max(num_relevant)); width, that
   // of the widest segment (phase 1 gathers segments that wide); each block's band.
-  const auto bounds_host = at::stack({begin, end}).cpu();
+  auto finite = at::isfinite(q.x).all();
+  if (!symmetric) finite = finite.logical_and(at::isfinite(r.x).all());
+  const auto bounds_host = at::cat({begin, end, finite.to(at::kLong).view({1})}).cpu();
   const int64_t* begin_ptr = bounds_host.data_ptr<int64_t>();
   const int64_t* end_ptr = begin_ptr + nq;
+  TORCH_CHECK(end_ptr[nq] == 1, "retrieval_ranks: ", symmetric ? "queries" : "queries and references",
+              " must be finite (as float32), but hold NaN or infinite values");
   int64_t widest = 0;  // the largest class segment
   for (int64_t a = 0; a < nq; ++a) widest = std::max(widest, end_ptr[a] - begin_ptr[a]);
   const int64_t cap = std::min(max_r, std::max<int64_t>(0, widest - (symmetric ? 1 : 0)));  // max R

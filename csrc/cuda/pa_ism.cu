@@ -402,7 +402,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
     const at::Tensor& proxies_in, double margin, double alpha, bool ism, double ism_offset,
     double ism_scale) {
   // Checked before the guard: a CPU tensor among CUDA ones gets the inputs' own message.
-  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in);
+  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in, margin, alpha,
+                                                   ism_offset, ism_scale, /*reduced_precision=*/true);
   const c10::cuda::CUDAGuard device_guard(in.mu.device());
   const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1), D_sigma = sigma.size(1);
@@ -447,19 +448,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
     const at::Tensor& row_stats_in, const at::Tensor& col_stats_in,
     const at::Tensor& num_positive_in, double margin, double alpha, bool ism, double ism_offset,
     double ism_scale) {
-  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in);
-  const c10::cuda::CUDAGuard device_guard(in.mu.device());
-  const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
+  // Checked before the guard, as in the forward.
+  const pa_ism::BackwardInputs checked = pa_ism::checked_backward_inputs(
+      grad_loss, mu_in, sigma_in, labels_in, proxies_in, dots_in, row_stats_in, col_stats_in, num_positive_in,
+      margin, alpha, ism_offset, ism_scale, /*reduced_precision=*/true);
+  const c10::cuda::CUDAGuard device_guard(checked.in.mu.device());
+  const at::Tensor &mu = checked.in.mu, &sigma = checked.in.sigma, &labels = checked.in.labels;
+  const at::Tensor &proxies = checked.in.proxies, &dots = checked.dots, &row_stats = checked.row_stats;
+  const at::Tensor &col_stats = checked.col_stats, &num_positive = checked.num_positive;
   const at::ScalarType acc_type = at::toOpMathType(mu.scalar_type());
-  TORCH_CHECK(dots_in.device() == mu.device() && row_stats_in.device() == mu.device() &&
-                  col_stats_in.device() == mu.device() && num_positive_in.device() == mu.device(),
-              "pa_ism_backward: the forward's outputs must be on the inputs' device");
   const at::Tensor grad = grad_loss.to(mu.device(), acc_type).contiguous();  // a CPU scalar is fine
   const bool unit_grad = mu.scalar_type() == at::kHalf;  // see coeff_scale_for
   const at::Tensor kernel_grad = unit_grad ? at::ones({}, grad.options()) : grad;
-  const at::Tensor dots = dots_in.contiguous(), row_stats = row_stats_in.contiguous();
-  const at::Tensor col_stats = col_stats_in.contiguous();
-  const at::Tensor num_positive = num_positive_in.contiguous();
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1), D_sigma = sigma.size(1);
   const int64_t blocks = column_blocks(C);
   const at::Tensor coeff = at::empty({B, C}, mu.options());

@@ -92,6 +92,19 @@ void check_pa_ism(int64_t B, int64_t C, int64_t D, at::ScalarType dtype, bool is
   }
 }
 
+// An empty batch has no loss: the kernel refuses it (csrc/pa_ism.h's checks) before any launch.
+void check_pa_ism_refuses_an_empty_batch() {
+  const at::Tensor mu = at::randn({0, 4}), proxies = at::randn({5, 4});
+  const at::Tensor labels = at::zeros({0}, at::TensorOptions().dtype(at::kLong));
+  bool refused = false;
+  try {
+    idml::pa_ism_forward_cuda(mu, mu, labels, proxies, 0.1, 32.0, true, 4.0, 5.0);
+  } catch (const c10::Error&) {
+    refused = true;
+  }
+  expect(refused, "pa_ism B=0: refused");
+}
+
 // GradScaler's 2^16 loss scale: exactly 2^16 times the unscaled float16 gradients.
 void check_pa_ism_loss_scale() {
   const int64_t B = 48, C = 97, D = 16;
@@ -159,7 +172,7 @@ int main() {
       check_pa_ism(1, 1, 8, dtype, ism, 132);
       check_pa_ism(5, 33, 3, dtype, ism, 2);
     }
-  check_pa_ism(0, 5, 4, at::kFloat, true, 132);
+  check_pa_ism_refuses_an_empty_batch();
   check_pa_ism(64, 200, 64, at::kFloat, true, 4);
   check_pa_ism(40, 3000, 16, at::kFloat, true, 1);  // more blocks than one wave holds
   check_pa_ism(120, 11318, 8, at::kFloat, true, 132);  // SOP's classes: more blocks than a reduction's threads
