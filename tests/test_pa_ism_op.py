@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from idml import ops, reference
+from idml.errors import UsageError
 
 
 HYPER = dict(margin=0.1, alpha=32.0, ism=True, ism_offset=4.0, ism_scale=5.0)
@@ -365,8 +366,10 @@ def test_cuda_float16_gradients_survive_a_loss_scale():
 @pytest.mark.cuda
 def test_cuda_inputs_on_two_devices_are_refused_by_name():
     mu, sigma, labels, proxies = make_inputs(8, 20, 4, torch.float32, device="cuda")
-    with pytest.raises(RuntimeError, match="all inputs must be on the same device"):
+    with pytest.raises(UsageError, match="sigma must be on cpu like the other inputs"):
         ops.pa_ism_loss(mu.detach().cpu(), sigma, labels, proxies)
+    with pytest.raises(RuntimeError, match="all inputs must be on the same device"):  # the CUDA kernel's check
+        torch.ops.idml.pa_ism_loss(mu.detach().cpu(), sigma, labels, proxies)
 
 
 @pytest.mark.cuda

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from idml import ops, reference
+from idml.errors import UsageError
 
 
 KS = (1, 2, 4, 8, 16)
@@ -143,10 +144,11 @@ def test_no_query_with_a_relevant_item(name, impl):
     ranks, num_relevant = impl(x, torch.arange(30), 1023, "fp32", None, None, 8)  # every class of one image
     assert ranks.shape == (30, 0) and num_relevant.tolist() == [0] * 30
     assert set(ops.metrics_from_ranks(ranks, num_relevant).values()) == {0.0}
-    for references in ((None, None), (gallery, gallery_labels)):  # no query at all
+    for references in ((None, None), (gallery, gallery_labels)):  # no query at all: no metric is defined
         ranks, num_relevant = impl(x[:0], labels[:0], 1023, "fp32", *references, 8)
         assert ranks.shape == (0, 0) and num_relevant.shape == (0,)
-        assert set(ops.metrics_from_ranks(ranks, num_relevant).values()) == {0.0}
+        with pytest.raises(UsageError, match="there is no query"):
+            ops.metrics_from_ranks(ranks, num_relevant)
 
 
 def test_op_ranks_equal_reference_ranks_several_tiles():
@@ -337,8 +339,10 @@ def test_cuda_op_equals_reference_fp32():
 @pytest.mark.cuda
 def test_cuda_inputs_on_two_devices_are_refused_by_name():
     x, labels = clustered(50, 5)
-    with pytest.raises(RuntimeError, match="labels must be on the device of"):
-        ops.retrieval_ranks(x, labels.cuda())  # a CUDA tensor among the inputs: the CUDA kernel
+    with pytest.raises(UsageError, match="labels must be on cpu like the other inputs"):
+        ops.retrieval_ranks(x, labels.cuda())
+    with pytest.raises(RuntimeError, match="labels must be on the device of"):  # a CUDA input: the CUDA kernel
+        torch.ops.idml.retrieval_ranks(x, labels.cuda(), None, None, 1023, 8, "fp32")
 
 
 @pytest.mark.cuda
