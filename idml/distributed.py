@@ -92,13 +92,17 @@ def session(device: torch.device):
         dist.destroy_process_group()
 
 
-def shard(length: int) -> Tuple[int, int]:
-    """[start, stop) of this rank's contiguous share of `length` items: the first
-    length % world_size ranks get one more, no item is padded or repeated."""
-    base, extra = divmod(length, world_size())
+def shard(length: int, granule: int = 1) -> Tuple[int, int]:
+    """[start, stop) of this rank's contiguous share of `length` items, in whole granules of
+    `granule` items (the last share ends at `length`): the first ranks get one granule more,
+    no item is padded or repeated. With the evaluation batch as the granule, each rank's
+    batches hold the images one process's batches would, so the same embeddings bit for bit
+    (a convolution's rounding can depend on the batch it is in)."""
+    granules = -(-length // granule)
+    base, extra = divmod(granules, world_size())
     r = rank()
-    start = r * base + min(r, extra)
-    return start, start + base + (r < extra)
+    start, stop = r * base + min(r, extra), (r + 1) * base + min(r + 1, extra)
+    return min(start * granule, length), min(stop * granule, length)
 
 
 def my_slice(global_length: int) -> slice:

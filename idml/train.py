@@ -286,7 +286,7 @@ class Trainer:
         self.train_loader = train_loader(args.loader, self.train_set, self.sampler, args.seed, args.workers,
                                          self.device, self.image_size)
         if distributed.world_size() > 1:  # each rank embeds its contiguous share, gathered in order
-            test_set = Subset(test_set, range(*distributed.shard(len(test_set))))
+            test_set = Subset(test_set, range(*distributed.shard(len(test_set), granule=args.batch_size)))
         self.test_loader = eval_loader(test_set, args.batch_size, args.workers, self.device, args.loader,
                                        self.image_size)
 

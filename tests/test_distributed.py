@@ -215,13 +215,16 @@ def test_three_ranks_gather_uneven_shards_in_order_without_duplicates():
     assert means == [[1.0, 1.0]] * world  # rank 0's BatchNorm statistics on every rank
 
 
-def test_shards_cover_every_item_once(monkeypatch):
+@pytest.mark.parametrize("granule", [1, 24, 1000])
+def test_shards_cover_every_item_once_in_whole_granules(monkeypatch, granule):
     for world in (1, 2, 3, 4, 7):
         monkeypatch.setattr(distributed, "world_size", lambda: world)
         covered = []
         for r in range(world):
             monkeypatch.setattr(distributed, "rank", lambda: r)
-            covered += list(range(*distributed.shard(896)))
+            start, stop = distributed.shard(896, granule)
+            assert all(end % granule == 0 or end == 896 for end in (start, stop))
+            covered += list(range(start, stop))
         assert covered == list(range(896))
 
 
