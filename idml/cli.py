@@ -159,7 +159,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", default=None, help="default: the checkpoint's")
     parser.add_argument("--resume", required=True, help="checkpoint (checkpoint_last.pt or *_best.pth)")
     parser.add_argument("--image-size", type=_positive(int), default=None, help="default: the checkpoint's")
-    parser.add_argument("--batch-size", type=_positive(int), default=120)
+    parser.add_argument("--batch-size", type=_positive(int), default=None, help="default: the checkpoint's")
     parser.add_argument("--workers", type=_non_negative(int), default=4)
     _add_loader_argument(parser)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

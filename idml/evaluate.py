@@ -73,7 +73,9 @@ def evaluate_checkpoint(args) -> Tuple[Dict[str, float], List[str]]:
     configure_cudnn(device, amp)
     model = place_model(model, device, amp)
     test_set = build_dataset(dataset, args.data_root or saved.data_root, train=False, image_size=image_size)
-    loader = eval_loader(test_set, args.batch_size, args.workers, device, args.loader, image_size)
+    # The training's evaluation batch by default: a convolution's rounding can depend on the
+    # batch, so that is what reproduces metrics.jsonl to the last digit.
+    loader = eval_loader(test_set, args.batch_size or saved.batch_size, args.workers, device, args.loader, image_size)
     embeddings, labels, _ = embed(model, loader, device, amp, progress=not args.json)
     # Metrics first: a test set they are undefined on is refused before any plot of it is written.
     metrics = compute_metrics(embeddings, labels, ks=recall_ks(dataset), progress=not args.json,
