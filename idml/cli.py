@@ -6,7 +6,7 @@ arguments or data end with one sentence on stderr and exit code 2, never a trace
 diverged training run ends with one sentence and exit code 3.
 
 This module and its imports stay free of torch until a command runs, so that --help answers
-at once: the choices below are the library's (tests/test_cli.py checks that they agree).
+at once (the choices come from idml.choices, which the library uses too).
 """
 import argparse
 import json
@@ -15,25 +15,19 @@ import os
 import signal
 import sys
 
+from idml.choices import AMP_CHOICES, ARCHITECTURES, DATASETS, LOSSES, SYNTHETIC_LAYOUTS, UNCERTAINTY_MODES
 from idml.errors import Interrupted, TrainingDiverged, UsageError
 
-# idml.data.DATASETS, idml.models.ARCHITECTURES and UNCERTAINTY_MODES, idml.losses.LOSSES,
-# idml.precision.AMP_CHOICES: those modules import torch.
-DATASETS = ("digits", "cub", "cars", "SOP", "custom")
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
-UNCERTAINTY_MODES = ("normalized", "relu", "softplus")
-LOSSES = ("Proxy_Anchor", "Proxy_NCA", "MS", "Contrastive", "Triplet", "NPair")
-AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 DIVERGED = 3  # exit code of a run whose loss or weights stopped being finite
 
-DATASET_NAMES = {"cub": "cub", "cars": "cars", "sop": "SOP", "digits": "digits", "custom": "custom"}
+DATASET_NAMES = {name.lower(): name for name in DATASETS}  # --dataset is read case-insensitively
 
 
 def _dataset(value: str) -> str:
     try:
         return DATASET_NAMES[value.lower()]
     except KeyError:
-        raise argparse.ArgumentTypeError(f"expected one of cub, cars, SOP, digits, custom, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(DATASETS)}, got {value!r}") from None
 
 
 def _checked(kind, accept, expected: str):
@@ -261,11 +255,10 @@ def evaluate_main(argv=None) -> None:
 
 def synthetic_main(argv=None) -> None:
     """scripts/synthetic.py: a small data set in a real on-disk layout."""
-    from idml.data import synthetic
-
     parser = argparse.ArgumentParser(prog="scripts/synthetic.py",
-                                     description=synthetic.__doc__.split("\n\n")[0])
-    parser.add_argument("--layout", choices=synthetic.LAYOUTS, required=True)
+                                     description="Writes a small dataset in one of the real on-disk layouts, for "
+                                                 "tests and smoke runs.")
+    parser.add_argument("--layout", choices=SYNTHETIC_LAYOUTS, required=True)
     parser.add_argument("--out", required=True, help="the data root to write into: a new or empty folder")
     parser.add_argument("--classes", type=_checked(int, lambda number: number >= 4, "at least 4"), default=8,
                         help="number of classes, half train, half test (each half needs two)")
@@ -274,6 +267,8 @@ def synthetic_main(argv=None) -> None:
     parser.add_argument("--force", action="store_true",
                         help="rewrite a synthetic data set this command wrote in --out before (never other files)")
     args = parser.parse_args(argv)
+    from idml.data import synthetic
+
     synthetic.write_dataset(args.layout, args.out, args.classes, args.per_class, args.seed, force=args.force)
     print(f"wrote a synthetic {args.layout} dataset ({args.classes} classes x {args.per_class} images) "
           f"under {args.out}")
@@ -320,10 +315,10 @@ def search_parser() -> argparse.ArgumentParser:
 
 
 def search_main(argv=None) -> None:
+    args = search_parser().parse_args(argv)
     from idml.runtime import resolve_device
     from idml.search import search
 
-    args = search_parser().parse_args(argv)
     device = resolve_device(args.device, gpu=0)
     info, results = search(args.model, args.gallery, args.query, args.k, device, args.batch_size, args.percentile,
                            args.rebuild, progress=not args.json)
@@ -339,3 +334,16 @@ def search_main(argv=None) -> None:
         print(f"  {result['report']}")
         for rank, (similarity, path) in enumerate(result["neighbours"], start=1):
             print(f"  {rank:3d}  {similarity:+.4f}  {path}")
+
+
+def _console_script(main):
+    """An entry point of pyproject.toml's [project.scripts]: `main` as the scripts run it."""
+    def command() -> None:
+        sys.exit(run_guarded(main))
+    return command
+
+
+train_command = _console_script(train_main)
+evaluate_command = _console_script(evaluate_main)
+export_command = _console_script(export_main)
+search_command = _console_script(search_main)

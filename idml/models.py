@@ -1,4 +1,4 @@
-"""The IDML embedding network (IDML_METHOD.md section 1).
+"""The IDML embedding network (docs/method.md, section 1).
 
 A torchvision ResNet up to layer4, global average + global max pooling (summed), and two
 linear heads: semantic mu and uncertainty sigma.
@@ -11,11 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from idml.choices import ARCHITECTURES, UNCERTAINTY_MODES
 from idml.errors import UsageError, require_file, torch_load_failure
 from idml.reference import l2_normalize
 
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
-UNCERTAINTY_MODES = ("normalized", "relu", "softplus")
 
 
 def _imagenet_weights(arch: str):

@@ -13,7 +13,6 @@ import contextlib
 import torch
 from torch import nn
 
-AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:

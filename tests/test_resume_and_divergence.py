@@ -239,15 +239,11 @@ def test_the_command_lines_parse_and_answer_help_without_torch():
         assert result.returncode == 0 and "usage:" in result.stdout
 
 
-def test_the_command_line_choices_are_the_librarys():
-    from idml import cli
-    from idml.data import DATASETS
-    from idml.losses import LOSSES
-    from idml.models import ARCHITECTURES, UNCERTAINTY_MODES
-    from idml.precision import AMP_CHOICES
+def test_every_dataset_the_command_line_offers_has_a_reader():
+    from idml.choices import DATASETS
+    from idml.data.datasets import SPLITS
 
-    assert (cli.DATASETS, cli.LOSSES, cli.ARCHITECTURES, cli.UNCERTAINTY_MODES, cli.AMP_CHOICES) == (
-        DATASETS, LOSSES, ARCHITECTURES, UNCERTAINTY_MODES, AMP_CHOICES)
+    assert set(DATASETS) == {"digits", *SPLITS}
 
 
 def test_ddp_is_built_without_torchs_broadcast_buffers_warning(tmp_path, recwarn):

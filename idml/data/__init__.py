@@ -4,7 +4,6 @@ from idml.data.digits import DigitsDataset
 from idml.data.transforms import eval_transform, train_transform
 from idml.errors import UsageError
 
-DATASETS = ("digits",) + tuple(SPLITS)
 DEFAULT_IMAGE_SIZE = {"digits": 32}  # every photo dataset: 224
 
 

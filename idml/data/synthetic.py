@@ -19,7 +19,6 @@ from PIL import Image, ImageDraw
 from idml.errors import UsageError
 from idml.files import atomic_write, atomic_write_text
 
-LAYOUTS = ("cub", "cars", "sop")
 MARKER = ".idml-synthetic"
 
 
