@@ -1,8 +1,9 @@
-"""Losses of IDML (IDML_METHOD.md section 3)."""
+"""Losses of IDML (docs/method.md, section 3)."""
 import torch
 from torch import nn
 
 from idml import ops
+from idml.choices import BASELINE_LOSSES, LOSSES
 
 
 class ProxyAnchorISM(nn.Module):
@@ -23,11 +24,13 @@ class ProxyAnchorISM(nn.Module):
         ism: bool = True,
         ism_offset: float = 4.0,
         ism_scale: float = 5.0,
+        device: "torch.device | str | None" = None,
     ):
         super().__init__()
-        # As published: randn, then Kaiming-normal (fan_out). The first draw is overwritten,
-        # but it keeps the random stream, hence every later draw, identical to the published code.
-        self.proxies = nn.Parameter(torch.randn(num_classes, embedding_size))
+        # As published: randn on the CPU, moved to the training device, then Kaiming-normal
+        # (fan_out) there: on a GPU from the GPU's generator. The first draw is overwritten, but
+        # it keeps the CPU's random stream, hence every later draw, identical to the published code.
+        self.proxies = nn.Parameter(torch.randn(num_classes, embedding_size).to(device))
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
         self.num_classes = num_classes
         self.embedding_size = embedding_size
@@ -51,8 +54,6 @@ class ProxyAnchorISM(nn.Module):
 
 # --- the published baselines (Proxy-Anchor-CVPR2020's losses.py), through pytorch-metric-learning ---
 
-BASELINE_LOSSES = ("Proxy_NCA", "MS", "Contrastive", "Triplet", "NPair")
-LOSSES = ("Proxy_Anchor",) + BASELINE_LOSSES
 
 
 def _pml():
@@ -107,10 +108,10 @@ def baseline_loss(name: str, num_classes: int, embedding_size: int) -> BaselineL
     raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
 
 
-def build_criterion(args, num_classes: int) -> nn.Module:
-    """The training criterion of --loss: Proxy Anchor (+ ISM) or a published baseline."""
+def build_criterion(args, num_classes: int, device: "torch.device | None" = None) -> nn.Module:
+    """The training criterion of --loss on `device`: Proxy Anchor (+ ISM) or a published baseline."""
     loss = getattr(args, "loss", "Proxy_Anchor")
     if loss == "Proxy_Anchor":
         return ProxyAnchorISM(num_classes, args.embedding_size, margin=args.mrg, alpha=args.alpha,
-                              ism=bool(args.ism), ism_offset=args.ism_offset, ism_scale=args.ism_scale)
-    return baseline_loss(loss, num_classes, args.embedding_size)
+                              ism=bool(args.ism), ism_offset=args.ism_offset, ism_scale=args.ism_scale, device=device)
+    return baseline_loss(loss, num_classes, args.embedding_size).to(device)

@@ -1,4 +1,4 @@
-"""The embedding network (IDML_METHOD.md section 1) and how the loss reaches its heads."""
+"""The embedding network (docs/method.md, section 1) and how the loss reaches its heads."""
 import urllib.error
 
 import pytest
@@ -137,26 +137,28 @@ def test_semantic_head_init_is_kaiming_fan_out_with_zero_bias():
     assert abs(net.semantic.weight.std().item() - (2 / 256) ** 0.5) < 0.005
 
 
-def published_initial_model(seed: int, arch: str, embedding_size: int):
+def published_initial_model(seed: int, arch: str, embedding_size: int, device: str = "cpu"):
     """The published code's initialisation order (its ResNet classes, the one with the uncertainty
     head): seed, torchvision's ResNet, the semantic Linear, the uncertainty Linear, then Kaiming-normal
-    (fan_out) on the semantic weight and a zero bias; the proxies come after (randn, then Kaiming)."""
+    (fan_out) on the semantic weight and a zero bias; the proxies come after (randn on the CPU, moved
+    to the device, then Kaiming there)."""
     torch.manual_seed(seed)
     backbone = getattr(torchvision.models, arch)()
     semantic = torch.nn.Linear(backbone.fc.in_features, embedding_size)
     uncertainty = torch.nn.Linear(backbone.fc.in_features, embedding_size)
     torch.nn.init.kaiming_normal_(semantic.weight, mode="fan_out")
     torch.nn.init.constant_(semantic.bias, 0)
-    proxies = torch.randn(7, embedding_size)
+    proxies = torch.randn(7, embedding_size).to(device)
     torch.nn.init.kaiming_normal_(proxies, mode="fan_out")
     return backbone, semantic, uncertainty, proxies
 
 
-def test_a_seed_gives_the_published_initial_model_heads_included():
-    backbone, semantic, uncertainty, proxies = published_initial_model(5, "resnet18", 16)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_a_seed_gives_the_published_initial_model_heads_included(device):
+    backbone, semantic, uncertainty, proxies = published_initial_model(5, "resnet18", 16, device)
     torch.manual_seed(5)
     net = small_net(bn_freeze=True)
-    criterion = ProxyAnchorISM(7, 16)
+    criterion = ProxyAnchorISM(7, 16, device=device)
     for name, value in net.backbone.state_dict().items():
         assert torch.equal(value, backbone.state_dict()[name]), name
     for mine, published in [(net.semantic, semantic), (net.uncertainty_head, uncertainty)]:
