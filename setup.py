@@ -1,4 +1,4 @@
-"""Builds the `idml` package and its C++/CUDA extension `idml._C`.
+"""Builds the C++/CUDA extension `idml._C` (the package's metadata is in pyproject.toml).
 
 A CUDAExtension is built whenever a CUDA toolkit (nvcc) is found, with or without a GPU;
 otherwise a CppExtension. Install after torch: `pip install --no-build-isolation -e .`
@@ -14,7 +14,7 @@ import glob
 import os
 import shutil
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,8 +74,7 @@ def extension():
     debug = os.environ.get("IDML_DEBUG") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-fopenmp"] + LIMITED_API_FLAGS
-    sources = [os.path.join("csrc", name) for name in ("module.cpp", "idml.cpp", "autograd.cpp", "kmeans.cpp")]
-    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     kwargs = dict(
         name="idml._C",
         sources=sources,
@@ -91,26 +90,6 @@ def extension():
 
 
 setup(
-    name="idml",
-    version="0.1.0",
-    description="Introspective Deep Metric Learning for image retrieval, with fused C++/CUDA ops",
-    packages=find_packages(include=["idml", "idml.*"]),
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
-        "numpy",
-        "scipy",
-        "scikit-learn",
-        "pillow",
-        "tqdm",
-    ],
-    extras_require={
-        "wandb": ["wandb"],
-        "dali": ["nvidia-dali-cuda130"],
-        "plots": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "pytorch-metric-learning"],
-    },
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": ABI3_TAG}},
