@@ -1,4 +1,4 @@
-"""Forward + backward of the introspective Proxy Anchor loss (DESIGN.md, performance).
+"""Forward + backward of the introspective Proxy Anchor loss (docs/performance.md, section 2).
 
 The fused op (idml.ops.pa_ism_loss on torch.ops.idml.*) is timed by pytest-benchmark; the
 eager formula as published (what users have today), our eager reference, and the loss's

@@ -1,4 +1,4 @@
-"""Retrieval metrics and k-means benchmarks (DESIGN.md, performance targets).
+"""Retrieval metrics and k-means benchmarks (docs/performance.md, section 2: targets).
 
     pytest bench/bench_metrics.py --benchmark-only [--bench-scale full]
 

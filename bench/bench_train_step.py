@@ -9,7 +9,7 @@ idml:      the step of idml.train as a run with default flags takes it (one forw
            frozen BatchNorms folded into the convolutions;
            training's optimizer: the fused AdamW).
 Sizes: small = ResNet-18, 64 px, batch 32, 100 classes (CPU-friendly); full = ResNet-50,
-224 px, batch 120, 11,318 classes (SOP) as in DESIGN.md; on the CPU also the README demo's
+224 px, batch 120, 11,318 classes (SOP) as in docs/performance.md; on the CPU also the README demo's
 step (ResNet-18, 32 px, batch 120, 40 classes: layer4 at one pixel). Target on the
 GPU: >= 2.0x the published recipe's images per second at full scale; on CPU: no slower
 (asserted with 10% noise margin).

@@ -1,7 +1,7 @@
 """Shared options for the benchmark suites (`pytest bench/ --benchmark-only`).
 
 --bench-scale small (default, what CI runs) keeps every size CPU-friendly; full uses the
-real sizes of DESIGN.md (SOP: 60,502 x 512, C = 11,318), meant for the GPU machine or a
+real sizes of docs/performance.md (SOP: 60,502 x 512, C = 11,318), meant for the GPU machine or a
 patient CPU. Every benchmark measures its baseline in the same run and records the ratio
 in `benchmark.extra_info`, printed at the end of the session.
 """
@@ -37,7 +37,7 @@ def machine() -> str:
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The speed-ups as one markdown table, ready for bench/RESULTS.md."""
+    """The speed-ups as one markdown table, ready for docs/performance.md."""
     if not RATIOS:
         return
     terminalreporter.section(f"speed-ups measured in this run ({machine()}): baseline time / candidate time")

@@ -1,8 +1,8 @@
 // Autograd of the introspective Proxy Anchor loss, in C++: idml::pa_ism_loss calls the
 // forward operator and saves what idml::pa_ism_backward needs. Python's torch.autograd
-// machinery (an autograd.Function or torch.library.register_autograd) added twice the host
-// time per loss evaluation that this adds (bench/RESULTS.md, session 8); on a GPU that host
-// time is what the kernels wait for. Registered under the Autograd key, the way
+// machinery (an autograd.Function or torch.library.register_autograd) adds about twice the
+// host time per loss evaluation that this does; on a GPU that host time is what the kernels
+// wait for. Registered under the Autograd key, the way
 // torchvision's C++ ops are, so the same autograd runs from Python, TorchScript and libtorch.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

@@ -7,7 +7,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(idml, m) {
-  // --- introspective Proxy Anchor loss (IDML_METHOD.md sections 2-3) ---
+  // --- introspective Proxy Anchor loss (docs/method.md, sections 2-3) ---
   // The differentiable loss (a scalar, float32; float64 for float64 inputs): pa_ism_forward's
   // loss, with pa_ism_backward as its derivative in mu, sigma and proxies.
   m.def(
@@ -29,7 +29,7 @@ TORCH_LIBRARY(idml, m) {
       "float alpha=32.0, bool ism=True, float ism_offset=4.0, float ism_scale=5.0) "
       "-> (Tensor, Tensor, Tensor)");
 
-  // --- retrieval metrics (IDML_METHOD.md section 5) ---
+  // --- retrieval metrics (docs/method.md, section 5) ---
   // Ranks of every query's best R = min(#relevant, max_r) same-class items, compared by
   // dot product, ties to the lower index; references = None: every row is a query against
   // all other rows. Returns (ranks [n, cap] int64, 0-padded; num_relevant [n] int64);
@@ -38,7 +38,7 @@ TORCH_LIBRARY(idml, m) {
       "retrieval_ranks(Tensor queries, Tensor query_labels, Tensor? references, "
       "Tensor? reference_labels, int max_r, int max_k, str precision) -> (Tensor, Tensor)");
 
-  // --- k-means++ seeding (k-means for NMI and F1, IDML_METHOD.md section 5) ---
+  // --- k-means++ seeding (k-means for NMI and F1, docs/method.md, section 5) ---
   // Draws centroids start..stop-1 in place (kmeans.cpp; idml/reference.py has the same
   // loop): each of uniforms[c] (float64 [k, trials]) times sum(closest) falls on a row in the
   // running sum of closest (float64 squared distances to the nearest centroid so far); draw c

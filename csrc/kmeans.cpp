@@ -1,10 +1,9 @@
 // k-means++ draws (D^2 sampling) as one operator: the loop of idml/reference.py's
 // kmeans_plus_plus_draws, the same ATen operations in the same order (so the same
 // centroids, bit for bit), issued from C++ for every backend. Each draw depends on the one
-// before, and at SOP size (11,316 draws) each took about 200 us of Python's host time on an
-// H100 (bench/RESULTS.md, session 7) while the device needs about 50 us for it (one
-// matrix-vector product over the 124 MB of embeddings); from C++ the host issues a draw's
-// operations faster than the device runs them. On a CPU it saves the same interpreter time.
+// before, and at SOP size (11,316 draws) issuing a draw's operations from Python takes
+// longer on the host (about 200 us on an H100 machine) than the device needs to run them
+// (about 50 us: one pass over the 124 MB of embeddings); from C++ the host keeps ahead. On a CPU it saves the same interpreter time.
 //
 // Greedy draws (trials > 1, scikit-learn's default): each draw samples `trials` candidates and
 // keeps the one that leaves the smallest sum of squared distances to the nearest centroid; the

@@ -1,4 +1,4 @@
-// Scalar math of the introspective Proxy Anchor loss (IDML_METHOD.md sections 2-3),
+// Scalar math of the introspective Proxy Anchor loss (docs/method.md, sections 2-3),
 // shared by the CPU kernel (cpu/pa_ism.cpp) and the CUDA kernel (cuda/pa_ism.cu) so both
 // evaluate exactly the same formulas. Everything here works on ONE element (i, c) of the
 // B x C similarity matrix, from the product mu_i . p_c and the squared row/column norms.

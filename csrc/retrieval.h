@@ -1,4 +1,4 @@
-// Exact blockwise retrieval ranks (IDML_METHOD.md section 5), shared by the CPU and CUDA
+// Exact blockwise retrieval ranks (docs/method.md, section 5), shared by the CPU and CUDA
 // kernels. The driver (cpu/retrieval.cpp) is backend-neutral: it asks a Backend for the
 // tile matrix products and for the counting epilogue.
 //

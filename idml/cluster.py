@@ -1,4 +1,4 @@
-"""k-means, NMI and pairwise F1 for the clustering metrics (IDML_METHOD.md section 5).
+"""k-means, NMI and pairwise F1 for the clustering metrics (docs/method.md, section 5).
 
 Everything runs in torch on the input's device (no scikit-learn at run time) and is
 deterministic for a seed: random draws come from a seeded CPU generator, assignments

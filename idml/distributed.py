@@ -1,4 +1,4 @@
-"""Multi-process training (IDML_METHOD.md section 4, "Multi-GPU"): torchrun's environment,
+"""Multi-process training (docs/method.md, section 4.3, "Multi-GPU"): torchrun's environment,
 the process group, and the few collectives training and evaluation need.
 
 `torchrun --nproc_per_node=N scripts/train.py ...` starts N processes with RANK,
@@ -74,7 +74,7 @@ def local_rank(env=os.environ) -> int:
 def session(device: torch.device):
     """Inside torchrun: joins the process group for the body, then barrier() and
     destroy_process_group() (a rank that exits without both after autograd collectives aborts
-    with SIGABRT, DESIGN.md). Elsewhere: nothing."""
+    with SIGABRT, docs/design.md, section 4). Elsewhere: nothing."""
     if not launched_by_torchrun() or is_distributed():
         yield
         return

@@ -1,4 +1,4 @@
-"""Evaluation on the unseen test classes (IDML_METHOD.md section 5): embed every test image
+"""Evaluation on the unseen test classes (docs/method.md, section 5): embed every test image
 with the semantic head and compute the retrieval and clustering metrics on the device."""
 from typing import Dict, List, Optional, Tuple
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics of one epoch (IDML_METHOD.md section 5), on the embeddings' device."""
+"""Evaluation metrics of one epoch (docs/method.md, section 5), on the embeddings' device."""
 import warnings
 
 import torch

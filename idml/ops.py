@@ -1,4 +1,4 @@
-"""Python face of the idml operators (DESIGN.md, op contracts).
+"""Python face of the idml operators (docs/design.md, section 2: op contracts).
 
 Each public function dispatches to the compiled kernels of `idml._C` (torch.ops.idml.*)
 when the extension is built and has a kernel for the inputs' device, and otherwise to
@@ -98,7 +98,7 @@ def pa_ism_loss(
     ism_offset: float = 4.0,
     ism_scale: float = 5.0,
 ) -> torch.Tensor:
-    """Proxy Anchor loss on the introspective similarity, a scalar (IDML_METHOD.md s. 3).
+    """Proxy Anchor loss on the introspective similarity, a scalar (docs/method.md, section 3).
 
     Runs the fused kernels of idml._C when they exist for the inputs' device, else the
     reference. The loss is float32 (float64 for float64 inputs); gradients come back in
@@ -122,7 +122,7 @@ def pa_ism_loss(
     if dtype != mu.dtype or dtype != sigma.dtype or dtype != proxies.dtype:
         mu, sigma, proxies = mu.to(dtype), sigma.to(dtype), proxies.to(dtype)
     # The overload itself: calling the packet torch.ops.idml.pa_ism_loss resolves the
-    # overload from the arguments on every call (15 us of host time, bench/RESULTS.md).
+    # overload from the arguments on every call (about 15 us of host time).
     return torch.ops.idml.pa_ism_loss.default(
         mu, sigma, labels, proxies, float(margin), float(alpha), bool(ism), float(ism_offset), float(ism_scale)
     )
@@ -302,7 +302,7 @@ if EXTENSION_ERROR is None and hasattr(torch.ops.idml, "retrieval_ranks"):
 
 
 def metrics_from_ranks(ranks: torch.Tensor, num_relevant: torch.Tensor, ks=(1, 2, 4, 8)) -> dict:
-    """R@K, RP and MAP@R (IDML_METHOD.md section 5) from retrieval_ranks' output.
+    """R@K, RP and MAP@R (docs/method.md, section 5) from retrieval_ranks' output.
 
     R@K is a share of ALL queries, a query without any relevant item counting as a miss,
     as the published code does (pytorch-metric-learning instead leaves such "lone" queries
@@ -359,7 +359,7 @@ def retrieval_metrics(
     reference: "torch.Tensor | None" = None,
     reference_labels: "torch.Tensor | None" = None,
 ) -> dict:
-    """{"R@k" for k in ks, "RP", "MAP@R"} as python floats, exact (IDML_METHOD.md s. 5).
+    """{"R@k" for k in ks, "RP", "MAP@R"} as python floats, exact (docs/method.md, section 5).
 
     Rows are compared by their dot product: pass L2-normalised rows for cosine retrieval.
     Without `reference` every row is a query against all other rows (itself excluded);

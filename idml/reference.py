@@ -1,7 +1,7 @@
 """Plain-PyTorch versions of every idml operator.
 
 They are the oracle the fused C++/CUDA kernels are tested against, and the fallback when
-the extension `idml._C` is not built. Formulas: IDML_METHOD.md sections 2, 3 and 5.
+the extension `idml._C` is not built. Formulas: docs/method.md, sections 2, 3 and 5.
 """
 import torch
 
@@ -58,7 +58,7 @@ def pa_ism_loss(
     ism_offset: float = 4.0,
     ism_scale: float = 5.0,
 ) -> torch.Tensor:
-    """Proxy Anchor loss on the introspective similarity (IDML_METHOD.md section 3).
+    """Proxy Anchor loss on the introspective similarity (docs/method.md, section 3).
 
     Computed in float32 at least (float64 stays float64), whatever the input precision,
     like the fused kernels that accumulate in float32.
@@ -76,7 +76,7 @@ def pa_ism_loss(
     return pos_term.sum() / num_positive_proxies + neg_term.sum() / num_classes
 
 
-# --- retrieval metrics (IDML_METHOD.md section 5) ----------------------------------------
+# --- retrieval metrics (docs/method.md, section 5) ----------------------------------------
 
 
 def round_for_precision(x: torch.Tensor, precision: str) -> torch.Tensor:
@@ -136,7 +136,7 @@ def retrieval_ranks(
     return ranks, num_relevant
 
 
-# --- k-means++ seeding (IDML_METHOD.md section 5: k-means for NMI and F1) -------------------
+# --- k-means++ seeding (docs/method.md, section 5: k-means for NMI and F1) -------------------
 
 
 def squared_distances_to_row(x: torch.Tensor, sq_norms: torch.Tensor, index: torch.Tensor,

@@ -1,4 +1,4 @@
-"""DDP under torchrun (IDML_METHOD.md section 4, "Multi-GPU"): 2 gloo processes on the CPU
+"""DDP under torchrun (docs/method.md, section 4.3, "Multi-GPU"): 2 gloo processes on the CPU
 take the same steps as one process on the same global batch, and sharded evaluation gives
 the single-process metrics."""
 import glob

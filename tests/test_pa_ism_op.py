@@ -1,6 +1,6 @@
 """The fused introspective Proxy Anchor loss (torch.ops.idml.pa_ism_loss, its forward and
 backward operators pa_ism_forward/backward, and idml.ops.pa_ism_loss) against
-idml/reference.py, an independent float64 evaluation of IDML_METHOD.md sections 2-3
+idml/reference.py, an independent float64 evaluation of docs/method.md, sections 2-3
 written here, and pytorch-metric-learning's ProxyAnchorLoss.
 """
 import math
@@ -60,7 +60,7 @@ def assert_matches_reference(mu, sigma, labels, proxies, rtol, **hyper):
 
 
 def independent_loss(mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale):
-    """IDML_METHOD.md sections 2-3 element by element, in float64, without reference.py:
+    """docs/method.md, sections 2-3, element by element, in float64, without reference.py:
     the distance is |mu_i - p_c|^2 of the difference itself (not from the dot product) and
     the log-sum-exp is the plain log(1 + sum exp), safe at these sizes in float64."""
     B, C = mu.shape[0], proxies.shape[0]
@@ -220,7 +220,7 @@ def test_plain_proxy_anchor_equals_pytorch_metric_learning(dtype):
 
 
 def test_uncertainty_gradient_vanishes_only_for_normalized_sigma():
-    """IDML_METHOD.md section 2: unit-length sigma (u == 1) gets no gradient through the
+    """docs/method.md, section 2: unit-length sigma (u == 1) gets no gradient through the
     normalisation; a relu-like sigma does."""
     mu, raw_sigma, labels, proxies = make_inputs(10, 12, 8, sigma_kind="relu")
     ops.pa_ism_loss(mu, raw_sigma, labels, proxies).backward()

@@ -89,7 +89,7 @@ def test_default_gpu_step_runs_bf16_channels_last_close_to_float32(tmp_path):
 
 @pytest.mark.cuda
 def test_a_gpu_training_step_never_waits_for_the_gpu(tmp_path):
-    """No host synchronisation inside a step (DESIGN.md): CUDA's sync debug mode turns any
+    """No host synchronisation inside a step (docs/design.md, section 4): CUDA's sync debug mode turns any
     synchronising call (.item(), nonzero, a blocking copy) into an error."""
     run = trainer(tmp_path, "--optimizer", "adamw")  # the default optimizer
     run.model.train()

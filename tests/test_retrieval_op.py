@@ -1,5 +1,5 @@
 """idml.ops.retrieval_metrics / retrieval_ranks (compiled op and plain-PyTorch reference)
-against a brute-force float64 numpy evaluation written here (IDML_METHOD.md section 5).
+against a brute-force float64 numpy evaluation written here (docs/method.md, section 5).
 
 The exact comparisons use embeddings on a grid of multiples of 1/8 with few dimensions:
 every dot product is then exact in float32 and float64 alike, so the op's float32 ranks

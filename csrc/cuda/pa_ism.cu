@@ -159,10 +159,10 @@ const std::vector<int>& resident_blocks(const void* kernel) {
 
 // Row warps per block of a column kernel: the most (up to the batch) with which every
 // block is resident at once. The blocks' phases (proxy norms, rows, merge) are latency
-// chains, so a second wave costs nearly a whole first one: at (120, 11318) on an H100 the
-// former rule (fill every SM's threads) gave 24 warps, 768 threads: at most 2 blocks per SM,
-// so at least 90 of the 354 blocks waited for a second wave. When even one warp per block
-// cannot make one wave, the most resident warps per SM.
+// chains, so a second wave costs nearly a whole first one: filling every SM's threads instead
+// (e.g. 24 warps, at most 2 blocks per SM at (120, 11318) on an H100) leaves a quarter of the
+// blocks for a second wave. When even one warp per block cannot make one wave, the most
+// resident warps per SM.
 template <typename Kernel>
 dim3 column_block(Kernel kernel, int64_t B, int64_t blocks) {
   const std::vector<int>& resident = resident_blocks(reinterpret_cast<const void*>(kernel));

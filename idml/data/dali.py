@@ -160,7 +160,7 @@ class DaliResampling:
 class TorchResampling:
     """On the CPU, DALI decodes (only the crop box, when training) and torch resizes, crops,
     flips and normalises each image: torch's antialiased bilinear resize of uint8 pixels is
-    Pillow's filter and costs about a fifth of DALI's CPU resize (bench/RESULTS.md)."""
+    Pillow's filter and costs about a fifth of DALI's CPU resize."""
 
     def __init__(self, dali, train: bool, image_size: int):
         self.dali, self.train, self.image_size = dali, train, image_size

@@ -1,6 +1,6 @@
 """The image-retrieval datasets on disk: CUB-200-2011, Cars196, Stanford Online Products.
 
-Each `*_split` function reads one dataset's real layout under `root` (IDML_METHOD.md
+Each `*_split` function reads one dataset's real layout under `root` (docs/method.md,
 section 6) and returns the (path, label) list of one split, labels renumbered 0..n-1 in
 the order of the original class ids. Bad layouts raise UsageError naming what was
 expected where.

@@ -1,4 +1,4 @@
-"""Image transforms of the published recipe (IDML_METHOD.md section 4), sized by
+"""Image transforms of the published recipe (docs/method.md, section 4.2), sized by
 --image-size: train RandomResizedCrop + horizontal flip, eval Resize(size * 256/224) +
 CenterCrop(size); ImageNet mean/std normalisation."""
 from typing import Tuple
