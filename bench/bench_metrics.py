@@ -14,13 +14,16 @@ import pytest
 import timing
 import torch
 
-from timing import benchmarked_time, best_time, check_target, full_size_on_cpu, record_ratio
+from timing import alternated_best, benchmarked_time, best_time, check_floor, check_target, full_size_on_cpu, record_ratio
 from idml import cluster, ops
 
 SIZES = {  # name: (full n, small n, number of classes at full scale, ks)
     "cub": (5924, 1500, 100, (1, 2, 4, 8)),
     "sop": (60502, 4000, 11316, (1, 10, 100)),
 }
+# Speed-up floors on the CPU at small scale, asserted by the test command too (check_floor).
+METRICS_FLOOR = 1.0  # x scikit-learn's brute-force neighbours at SOP-like size (the plain-PyTorch fall-back: 0.3x)
+SEEDING_FLOOR = 1.5  # x scikit-learn's kmeans_plusplus
 
 
 def embeddings(n, num_classes, device, dim=512, seed=0, noise=2.5):
@@ -83,6 +86,9 @@ def test_retrieval_metrics(benchmark, compiled_op, device, bench_scale, name, pr
         record_ratio(benchmark, "sklearn_brute", sklearn_s, op_s)
         if bench_scale == "full" and name == "sop":
             check_target(op_s <= 0.6 * sklearn_s, f"op {op_s:.1f} s vs scikit-learn {sklearn_s:.1f} s")
+        if bench_scale == "small" and name == "sop":
+            op_s, sklearn_s = alternated_best([run, lambda: sklearn_brute(x, max(ks))], device)
+            check_floor(sklearn_s / op_s, METRICS_FLOOR, "the retrieval metrics op against scikit-learn")
     elif bench_scale == "full":
         target = {("sop", "fp32"): 0.060, ("sop", "tf32"): 0.015}.get((name, precision), 0.002)
         check_target(op_s <= target, f"{name} {precision}: {op_s * 1e3:.1f} ms > {target * 1e3:.0f} ms")
@@ -107,7 +113,8 @@ def test_kmeans_plus_plus_seeding(benchmark, compiled_op, device, bench_scale):
         sklearn_cluster = pytest.importorskip("sklearn.cluster")
         data = x.numpy()
         sklearn_s = best_time(lambda: sklearn_cluster.kmeans_plusplus(data, k, random_state=0), device, 1, 0)
-        record_ratio(benchmark, "sklearn_kmeans_plusplus", sklearn_s, seeding_s)
+        ratio = record_ratio(benchmark, "sklearn_kmeans_plusplus", sklearn_s, seeding_s)
+        check_floor(ratio, SEEDING_FLOOR, "greedy k-means++ seeding against scikit-learn's")  # one run each: 10x apart
         check_target(seeding_s < sklearn_s, f"seeding {seeding_s:.2f} s vs scikit-learn {sklearn_s:.2f} s")
 
 

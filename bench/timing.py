@@ -61,6 +61,27 @@ def full_size_on_cpu(device, bench_scale) -> bool:
     return device.type == "cpu" and bench_scale == "full"
 
 
+def alternated_best(fns, device, rounds=3):
+    """Best wall time of each function over `rounds` rounds that call them in turn (in every
+    mode, the quick one included), so that a burst of load on a shared machine hits all alike."""
+    times = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[i] = min(times[i], time.perf_counter() - start)
+    return times
+
+
+def check_floor(ratio: float, floor: float, message: str) -> None:
+    """A speed-up floor far under the target, asserted in every mode, the test command's too:
+    it fails when the compiled path silently falls back to plain PyTorch or slows down by
+    several times, and the floors are low enough that a loaded 2-core machine meets them."""
+    assert ratio >= floor, f"{message}: {ratio:.2f}x, below the floor of {floor}x"
+
+
 def check_target(met: bool, message: str) -> None:
     """A speed target: asserted when benchmarking, reported in the quick mode."""
     if QUICK:
