@@ -12,6 +12,8 @@ from idml.errors import UsageError
 from idml.losses import BASELINE_LOSSES, baseline_loss
 from idml.train import PROXY_LR_FACTOR, Trainer
 
+pytestmark = pytest.mark.slow  # trains tiny runs
+
 TINY = ["--model", "resnet18", "--pretrained", "none", "--embedding-size", "16", "--image-size", "32",
         "--workers", "0", "--wandb", "disabled", "--warm", "0", "--dataset", "digits", "--epochs", "1",
         "--batch-size", "32", "--max-steps", "2", "--eval-clustering", "0"]

@@ -9,6 +9,8 @@ from idml.checkpoint import save_checkpoint
 from idml.cli import run_guarded, train_parser
 from idml.errors import UsageError
 
+pytestmark = pytest.mark.slow  # runs the scripts in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -210,6 +210,7 @@ def run(script, *args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_training_and_evaluation_end_to_end(tmp_path):
     write_cub(str(tmp_path), 4, 6)
     common = ["--dataset", "cub", "--data-root", str(tmp_path), "--loader", "dali", "--workers", "0"]
@@ -225,6 +226,7 @@ def test_training_and_evaluation_end_to_end(tmp_path):
     assert json.loads(result.stdout.splitlines()[-1])["R@1"] == history[1]["R@1"]
 
 
+@pytest.mark.slow
 def test_digits_with_dali_exits_2_with_one_sentence():
     result = run("train.py", "--loader", "dali", "--pretrained", "none", "--model", "resnet18", "--wandb", "disabled")
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -25,6 +25,8 @@ from idml.errors import UsageError
 from test_robustness import corrupt_some_images, finish, wait_for_checkpoint
 from test_train import run_script
 
+pytestmark = pytest.mark.slow  # torchrun and spawned process groups
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Deterministic CPU mode; SGD so that parameter updates are linear in the gradients (Adam's
 # first step is lr * sign(g), which turns float noise on near-zero gradients into +-lr);

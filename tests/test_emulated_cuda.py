@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+pytestmark = pytest.mark.slow  # compiles the CUDA sources for the host emulation
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 HERE = os.path.join(ROOT, "tests", "emulated_cuda")

@@ -16,6 +16,8 @@ from idml.errors import UsageError
 from idml.export import ExportedEmbedder, build_exported, eager_reference, preprocessing_of, quiet_jit
 from idml.train import train
 
+pytestmark = pytest.mark.slow  # exports trained models, builds the C++ program with cmake
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet18", "--pretrained", "none", "--embedding-size", "16", "--image-size", "32",
         "--workers", "0", "--wandb", "disabled", "--warm", "0", "--dataset", "digits", "--epochs", "1",
@@ -37,6 +39,7 @@ except ImportError:
 else:
     raise SystemExit("idml is still importable")
 import torch
+
 model_path, inputs_path, outputs_path = sys.argv[1:4]
 module = torch.jit.load(model_path)
 images = torch.load(inputs_path)

@@ -12,6 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from gpu_profile import short_kernel_name, summarize  # noqa: E402
 
+pytestmark = pytest.mark.slow  # profiles a training step in a subprocess
+
 
 def test_profile_prints_a_row_per_case_and_writes_the_tables(tmp_path):
     result = subprocess.run(

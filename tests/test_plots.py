@@ -13,6 +13,8 @@ from idml.cli import train_parser
 from idml.plots import nearest_neighbours, query_grid_plot, recall_curve_ks
 from idml.train import train
 
+pytestmark = pytest.mark.slow  # trains a tiny run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet18", "--pretrained", "none", "--embedding-size", "16", "--image-size", "32",
         "--workers", "0", "--wandb", "disabled", "--warm", "0", "--dataset", "digits", "--epochs", "1",

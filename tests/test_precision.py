@@ -54,6 +54,7 @@ def parameter_changes(run):
     return {name: p.detach() - before[name] for name, p in parameters()}
 
 
+@pytest.mark.slow
 def test_compiled_training_equals_eager_training(tmp_path):
     """--compile 1 (inductor on the model and the loss with its fused op) takes the same
     two SGD steps as eager; its checkpoints keep the plain parameter names."""

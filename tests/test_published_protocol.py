@@ -109,6 +109,7 @@ def test_blocks_of_queries_give_the_same_lists(monkeypatch):
     assert published_metrics(embeddings, labels) == whole
 
 
+@pytest.mark.slow
 def test_evaluate_gives_both_sets_named_apart(tmp_path, capsys):
     import glob
     import json

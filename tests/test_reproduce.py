@@ -13,6 +13,8 @@ from idml import reproduce
 from idml.cli import run_guarded
 from idml.reproduce import reproduce_main
 
+pytestmark = pytest.mark.slow  # trains tiny runs in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIGITS = ["--dataset", "digits", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "16",
                "--image-size", "32", "--workers", "0", "--wandb", "disabled", "--warm", "0", "--epochs", "1",
@@ -75,6 +77,7 @@ def test_from_runs_refuses_bad_input_in_one_sentence(tmp_path, capsys):
 
 FAKE_TRAIN = """
 import argparse, json, os, sys
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--seed", type=int)
 parser.add_argument("--remark")

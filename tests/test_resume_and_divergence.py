@@ -21,6 +21,8 @@ from idml.files import FolderLock
 from idml.train import Trainer
 from test_robustness import cub_args
 
+pytestmark = pytest.mark.slow  # trains tiny runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -18,6 +18,8 @@ from idml.data.synthetic import write_cub
 from idml.errors import TrainingDiverged, UsageError
 from idml.train import Trainer
 
+pytestmark = pytest.mark.slow  # trains in subprocesses and kills them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Deterministic CPU mode: one thread, no loader processes; 2 epochs of 8 steps.
 RUN = ["--dataset", "digits", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "16",

@@ -18,6 +18,8 @@ from idml.losses import ProxyAnchorISM
 from idml.models import IDMLNet
 from idml.train import best_results_text, build_optimizer, claim_run_folder, idml_loss, mixup_draw, train
 
+pytestmark = pytest.mark.slow  # trains tiny runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "resnet18", "--pretrained", "none", "--embedding-size", "16", "--image-size", "32",
         "--workers", "0", "--wandb", "disabled", "--warm", "0"]
