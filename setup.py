@@ -10,6 +10,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST     GPU architectures; default: the visible GPUs, else "8.0;9.0+PTX"
   IDML_DEBUG=1             -O0 -g
 """
+
 import glob
 import os
 import shutil

@@ -4,12 +4,14 @@ DataLoader worker processes), the same JPEGs, the same sampler, the same output 
 Images: photo-like JPEGs of 500 x 375 and 375 x 500 pixels (quality 90, about 50 KB),
 train_transform's augmentation to 224 px, measured per epoch of the sampler. PIL gets as
 many worker processes as DALI gets threads: 2 on CPU (the development machine's cores), 4
-on CUDA (docs/performance.md, section 2: at most 4 CPU threads per GPU). Sizes: small = batch 32, 8 batches;
-full = batch 120, 20 batches. Targets (docs/performance.md, section 2): DALI's CPU pipeline >= 1.5x PIL's
-images per second, asserted at full scale (docs/performance.md has the figures); at small scale on the CPU, no slower than PIL. The GPU pipeline: >= 3000
-images per second on one H100/H200 at full scale. Skipped where DALI is not installed (the
+on CUDA (docs/performance.md, section 2: at most 4 CPU threads per GPU). Sizes: small =
+batch 32, 8 batches; full = batch 120, 20 batches. Targets (docs/performance.md, section 2):
+DALI's CPU pipeline >= 1.5x PIL's images per second, asserted at full scale; at small scale
+on the CPU, no slower than PIL. The GPU pipeline: >= 3000 images per second on one H100/H200
+at full scale. Skipped where DALI is not installed (the
 GPU machine has none).
 """
+
 import os
 
 import numpy as np

@@ -10,6 +10,7 @@ within 1.3x of the three products. At B = C = 4 the work is nothing and the time
 host's: the loss through autograd against its two operators called bare shows what
 autograd adds per evaluation (on a GPU, time the kernels wait for).
 """
+
 import pytest
 import torch
 from published import published_formula
@@ -113,15 +114,21 @@ def test_pa_ism_loss_forward_backward(benchmark, device, shape, dtype):
         record_ratio(benchmark, "three_matmuls_graphed", graphed_matmul_seconds, graphed_seconds)
 
     if device.type == "cuda" and (B, C) == (120, 11318):
-        check_target(fused_seconds <= GPU_FLOOR_FACTOR * matmul_seconds,
-                     f"fused loss {fused_seconds * 1e6:.0f} us is {fused_seconds / matmul_seconds:.2f}x its three "
-                     f"matrix products ({matmul_seconds * 1e6:.0f} us); the target is {GPU_FLOOR_FACTOR}x")
+        check_target(
+            fused_seconds <= GPU_FLOOR_FACTOR * matmul_seconds,
+            f"fused loss {fused_seconds * 1e6:.0f} us is {fused_seconds / matmul_seconds:.2f}x its three "
+            f"matrix products ({matmul_seconds * 1e6:.0f} us); the target is {GPU_FLOOR_FACTOR}x",
+        )
     if device.type == "cpu" and (B, C) == (120, 11318):
         check_floor(ratio, CPU_FLOOR, "the fused loss against the published eager formula at (120, 11318)")
-        check_target(ratio >= CPU_TARGET, (
-            f"fused loss {fused_seconds * 1e3:.1f} ms is only {ratio:.2f}x the published eager formula "
-            f"({published_seconds * 1e3:.1f} ms); the target is {CPU_TARGET}x. Its three matrix products "
-            f"alone take {matmul_seconds * 1e3:.1f} ms"))
+        check_target(
+            ratio >= CPU_TARGET,
+            (
+                f"fused loss {fused_seconds * 1e3:.1f} ms is only {ratio:.2f}x the published eager formula "
+                f"({published_seconds * 1e3:.1f} ms); the target is {CPU_TARGET}x. Its three matrix products "
+                f"alone take {matmul_seconds * 1e3:.1f} ms"
+            ),
+        )
 
 
 def test_pa_ism_loss_host_overhead(benchmark, device):

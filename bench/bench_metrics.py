@@ -9,12 +9,21 @@ R here) and blockwise torch matmul + topk. Full scale: CUB (5,924 x 512) and SOP
 size, on CUDA <= 60 ms fp32 / 15 ms tf32 at SOP size and <= 2 ms at CUB size. k-means:
 20 Lloyd iterations at SOP size with 11,316 clusters (<= 0.5 s on CUDA).
 """
+
 import numpy as np
 import pytest
 import timing
 import torch
+from timing import (
+    alternated_best,
+    benchmarked_time,
+    best_time,
+    check_floor,
+    check_target,
+    full_size_on_cpu,
+    record_ratio,
+)
 
-from timing import alternated_best, benchmarked_time, best_time, check_floor, check_target, full_size_on_cpu, record_ratio
 from idml import cluster, ops
 
 SIZES = {  # name: (full n, small n, number of classes at full scale, ks)
@@ -45,18 +54,19 @@ def size_of(name, bench_scale):
 def compiled_op(device):
     for op in ("retrieval_ranks", "kmeans_plus_plus_draws"):
         assert ops.has_kernel(op, device), (
-            f"idml._C has no {op} kernel for {device}: build the extension ({ops.EXTENSION_ERROR})")
+            f"idml._C has no {op} kernel for {device}: build the extension ({ops.EXTENSION_ERROR})"
+        )
 
 
 def torch_topk(x, labels, k, block=2048):
     """Baseline: blockwise matmul + topk of the k nearest other rows (R@K only)."""
     hits = torch.zeros((), device=x.device)
     for start in range(0, x.shape[0], block):
-        sim = x[start:start + block] @ x.t()
+        sim = x[start : start + block] @ x.t()
         rows = torch.arange(sim.shape[0], device=x.device)
         sim[rows, rows + start] = float("-inf")
         nearest = sim.topk(k, dim=1).indices
-        hits += (labels[nearest] == labels[start:start + block, None]).any(dim=1).sum()
+        hits += (labels[nearest] == labels[start : start + block, None]).any(dim=1).sum()
     return hits.item()
 
 
@@ -107,8 +117,9 @@ def test_kmeans_plus_plus_seeding(benchmark, compiled_op, device, bench_scale):
     n, k, _ = size_of("sop", bench_scale)
     x, _ = embeddings(n, k, device)
 
-    seeding_s = benchmarked_time(benchmark, lambda: cluster.kmeans_plus_plus(x, k, seed=0), device,
-                                 **kmeans_rounds(device, bench_scale))
+    seeding_s = benchmarked_time(
+        benchmark, lambda: cluster.kmeans_plus_plus(x, k, seed=0), device, **kmeans_rounds(device, bench_scale)
+    )
     if device.type == "cpu" and not full_size_on_cpu(device, bench_scale):
         sklearn_cluster = pytest.importorskip("sklearn.cluster")
         data = x.numpy()

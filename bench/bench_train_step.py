@@ -14,6 +14,7 @@ step (ResNet-18, 32 px, batch 120, 40 classes: layer4 at one pixel). Target on t
 GPU: >= 2.0x the published recipe's images per second at full scale; on CPU: no slower
 (asserted with 10% noise margin).
 """
+
 import pytest
 import torch
 from published import published_formula
@@ -26,8 +27,7 @@ from idml.models import IDMLNet
 from idml.precision import configure_cudnn, place_model, resolve_amp
 from idml.train import GRADIENT_CLIP, build_optimizer, idml_loss, mixup_draw
 
-SIZES = {"small": ("resnet18", 64, 32, 100), "full": ("resnet50", 224, 120, 11318),
-         "demo": ("resnet18", 32, 120, 40)}
+SIZES = {"small": ("resnet18", 64, 32, 100), "full": ("resnet50", 224, 120, 11318), "demo": ("resnet18", 32, 120, 40)}
 CPU_MARGIN = 0.9  # "no slower", allowing for timing noise on a shared machine
 GPU_TARGET = 2.0  # x the published recipe's images per second (ResNet-50, batch 120, 224 px)
 
@@ -42,8 +42,11 @@ class Step:
         self.criterion = ProxyAnchorISM(num_classes, 512).to(device)
         parameters = list(self.model.parameters()) + list(self.criterion.parameters())
         self.parameters = [p for p in parameters if p.requires_grad]
-        self.optimizer = (build_optimizer(train_parser().parse_args([]), self.model, self.criterion) if fast
-                          else torch.optim.AdamW(self.parameters, lr=1e-5))
+        self.optimizer = (
+            build_optimizer(train_parser().parse_args([]), self.model, self.criterion)
+            if fast
+            else torch.optim.AdamW(self.parameters, lr=1e-5)
+        )
         self.images = torch.randn(batch, 3, image_size, image_size, device=device)
         self.labels = torch.randint(0, num_classes, (batch,), device=device)
         self.generator = torch.Generator().manual_seed(0)
@@ -54,9 +57,11 @@ class Step:
         mixed = lam * self.images + (1 - lam) * self.images[permutation]
         (mu, sigma), (mu_mixed, sigma_mixed) = self.model(self.images), self.model(mixed)
         proxies = self.criterion.proxies
-        return (published_formula(mu, sigma, self.labels, proxies)
-                + lam * published_formula(mu_mixed, sigma_mixed, self.labels, proxies)
-                + (1 - lam) * published_formula(mu_mixed, sigma_mixed, self.labels[permutation], proxies))
+        return (
+            published_formula(mu, sigma, self.labels, proxies)
+            + lam * published_formula(mu_mixed, sigma_mixed, self.labels, proxies)
+            + (1 - lam) * published_formula(mu_mixed, sigma_mixed, self.labels[permutation], proxies)
+        )
 
     def __call__(self):
         configure_cudnn(self.device, self.amp)  # the published recipe's steps run without autotuning
@@ -88,5 +93,8 @@ def test_training_step_images_per_second(benchmark, device, bench_scale, size):
     benchmark.extra_info["published_images_per_second"] = batch / published_seconds
     target = CPU_MARGIN if device.type == "cpu" else GPU_TARGET
     if device.type == "cpu" or size == "full":
-        check_target(ratio >= target, f"the step takes {fast_seconds * 1e3:.0f} ms, the published recipe's "
-                                      f"{published_seconds * 1e3:.0f} ms: {ratio:.2f}x, target {target}x")
+        check_target(
+            ratio >= target,
+            f"the step takes {fast_seconds * 1e3:.0f} ms, the published recipe's "
+            f"{published_seconds * 1e3:.0f} ms: {ratio:.2f}x, target {target}x",
+        )

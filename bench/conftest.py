@@ -5,6 +5,7 @@ real sizes of docs/performance.md (SOP: 60,502 x 512, C = 11,318), meant for the
 patient CPU. Every benchmark measures its baseline in the same run and records the ratio
 in `benchmark.extra_info`, printed at the end of the session.
 """
+
 import pytest
 import timing
 import torch
@@ -12,8 +13,12 @@ from timing import RATIOS
 
 
 def pytest_addoption(parser):
-    parser.addoption("--bench-scale", choices=("small", "full"), default="small",
-                     help="problem sizes of the benchmarks (default: small)")
+    parser.addoption(
+        "--bench-scale",
+        choices=("small", "full"),
+        default="small",
+        help="problem sizes of the benchmarks (default: small)",
+    )
 
 
 def pytest_configure(config):
@@ -45,4 +50,5 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line("|---|---|---|---|")
     for test, baseline, base_s, cand_s, ratio in RATIOS:
         terminalreporter.write_line(
-            f"| {test} | {cand_s * 1e3:.3f} ms | {baseline} {base_s * 1e3:.3f} ms | {ratio:.2f}x |")
+            f"| {test} | {cand_s * 1e3:.3f} ms | {baseline} {base_s * 1e3:.3f} ms | {ratio:.2f}x |"
+        )

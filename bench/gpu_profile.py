@@ -10,6 +10,7 @@ the test suite runs it at small scale so that it does not rot).
 
 Prints one markdown table; FOLDER/profile.txt gets each case's full operator table.
 """
+
 import argparse
 import os
 import re
@@ -23,7 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_loss import forward_backward, make_inputs, three_matmuls  # noqa: E402
 from bench_metrics import embeddings, size_of, twenty_lloyd_iterations  # noqa: E402
-from bench_train_step import SIZES as STEP_SIZES, Step  # noqa: E402
+from bench_train_step import SIZES as STEP_SIZES  # noqa: E402
+from bench_train_step import Step
 from timing import synchronize  # noqa: E402
 
 from idml import cluster, ops  # noqa: E402
@@ -45,7 +47,10 @@ def loss_cases(scale, device):
         _, *saved = torch.ops.idml.pa_ism_forward(*detached)
         grad = torch.ones((), device=device)
         yield f"its forward op alone {name}", lambda d=detached: torch.ops.idml.pa_ism_forward(*d)
-        yield f"its backward op alone {name}", lambda d=detached, s=saved: torch.ops.idml.pa_ism_backward(grad, *d, *s)
+        yield (
+            f"its backward op alone {name}",
+            lambda d=detached, s=saved, g=grad: torch.ops.idml.pa_ism_backward(g, *d, *s),
+        )
         yield f"its three matmuls {name}", three_matmuls(inputs[0], inputs[3])
 
 
@@ -55,8 +60,10 @@ def metrics_cases(scale, device):
         n, num_classes, ks = size_of(name, scale)
         x, labels = embeddings(n, num_classes, device)
         for precision in precisions:
-            yield (f"metrics {name} n={n} {precision}",
-                   lambda x=x, labels=labels, ks=ks, p=precision: ops.retrieval_metrics(x, labels, ks=ks, precision=p))
+            yield (
+                f"metrics {name} n={n} {precision}",
+                lambda x=x, labels=labels, ks=ks, p=precision: ops.retrieval_metrics(x, labels, ks=ks, precision=p),
+            )
 
 
 def kmeans_cases(scale, device):
@@ -105,13 +112,17 @@ def summarize(rows, repeat):
     device's own events (kernels, copies, fills), not the spans of record_function
     annotations on the device timeline (the optimizer's step is one), which cover kernels
     already counted. torch's own table leaves those out the same way."""
-    device_rows = [row for row in rows if row.device_type == torch.autograd.DeviceType.CUDA
-                   and not getattr(row, "is_user_annotation", False)]
+    device_rows = [
+        row
+        for row in rows
+        if row.device_type == torch.autograd.DeviceType.CUDA and not getattr(row, "is_user_annotation", False)
+    ]
     busy_us = sum(row.self_device_time_total for row in device_rows)
     operations = sum(row.count for row in device_rows)
     top = sorted(device_rows, key=lambda row: row.self_device_time_total, reverse=True)[:3]
-    top_text = "; ".join(f"{short_kernel_name(row.key)} {row.self_device_time_total / repeat / 1e3:.3f} ms"
-                         for row in top)
+    top_text = "; ".join(
+        f"{short_kernel_name(row.key)} {row.self_device_time_total / repeat / 1e3:.3f} ms" for row in top
+    )
     return busy_us / repeat / 1e3, operations / repeat, top_text
 
 
@@ -138,8 +149,9 @@ def profile_cases(groups, scale, device, repeat, tables) -> int:
                 idle = f"{max(0.0, 1 - busy / wall):.0%}" if device.type == "cuda" else "-"
                 if device.type == "cuda" and not launches:  # CUPTI recorded nothing: no device columns
                     busy, idle, top = float("nan"), "?", "no device events recorded (CUPTI unavailable?)"
-                print(f"| {name} | {wall:.3f} | {host:.3f} | {busy:.3f} | {idle} | {launches:.0f} | {top} |",
-                      flush=True)
+                print(
+                    f"| {name} | {wall:.3f} | {host:.3f} | {busy:.3f} | {idle} | {launches:.0f} | {top} |", flush=True
+                )
                 tables.write(f"## {name}\n{table}\n\n")
         except Exception:
             failed += 1
@@ -157,8 +169,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
-    print(f"profile ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
-          f"torch {torch.__version__}, {args.scale} scale, best of {args.repeat} calls):")
+    print(
+        f"profile ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+        f"torch {torch.__version__}, {args.scale} scale, best of {args.repeat} calls):"
+    )
     print("| case | wall ms | host ms | device busy ms | device idle | device ops | top kernels |")
     print("|---|---|---|---|---|---|---|", flush=True)
     with open(os.path.join(args.out, "profile.txt"), "w") as tables:

@@ -1,4 +1,5 @@
 """The published recipe, re-typed as the baseline the benchmarks measure against."""
+
 import torch
 
 from idml import reference
@@ -10,7 +11,7 @@ def published_formula(mu, sigma, labels, proxies, margin=0.1, alpha=32.0, ism_of
     debug print of the one-hot matrix are left out, which only makes this baseline faster)."""
     mu, sigma, proxies = mu.float(), sigma.float(), proxies.float()
     cos = torch.nn.functional.linear(reference.l2_normalize(mu), reference.l2_normalize(proxies))
-    dist = (mu.pow(2).sum(1, keepdim=True) + proxies.pow(2).sum(1) - 2 * mu @ proxies.t())
+    dist = mu.pow(2).sum(1, keepdim=True) + proxies.pow(2).sum(1) - 2 * mu @ proxies.t()
     unc = sigma.pow(2).sum(1, keepdim=True)
     sim = 1 - (1 - cos) * torch.exp(-(unc + ism_offset) / (ism_scale * dist))
     p_one_hot = torch.nn.functional.one_hot(labels, proxies.shape[0]).float()

@@ -1,5 +1,6 @@
 """Timing helpers of the benchmarks: best-of-n wall time and speed-up ratios measured in
 the same run (kept here, not in conftest.py, so that tests/ and bench/ can run together)."""
+
 import time
 
 import torch

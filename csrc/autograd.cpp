@@ -25,8 +25,8 @@ const auto& forward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("idml::pa_ism_forward", "")
                              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 double, double, bool, double, double)>();
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                 double, bool, double, double)>();
   return op;
 }
 
@@ -57,8 +57,8 @@ class NoSecondDerivative : public torch::autograd::Function<NoSecondDerivative> 
 class PaIsmLoss : public torch::autograd::Function<PaIsmLoss> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& mu, const at::Tensor& sigma,
-                            const at::Tensor& labels, const at::Tensor& proxies, double margin, double alpha,
-                            bool ism, double ism_offset, double ism_scale) {
+                            const at::Tensor& labels, const at::Tensor& proxies, double margin, double alpha, bool ism,
+                            double ism_offset, double ism_scale) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, dots, row_stats, col_stats, num_positive] =
         forward_op().call(mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale);
@@ -77,25 +77,25 @@ class PaIsmLoss : public torch::autograd::Function<PaIsmLoss> {
     {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(grads[0], grads[1], grads[2]) =
-          backward_op().call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
-                             saved[6], saved[7], margin, alpha, ism, ism_offset, ism_scale);
+          backward_op().call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6],
+                             saved[7], margin, alpha, ism, ism_offset, ism_scale);
     }
     if (create_graph) grads = NoSecondDerivative::apply(grads, saved[0], saved[1], saved[3]);
-    return {grads[0], grads[1], at::Tensor(), grads[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    return {grads[0],     grads[1],     at::Tensor(), grads[2],    at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor pa_ism_loss_autograd(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& labels,
-                                const at::Tensor& proxies, double margin, double alpha, bool ism,
-                                double ism_offset, double ism_scale) {
+                                const at::Tensor& proxies, double margin, double alpha, bool ism, double ism_offset,
+                                double ism_scale) {
   return PaIsmLoss::apply(mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale);
 }
 
 // Without autograd (inference mode, fake tensors): the forward operator's loss alone.
 at::Tensor pa_ism_loss_no_grad(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& labels,
-                               const at::Tensor& proxies, double margin, double alpha, bool ism,
-                               double ism_offset, double ism_scale) {
+                               const at::Tensor& proxies, double margin, double alpha, bool ism, double ism_offset,
+                               double ism_scale) {
   return std::get<0>(forward_op().call(mu, sigma, labels, proxies, margin, alpha, ism, ism_offset, ism_scale));
 }
 

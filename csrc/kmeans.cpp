@@ -3,7 +3,8 @@
 // centroids, bit for bit), issued from C++ for every backend. Each draw depends on the one
 // before, and at SOP size (11,316 draws) issuing a draw's operations from Python takes
 // longer on the host (about 200 us on an H100 machine) than the device needs to run them
-// (about 50 us: one pass over the 124 MB of embeddings); from C++ the host keeps ahead. On a CPU it saves the same interpreter time.
+// (about 50 us: one pass over the 124 MB of embeddings); from C++ the host keeps ahead. On a CPU it saves the same
+// interpreter time.
 //
 // Greedy draws (trials > 1, scikit-learn's default): each draw samples `trials` candidates and
 // keeps the one that leaves the smallest sum of squared distances to the nearest centroid; the
@@ -24,21 +25,21 @@ void check_inputs(const at::Tensor& x, const at::Tensor& sq_norms, const at::Ten
   TORCH_CHECK(sq_norms.dim() == 1 && sq_norms.size(0) == n && sq_norms.scalar_type() == x.scalar_type() &&
                   sq_norms.is_contiguous(),
               "kmeans_plus_plus_draws: sq_norms must be a contiguous vector of |x_i|^2 of every row, in x's dtype");
-  TORCH_CHECK(closest.dim() == 1 && closest.size(0) == n && closest.scalar_type() == at::kDouble &&
-                  closest.is_contiguous(),
-              "kmeans_plus_plus_draws: closest must be a contiguous float64 vector, one per row");
-  TORCH_CHECK(uniforms.dim() == 2 && uniforms.size(1) >= 1 && uniforms.scalar_type() == at::kDouble &&
-                  uniforms.is_contiguous(),
-              "kmeans_plus_plus_draws: uniforms must be a contiguous float64 [k, trials] matrix, trials >= 1, got ",
-              uniforms.scalar_type(), " of shape ", uniforms.sizes());
+  TORCH_CHECK(
+      closest.dim() == 1 && closest.size(0) == n && closest.scalar_type() == at::kDouble && closest.is_contiguous(),
+      "kmeans_plus_plus_draws: closest must be a contiguous float64 vector, one per row");
+  TORCH_CHECK(
+      uniforms.dim() == 2 && uniforms.size(1) >= 1 && uniforms.scalar_type() == at::kDouble && uniforms.is_contiguous(),
+      "kmeans_plus_plus_draws: uniforms must be a contiguous float64 [k, trials] matrix, trials >= 1, got ",
+      uniforms.scalar_type(), " of shape ", uniforms.sizes());
   const int64_t k = uniforms.size(0);
   TORCH_CHECK(centroids.dim() == 2 && centroids.size(0) == k && centroids.size(1) == x.size(1) &&
                   centroids.scalar_type() == x.scalar_type() && centroids.is_contiguous(),
-              "kmeans_plus_plus_draws: centroids must be a contiguous [k, d] matrix in x's dtype, k = ",
-              k, " (the uniforms' rows)");
+              "kmeans_plus_plus_draws: centroids must be a contiguous [k, d] matrix in x's dtype, k = ", k,
+              " (the uniforms' rows)");
   for (const at::Tensor* t : {&sq_norms, &uniforms, &closest, &centroids}) {
-    TORCH_CHECK(t->device() == x.device(), "kmeans_plus_plus_draws: every tensor must be on x's device (",
-                x.device(), "), got one on ", t->device());
+    TORCH_CHECK(t->device() == x.device(), "kmeans_plus_plus_draws: every tensor must be on x's device (", x.device(),
+                "), got one on ", t->device());
   }
   TORCH_CHECK(1 <= start && start <= stop && stop <= k, "kmeans_plus_plus_draws: draws [", start, ", ", stop,
               ") must lie within [1, ", k, "]: draw 0 is the caller's");

@@ -162,11 +162,11 @@ struct Grad {
 // `lse` is the column's log-sum-exp for the element's kind (positive or negative) and
 // `weight` is dL/d(lse) for it: grad_loss / |P+| (positive) or grad_loss / C (negative).
 template <bool ISM, typename T>
-IDML_HD Grad<T> element_grad(T dot, const Row<T>& row, const Col<T>& col, bool positive, T lse,
-                             T weight, const Params<T>& p) {
+IDML_HD Grad<T> element_grad(T dot, const Row<T>& row, const Col<T>& col, bool positive, T lse, T weight,
+                             const Params<T>& p) {
   const T s = dot * row.inv_norm * col.inv_norm;
   T sim = s;
-  T e = T(1);                   // exp(-k / d)
+  T e = T(1);                          // exp(-k / d)
   T d_raw = T(0), d = T(1), t = T(0);  // distance, clamped distance, k / d
   if (ISM) {
     d_raw = row.sq + col.sq - T(2) * dot;
@@ -189,10 +189,8 @@ IDML_HD Grad<T> element_grad(T dot, const Row<T>& row, const Col<T>& col, bool p
   const T inv_mu_sq = row.inv_norm * row.inv_norm;
   const T inv_p_sq = col.inv_norm * col.inv_norm;
   // s = dot / (|mu| |p|) and d = |mu|^2 + |p|^2 - 2 dot.
-  return {g_s * row.inv_norm * col.inv_norm - T(2) * g_d,
-          T(-0.5) * g_s * s * inv_mu_sq + g_d,
-          T(-0.5) * g_s * s * inv_p_sq + g_d,
-          g_u};
+  return {g_s * row.inv_norm * col.inv_norm - T(2) * g_d, T(-0.5) * g_s * s * inv_mu_sq + g_d,
+          T(-0.5) * g_s * s * inv_p_sq + g_d, g_u};
 }
 
 // --- argument checks, shared by the CPU and CUDA kernels ---------------------------------
@@ -217,8 +215,8 @@ inline void check_tensor(const at::Tensor& t, const char* name, const at::Device
   TORCH_CHECK(t.defined(), "pa_ism: ", name, " is an undefined tensor");
   TORCH_CHECK(t.layout() == at::kStrided, "pa_ism: ", name, " must be a dense (strided) tensor, got layout ",
               t.layout());
-  TORCH_CHECK(t.device() == device, "pa_ism: all inputs must be on the same device, but ", name, " is on ",
-              t.device(), " and mu on ", device);
+  TORCH_CHECK(t.device() == device, "pa_ism: all inputs must be on the same device, but ", name, " is on ", t.device(),
+              " and mu on ", device);
 }
 
 // A tensor of exactly `sizes` and dtype `dtype` (the forward's outputs, fed to the backward).
@@ -244,27 +242,27 @@ inline Inputs checked_inputs(const at::Tensor& mu, const at::Tensor& sigma, cons
   TORCH_CHECK(mu.dim() == 2 && sigma.dim() == 2 && proxies.dim() == 2,
               "pa_ism: mu (B, D), sigma (B, D') and proxies (C, D) must be matrices, got ", mu.dim(), "-D, ",
               sigma.dim(), "-D and ", proxies.dim(), "-D");
-  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong,
-              "pa_ism: labels must be a 1-d int64 tensor, got ", labels.dim(), "-D ", labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong, "pa_ism: labels must be a 1-d int64 tensor, got ",
+              labels.dim(), "-D ", labels.scalar_type());
   TORCH_CHECK(sigma.size(0) == mu.size(0) && labels.size(0) == mu.size(0),
-              "pa_ism: mu, sigma and labels must have the same number of rows, got ", mu.size(0), ", ",
-              sigma.size(0), " and ", labels.size(0));
+              "pa_ism: mu, sigma and labels must have the same number of rows, got ", mu.size(0), ", ", sigma.size(0),
+              " and ", labels.size(0));
   // An empty batch has no loss (the reference's maxima over it are undefined).
   TORCH_CHECK(mu.size(0) > 0, "pa_ism: mu must hold at least one sample, got shape ", mu.sizes());
   TORCH_CHECK(mu.size(1) > 0, "pa_ism: mu must have at least one column, got shape ", mu.sizes(),
               " (embeddings of width 0 have no direction)");
-  TORCH_CHECK(proxies.size(1) == mu.size(1), "pa_ism: proxies and mu must have the same width, got ",
-              proxies.size(1), " and ", mu.size(1));
+  TORCH_CHECK(proxies.size(1) == mu.size(1), "pa_ism: proxies and mu must have the same width, got ", proxies.size(1),
+              " and ", mu.size(1));
   TORCH_CHECK(proxies.size(0) > 0, "pa_ism: at least one proxy is needed");
   const at::ScalarType dtype = mu.scalar_type();
   TORCH_CHECK(sigma.scalar_type() == dtype && proxies.scalar_type() == dtype,
-              "pa_ism: mu, sigma and proxies must have the same dtype, got ", dtype, ", ", sigma.scalar_type(),
-              " and ", proxies.scalar_type());
+              "pa_ism: mu, sigma and proxies must have the same dtype, got ", dtype, ", ", sigma.scalar_type(), " and ",
+              proxies.scalar_type());
   const bool supported = dtype == at::kFloat || dtype == at::kDouble ||
                          (reduced_precision && (dtype == at::kHalf || dtype == at::kBFloat16));
   TORCH_CHECK(supported, "pa_ism: mu, sigma and proxies must be ",
-              reduced_precision ? "float16, bfloat16, float32 or float64" : "float32 or float64", " on ",
-              device.type(), ", got ", dtype);
+              reduced_precision ? "float16, bfloat16, float32 or float64" : "float32 or float64", " on ", device.type(),
+              ", got ", dtype);
   TORCH_CHECK(std::isfinite(margin), "pa_ism: margin must be finite, got ", margin);
   TORCH_CHECK(std::isfinite(alpha) && alpha > 0, "pa_ism: alpha must be a positive finite number, got ", alpha);
   TORCH_CHECK(std::isfinite(ism_offset), "pa_ism: ism_offset must be finite, got ", ism_offset);
@@ -288,16 +286,17 @@ inline BackwardInputs checked_backward_inputs(const at::Tensor& grad_loss, const
   TORCH_CHECK(grad_loss.device() == device || grad_loss.device().is_cpu(),
               "pa_ism_backward: grad_loss must be on the inputs' device or the CPU, got ", grad_loss.device());
   TORCH_CHECK(grad_loss.dim() == 0 && at::isFloatingType(grad_loss.scalar_type()),
-              "pa_ism_backward: grad_loss must be a 0-dim floating tensor (the loss's gradient), got ",
-              grad_loss.dim(), "-D ", grad_loss.scalar_type());
+              "pa_ism_backward: grad_loss must be a 0-dim floating tensor (the loss's gradient), got ", grad_loss.dim(),
+              "-D ", grad_loss.scalar_type());
   const int64_t B = mu.size(0), C = proxies.size(0);
   const at::ScalarType stats = at::toOpMathType(mu.scalar_type());
   check_saved(dots, "dots", {B, C}, stats, device);
   check_saved(row_stats, "row_stats", {2, B}, stats, device);
   check_saved(col_stats, "col_stats", {3, C}, stats, device);
   check_saved(num_positive, "num_positive", {}, stats, device);
-  return {std::move(in), grad_loss, dots.contiguous(), row_stats.contiguous(), col_stats.contiguous(),
-          num_positive.contiguous()};
+  return {std::move(in),          grad_loss,
+          dots.contiguous(),      row_stats.contiguous(),
+          col_stats.contiguous(), num_positive.contiguous()};
 }
 
 }  // namespace pa_ism

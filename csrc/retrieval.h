@@ -37,14 +37,11 @@ namespace idml {
 namespace retrieval {
 
 // Does a candidate (similarity s, index i) rank before the relevant item (v, j)?
-IDML_HOST_DEVICE bool outranks(float s, int32_t i, float v, int32_t j) {
-  return s > v || (s == v && i < j);
-}
+IDML_HOST_DEVICE bool outranks(float s, int32_t i, float v, int32_t j) { return s > v || (s == v && i < j); }
 
 // First position t of a relevant list (length R, in rank order) whose item the candidate
 // outranks; R if none. Outranking is monotone along the list, so binary search suffices.
-IDML_HOST_DEVICE int32_t first_outranked(const float* values, const int32_t* index, int32_t R,
-                                         float s, int32_t i) {
+IDML_HOST_DEVICE int32_t first_outranked(const float* values, const int32_t* index, int32_t R, float s, int32_t i) {
   int32_t lo = 0, hi = R;
   while (lo < hi) {
     const int32_t mid = (lo + hi) >> 1;
@@ -61,17 +58,17 @@ IDML_HOST_DEVICE int32_t first_outranked(const float* values, const int32_t* ind
 // Rows are queries, columns references; in symmetric mode (queries are the references)
 // both sides point to the same arrays.
 struct Lists {
-  const float* values;          // [rows, cap] relevant similarities, in rank order
-  const int32_t* index;         // [rows, cap] their original reference indices
-  const int32_t* limit;         // [rows] ranks above it are not needed: max(R, max_k)
-  int32_t* length;              // [rows] listed items still counted (R at first, see shorten)
-  float* threshold;             // [rows] similarity of the last counted item (+inf if none)
-  int32_t* counts;              // [rows, cap] counts[q][t]: candidates first outranking item t
+  const float* values;   // [rows, cap] relevant similarities, in rank order
+  const int32_t* index;  // [rows, cap] their original reference indices
+  const int32_t* limit;  // [rows] ranks above it are not needed: max(R, max_k)
+  int32_t* length;       // [rows] listed items still counted (R at first, see shorten)
+  float* threshold;      // [rows] similarity of the last counted item (+inf if none)
+  int32_t* counts;       // [rows, cap] counts[q][t]: candidates first outranking item t
   int64_t cap;
-  const int64_t* row_labels;    // [rows]
-  const int64_t* col_labels;    // [cols]
-  const int32_t* row_index;     // [rows] original query index of each position
-  const int32_t* col_index;     // [cols] original reference index of each position
+  const int64_t* row_labels;  // [rows]
+  const int64_t* col_labels;  // [cols]
+  const int32_t* row_index;   // [rows] original query index of each position
+  const int32_t* col_index;   // [cols] original reference index of each position
 };
 
 // Ranks only grow as candidates are counted: once listed item t has rank > limit, so have
@@ -143,19 +140,18 @@ inline void check_rows(const at::Tensor& x, const at::Tensor& labels, const char
               " labels must be 1-D with one label per row, got ", labels.sizes(), " for ", x.size(0), " rows");
   TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
               "retrieval_ranks: labels must be integers, got ", labels.scalar_type());
-  TORCH_CHECK(x.device() == device, "retrieval_ranks: ", what, " must be on the queries' device ", device,
-              ", got ", x.device());
+  TORCH_CHECK(x.device() == device, "retrieval_ranks: ", what, " must be on the queries' device ", device, ", got ",
+              x.device());
   TORCH_CHECK(labels.device() == device, "retrieval_ranks: labels must be on the device of ", what);
   TORCH_CHECK(x.size(0) < std::numeric_limits<int32_t>::max(), "retrieval_ranks: too many rows");
 }
 
 inline Precision checked_arguments(const at::Tensor& queries, const at::Tensor& query_labels,
                                    const std::optional<at::Tensor>& references,
-                                   const std::optional<at::Tensor>& reference_labels, int64_t max_r,
-                                   int64_t max_k, const std::string& precision) {
+                                   const std::optional<at::Tensor>& reference_labels, int64_t max_r, int64_t max_k,
+                                   const std::string& precision) {
   const Precision parsed = parse_precision(precision);
-  TORCH_CHECK(max_r >= 1 && max_k >= 1, "retrieval_ranks: max_r and max_k must be >= 1, got ", max_r, " and ",
-              max_k);
+  TORCH_CHECK(max_r >= 1 && max_k >= 1, "retrieval_ranks: max_r and max_k must be >= 1, got ", max_r, " and ", max_k);
   TORCH_CHECK(references.has_value() == reference_labels.has_value(),
               "retrieval_ranks: give both references and reference_labels, or neither");
   TORCH_CHECK(queries.defined(), "retrieval_ranks: queries is an undefined tensor");
@@ -172,10 +168,10 @@ inline Precision checked_arguments(const at::Tensor& queries, const at::Tensor& 
 // ranks[q][t] = 1-based rank of q's (t+1)-th relevant item for t < R_q, else 0; a rank
 // above max(R_q, max_k) (never needed by R@K for K <= max_k, RP, MAP@R) is reported as
 // max(R_q, max_k) + 1.
-std::tuple<at::Tensor, at::Tensor> compute_ranks(
-    const at::Tensor& queries, const at::Tensor& query_labels,
-    const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
-    int64_t max_r, int64_t max_k, const std::string& precision, const Backend& backend);
+std::tuple<at::Tensor, at::Tensor> compute_ranks(const at::Tensor& queries, const at::Tensor& query_labels,
+                                                 const std::optional<at::Tensor>& references,
+                                                 const std::optional<at::Tensor>& reference_labels, int64_t max_r,
+                                                 int64_t max_k, const std::string& precision, const Backend& backend);
 
 }  // namespace retrieval
 }  // namespace idml

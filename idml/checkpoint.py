@@ -10,6 +10,7 @@ Both carry "sha256", a digest of everything else (checked on load: a damaged fil
 where torch.load would read flipped bits silently; files without one still load), and are
 written only from finite weights.
 """
+
 import hashlib
 import io
 import os
@@ -56,9 +57,12 @@ def digest(state) -> str:
 def non_finite_weights(state: dict) -> list:
     """Names of the floating-point weight tensors of `state` holding NaN or infinite values
     (the model's as named in its state_dict, the others prefixed with their part)."""
-    return [name if part == "model" else f"{part}.{name}"
-            for part in WEIGHTS for name, tensor in state.get(part, {}).items()
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    return [
+        name if part == "model" else f"{part}.{name}"
+        for part in WEIGHTS
+        for name, tensor in state.get(part, {}).items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -67,16 +71,19 @@ def save_checkpoint(path: str, state: dict) -> None:
     file stays intact)."""
     broken = non_finite_weights(state)
     if broken:
-        raise TrainingDiverged(f"{len(broken)} weight tensors hold NaN or infinite values (e.g. {broken[0]}), so "
-                               f"{path} was not written")
+        raise TrainingDiverged(
+            f"{len(broken)} weight tensors hold NaN or infinite values (e.g. {broken[0]}), so {path} was not written"
+        )
     state = {"format": FORMAT, "version": VERSION, **state}
     buffer = io.BytesIO()  # serialise fully before touching the disk
     torch.save({**state, "sha256": digest(state)}, buffer)
     try:
         atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     except OSError as error:
-        raise UsageError(f"cannot write {path} ({error.strerror or error}); the previous file there is intact: "
-                         f"free some space and resume from it") from None
+        raise UsageError(
+            f"cannot write {path} ({error.strerror or error}); the previous file there is intact: "
+            f"free some space and resume from it"
+        ) from None
 
 
 def load_checkpoint(path: str, required=()) -> dict:
@@ -91,14 +98,17 @@ def load_checkpoint(path: str, required=()) -> dict:
     except FileNotFoundError:
         raise UsageError(f"checkpoint not found: {path}") from None
     except Exception as error:
-        raise UsageError(f"{path} is not a checkpoint written by scripts/train.py ({torch_load_failure(error)})") \
-            from None
+        raise UsageError(
+            f"{path} is not a checkpoint written by scripts/train.py ({torch_load_failure(error)})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not an idml checkpoint (expected a file written by scripts/train.py)")
     saved = state.pop("sha256", None)
     if saved is not None and saved != digest(state):
-        raise UsageError(f"{path} is damaged: its checksum does not match its contents (a disk or copy error); "
-                         f"use another checkpoint")
+        raise UsageError(
+            f"{path} is damaged: its checksum does not match its contents (a disk or copy error); "
+            f"use another checkpoint"
+        )
     require(state, path, required)
     return state
 
@@ -107,8 +117,10 @@ def require(state: dict, path: str, keys) -> None:
     """UsageError, in one sentence, when the checkpoint `state` read from `path` lacks one of `keys`."""
     missing = [key for key in keys if key not in state]
     if missing:
-        raise UsageError(f"{path} lacks {', '.join(repr(key) for key in missing)}, which every checkpoint written by "
-                         f"scripts/train.py holds: it is incomplete or was written by another program")
+        raise UsageError(
+            f"{path} lacks {', '.join(repr(key) for key in missing)}, which every checkpoint written by "
+            f"scripts/train.py holds: it is incomplete or was written by another program"
+        )
 
 
 def model_from_checkpoint(path: str):
@@ -124,12 +136,16 @@ def model_from_checkpoint(path: str):
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
-        raise UsageError(f"{path}: the weights do not fit a {args['model']} with embedding size "
-                         f"{args['embedding_size']} ({str(error).splitlines()[0]})") from None
+        raise UsageError(
+            f"{path}: the weights do not fit a {args['model']} with embedding size "
+            f"{args['embedding_size']} ({str(error).splitlines()[0]})"
+        ) from None
     broken = non_finite_weights({"model": checkpoint["model"]})
     if broken:
-        raise UsageError(f"{path}: {len(broken)} weight tensors hold NaN or infinite values (e.g. {broken[0]}): "
-                         f"the run diverged before this checkpoint; use an earlier one")
+        raise UsageError(
+            f"{path}: {len(broken)} weight tensors hold NaN or infinite values (e.g. {broken[0]}): "
+            f"the run diverged before this checkpoint; use an earlier one"
+        )
     return model.eval(), args
 
 

@@ -8,6 +8,7 @@ diverged training run ends with one sentence and exit code 3.
 This module and its imports stay free of torch until a command runs, so that --help answers
 at once (the choices come from idml.choices, which the library uses too).
 """
+
 import argparse
 import json
 import math
@@ -32,11 +33,13 @@ def _dataset(value: str) -> str:
 
 def _checked(kind, accept, expected: str):
     """An argparse type: `kind(value)`, finite and accepted by `accept`."""
+
     def parse(value):
         number = kind(value)
         if not math.isfinite(number) or not accept(number):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return number
+
     return parse
 
 
@@ -59,52 +62,94 @@ def _folder_name(value: str) -> str:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", type=_dataset, default="digits", metavar="{" + ",".join(DATASETS) + "}",
-                        help="data set (default: digits, embedded; cub, cars, SOP and custom read --data-root)")
-    parser.add_argument("--data-root", default="./data",
-                        help="folder holding CUB_200_2011/, cars196/ or Stanford_Online_Products/ (default ./data)")
+    parser.add_argument(
+        "--dataset",
+        type=_dataset,
+        default="digits",
+        metavar="{" + ",".join(DATASETS) + "}",
+        help="data set (default: digits, embedded; cub, cars, SOP and custom read --data-root)",
+    )
+    parser.add_argument(
+        "--data-root",
+        default="./data",
+        help="folder holding CUB_200_2011/, cars196/ or Stanford_Online_Products/ (default ./data)",
+    )
     parser.add_argument("--model", default="resnet50", choices=ARCHITECTURES, help="backbone (default resnet50)")
     parser.add_argument("--embedding-size", type=_positive(int), default=512, help="embedding width D (default 512)")
     parser.add_argument("--l2-norm", type=int, choices=(0, 1), default=1, help="L2-normalise mu and sigma (default 1)")
-    parser.add_argument("--uncertainty", choices=UNCERTAINTY_MODES, default="normalized",
-                        help="sigma: 'normalized' as published (|sigma|=1, the head gets no gradient), "
-                             "'relu' or 'softplus' (learned uncertainty)")
-    parser.add_argument("--image-size", type=_positive(int), default=None,
-                        help="input size in pixels (default 224; digits 32)")
-    parser.add_argument("--batch-size", type=_positive(int), default=150,
-                        help="global batch size (default 150; the published commands pass 120)")
+    parser.add_argument(
+        "--uncertainty",
+        choices=UNCERTAINTY_MODES,
+        default="normalized",
+        help="sigma: 'normalized' as published (|sigma|=1, the head gets no gradient), "
+        "'relu' or 'softplus' (learned uncertainty)",
+    )
+    parser.add_argument(
+        "--image-size", type=_positive(int), default=None, help="input size in pixels (default 224; digits 32)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive(int),
+        default=150,
+        help="global batch size (default 150; the published commands pass 120)",
+    )
     parser.add_argument("--workers", type=_non_negative(int), default=4, help="data loading processes (default 4)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: the GPU when there is one (default)")
-    parser.add_argument("--gpu", "--gpu-id", dest="gpu", type=int, default=0,
-                        help="GPU index; -1 = all visible GPUs, as in the published commands (default 0)")
-    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto",
-                        help="mixed precision of the forward pass; auto (default): bf16 autocast and channels_last "
-                             "on a GPU with bf16 support, float32 elsewhere; off: float32 as published")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one (default)"
+    )
+    parser.add_argument(
+        "--gpu",
+        "--gpu-id",
+        dest="gpu",
+        type=int,
+        default=0,
+        help="GPU index; -1 = all visible GPUs, as in the published commands (default 0)",
+    )
+    parser.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="auto",
+        help="mixed precision of the forward pass; auto (default): bf16 autocast and channels_last "
+        "on a GPU with bf16 support, float32 elsewhere; off: float32 as published",
+    )
     parser.add_argument("--seed", type=_non_negative(int), default=1, help="random seed (default 1)")
 
 
 def _add_kmeans_runs_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kmeans-runs", type=_positive(int), default=None, metavar="N",
-                        help="k-means runs for NMI and F1, the lowest-inertia one kept (default 10, as "
-                             "scikit-learn's KMeans did until version 1.4; SOP 1: seconds per run)")
+    parser.add_argument(
+        "--kmeans-runs",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="k-means runs for NMI and F1, the lowest-inertia one kept (default 10, as "
+        "scikit-learn's KMeans did until version 1.4; SOP 1: seconds per run)",
+    )
 
 
 def _add_loader_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--loader", choices=("pil", "dali"), default="pil",
-                        help="image decoding: pil (DataLoader processes, default) or dali (NVIDIA DALI, GPU "
-                             "decoding when on CUDA; pip install nvidia-dali-cuda130); --workers sets its threads")
+    parser.add_argument(
+        "--loader",
+        choices=("pil", "dali"),
+        default="pil",
+        help="image decoding: pil (DataLoader processes, default) or dali (NVIDIA DALI, GPU "
+        "decoding when on CUDA; pip install nvidia-dali-cuda130); --workers sets its threads",
+    )
 
 
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/train.py",
-        description="Train Introspective Deep Metric Learning (ProxyAnchor + IDML) and evaluate on unseen classes.")
+        description="Train Introspective Deep Metric Learning (ProxyAnchor + IDML) and evaluate on unseen classes.",
+    )
     _add_model_arguments(parser)
     parser.add_argument("--LOG_DIR", default="./logs", help="folder for run folders (default ./logs)")
     parser.add_argument("--remark", type=_folder_name, default="", help="suffix of the run folder's name")
-    parser.add_argument("--loss", default="Proxy_Anchor", choices=LOSSES,
-                        help="Proxy_Anchor (IDML, default) or a published baseline via pytorch-metric-learning")
+    parser.add_argument(
+        "--loss",
+        default="Proxy_Anchor",
+        choices=LOSSES,
+        help="Proxy_Anchor (IDML, default) or a published baseline via pytorch-metric-learning",
+    )
     parser.add_argument("--epochs", type=_positive(int), default=60, help="epochs (default 60)")
     parser.add_argument("--optimizer", choices=("adamw", "sgd", "adam", "rmsprop"), default="adamw")
     parser.add_argument("--lr", type=_positive(float), default=1e-4, help="learning rate (proxies: 100x)")
@@ -113,42 +158,83 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-decay-gamma", type=_positive(float), default=0.5, help="StepLR factor")
     parser.add_argument("--alpha", type=_positive(float), default=32.0, help="Proxy Anchor scale alpha")
     parser.add_argument("--mrg", type=_finite, default=0.1, help="Proxy Anchor margin delta")
-    parser.add_argument("--ism", type=int, choices=(0, 1), default=1,
-                        help="1: introspective similarity (IDML); 0: plain Proxy Anchor")
+    parser.add_argument(
+        "--ism", type=int, choices=(0, 1), default=1, help="1: introspective similarity (IDML); 0: plain Proxy Anchor"
+    )
     parser.add_argument("--ism-offset", type=_finite, default=4.0, help="a in exp(-(u + a) / (b d)) (default 4)")
-    parser.add_argument("--ism-scale", type=_positive(float), default=5.0, help="b in exp(-(u + a) / (b d)) (default 5)")
-    parser.add_argument("--IPC", type=_non_negative(int), default=0, help="images per class in balanced batches (0: shuffled)")
-    parser.add_argument("--warm", type=_non_negative(int), default=1, help="warm-up epochs: only the semantic head and proxies train")
+    parser.add_argument(
+        "--ism-scale", type=_positive(float), default=5.0, help="b in exp(-(u + a) / (b d)) (default 5)"
+    )
+    parser.add_argument(
+        "--IPC", type=_non_negative(int), default=0, help="images per class in balanced batches (0: shuffled)"
+    )
+    parser.add_argument(
+        "--warm", type=_non_negative(int), default=1, help="warm-up epochs: only the semantic head and proxies train"
+    )
     parser.add_argument("--bn-freeze", type=int, choices=(0, 1), default=1, help="freeze the backbone's BatchNorm")
-    parser.add_argument("--pretrained", default="imagenet",
-                        help="backbone weights: imagenet (default), none, or a torchvision state-dict file")
+    parser.add_argument(
+        "--pretrained",
+        default="imagenet",
+        help="backbone weights: imagenet (default), none, or a torchvision state-dict file",
+    )
     _add_loader_argument(parser)
-    parser.add_argument("--resume", default=None,
-                        help="continue from this checkpoint_last.pt; --lr, --weight-decay, --lr-decay-step, "
-                             "--lr-decay-gamma and --optimizer apply from there on when they differ")
-    parser.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto",
-                        help="auto: online with credentials and a reachable server, else offline (default); "
-                             "WANDB_MODE, when stricter, wins")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help="continue from this checkpoint_last.pt; --lr, --weight-decay, --lr-decay-step, "
+        "--lr-decay-gamma and --optimizer apply from there on when they differ",
+    )
+    parser.add_argument(
+        "--wandb",
+        choices=("auto", "online", "offline", "disabled"),
+        default="auto",
+        help="auto: online with credentials and a reachable server, else offline (default); "
+        "WANDB_MODE, when stricter, wins",
+    )
     parser.add_argument("--max-steps", type=_positive(int), default=None, help="cap steps per epoch (smoke runs)")
-    parser.add_argument("--max-bad-images", type=_non_negative(int), default=10,
-                        help="unreadable images to skip (with a warning) before stopping (default 10)")
-    parser.add_argument("--checkpoint-every", type=_positive(int), default=None,
-                        help="also write checkpoint_last.pt every N steps (default: at the end of every epoch)")
-    parser.add_argument("--max-loss-jump", type=_positive(float), default=None, metavar="F",
-                        help="skip the update of a step whose loss exceeds F times the running mean of recent "
-                             "finite losses (default: off); steps with a non-finite loss or gradient are always "
-                             "skipped, and 10 in a row stop the run")
-    parser.add_argument("--compile", type=int, choices=(0, 1), default=0,
-                        help="1: torch.compile the model and the loss (slow first steps, faster after)")
-    parser.add_argument("--eval-clustering", type=int, choices=(0, 1), default=1,
-                        help="compute NMI and F1 (k-means) at every evaluation (default 1)")
+    parser.add_argument(
+        "--max-bad-images",
+        type=_non_negative(int),
+        default=10,
+        help="unreadable images to skip (with a warning) before stopping (default 10)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=_positive(int),
+        default=None,
+        help="also write checkpoint_last.pt every N steps (default: at the end of every epoch)",
+    )
+    parser.add_argument(
+        "--max-loss-jump",
+        type=_positive(float),
+        default=None,
+        metavar="F",
+        help="skip the update of a step whose loss exceeds F times the running mean of recent "
+        "finite losses (default: off); steps with a non-finite loss or gradient are always "
+        "skipped, and 10 in a row stop the run",
+    )
+    parser.add_argument(
+        "--compile",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: torch.compile the model and the loss (slow first steps, faster after)",
+    )
+    parser.add_argument(
+        "--eval-clustering",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="compute NMI and F1 (k-means) at every evaluation (default 1)",
+    )
     _add_kmeans_runs_argument(parser)
     return parser
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scripts/evaluate.py",
-                                     description="Evaluate a trained checkpoint on the unseen test classes.")
+    parser = argparse.ArgumentParser(
+        prog="scripts/evaluate.py", description="Evaluate a trained checkpoint on the unseen test classes."
+    )
     parser.add_argument("--dataset", type=_dataset, default=None, help="default: the checkpoint's")
     parser.add_argument("--data-root", default=None, help="default: the checkpoint's")
     parser.add_argument("--resume", required=True, help="checkpoint (checkpoint_last.pt or *_best.pth)")
@@ -160,11 +246,18 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu", "--gpu-id", dest="gpu", type=int, default=0)
     parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="as in training (default auto)")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    parser.add_argument("--plots", metavar="DIR", default=None,
-                        help="also write recall_at_k.png and query_grid.png (queries and their neighbours) to DIR")
-    parser.add_argument("--published-protocol", action="store_true",
-                        help="also R@K, RP and MAP@R as the published code computes them: neighbour lists as long "
-                             "as the largest class, so its R@K for larger K is R@(that length)")
+    parser.add_argument(
+        "--plots",
+        metavar="DIR",
+        default=None,
+        help="also write recall_at_k.png and query_grid.png (queries and their neighbours) to DIR",
+    )
+    parser.add_argument(
+        "--published-protocol",
+        action="store_true",
+        help="also R@K, RP and MAP@R as the published code computes them: neighbour lists as long "
+        "as the largest class, so its R@K for larger K is R@(that length)",
+    )
     _add_kmeans_runs_argument(parser)
     return parser
 
@@ -244,8 +337,10 @@ def evaluate_main(argv=None) -> None:
     if args.published_protocol:
         from idml.published_protocol import heading
 
-        sections = [("project's metrics", metrics["project"]),
-                    (heading(metrics["published_list_length"]), metrics["published_protocol"])]
+        sections = [
+            ("project's metrics", metrics["project"]),
+            (heading(metrics["published_list_length"]), metrics["published_protocol"]),
+        ]
     for title, values in sections:
         if title:
             print(f"{title}:")
@@ -255,30 +350,40 @@ def evaluate_main(argv=None) -> None:
 
 def synthetic_main(argv=None) -> None:
     """scripts/synthetic.py: a small data set in a real on-disk layout."""
-    parser = argparse.ArgumentParser(prog="scripts/synthetic.py",
-                                     description="Writes a small dataset in one of the real on-disk layouts, for "
-                                                 "tests and smoke runs.")
+    parser = argparse.ArgumentParser(
+        prog="scripts/synthetic.py",
+        description="Writes a small dataset in one of the real on-disk layouts, for tests and smoke runs.",
+    )
     parser.add_argument("--layout", choices=SYNTHETIC_LAYOUTS, required=True)
     parser.add_argument("--out", required=True, help="the data root to write into: a new or empty folder")
-    parser.add_argument("--classes", type=_checked(int, lambda number: number >= 4, "at least 4"), default=8,
-                        help="number of classes, half train, half test (each half needs two)")
+    parser.add_argument(
+        "--classes",
+        type=_checked(int, lambda number: number >= 4, "at least 4"),
+        default=8,
+        help="number of classes, half train, half test (each half needs two)",
+    )
     parser.add_argument("--per-class", type=_positive(int), default=6, help="images per class")
     parser.add_argument("--seed", type=_non_negative(int), default=0)
-    parser.add_argument("--force", action="store_true",
-                        help="rewrite a synthetic data set this command wrote in --out before (never other files)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="rewrite a synthetic data set this command wrote in --out before (never other files)",
+    )
     args = parser.parse_args(argv)
     from idml.data import synthetic
 
     synthetic.write_dataset(args.layout, args.out, args.classes, args.per_class, args.seed, force=args.force)
-    print(f"wrote a synthetic {args.layout} dataset ({args.classes} classes x {args.per_class} images) "
-          f"under {args.out}")
+    print(
+        f"wrote a synthetic {args.layout} dataset ({args.classes} classes x {args.per_class} images) under {args.out}"
+    )
 
 
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/export.py",
         description="Export a trained checkpoint as a TorchScript module: uint8 images (N, 3, H, W) -> "
-                    "(L2-normalised embedding N x D, uncertainty |sigma|^2 N), preprocessing inside.")
+        "(L2-normalised embedding N x D, uncertainty |sigma|^2 N), preprocessing inside.",
+    )
     parser.add_argument("--resume", required=True, help="checkpoint written by scripts/train.py")
     parser.add_argument("--out", required=True, help="where to write the TorchScript module (e.g. model.pt)")
     return parser
@@ -289,26 +394,36 @@ def export_main(argv=None) -> None:
     from idml.export import export_checkpoint
 
     summary = export_checkpoint(args.resume, args.out)
-    print(f"wrote {summary['out']}: uint8 (N, 3, H, W) -> embedding N x {summary['embedding_size']} "
-          f"+ uncertainty N (input {summary['input_size']} px, uncertainty {summary['uncertainty']})")
-    print(f"TorchScript vs eager on a random batch: max |diff| embedding {summary['max_embedding_diff']:.2e}, "
-          f"uncertainty {summary['max_uncertainty_diff']:.2e}")
+    print(
+        f"wrote {summary['out']}: uint8 (N, 3, H, W) -> embedding N x {summary['embedding_size']} "
+        f"+ uncertainty N (input {summary['input_size']} px, uncertainty {summary['uncertainty']})"
+    )
+    print(
+        f"TorchScript vs eager on a random batch: max |diff| embedding {summary['max_embedding_diff']:.2e}, "
+        f"uncertainty {summary['max_uncertainty_diff']:.2e}"
+    )
 
 
 def search_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/search.py",
         description="Find the images of a folder nearest to a query image, with an exported model "
-                    "(scripts/export.py). The folder's index is cached in DIR/.idml_index.pt.")
+        "(scripts/export.py). The folder's index is cached in DIR/.idml_index.pt.",
+    )
     parser.add_argument("--model", required=True, help="TorchScript file written by scripts/export.py")
     parser.add_argument("--gallery", required=True, metavar="DIR", help="folder of images to search (recursive)")
     parser.add_argument("--query", required=True, nargs="+", metavar="IMG", help="query image file(s)")
     parser.add_argument("-k", type=_positive(int), default=10, help="how many neighbours to print (default 10)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: the GPU when there is one (default)")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one (default)"
+    )
     parser.add_argument("--batch-size", type=_positive(int), default=32, help="images per forward pass (default 32)")
-    parser.add_argument("--percentile", type=_percentile, default=95.0,
-                        help="flag queries whose |sigma|^2 is above this percentile of the gallery's (default 95)")
+    parser.add_argument(
+        "--percentile",
+        type=_percentile,
+        default=95.0,
+        help="flag queries whose |sigma|^2 is above this percentile of the gallery's (default 95)",
+    )
     parser.add_argument("--rebuild", action="store_true", help="rebuild the index even if it is up to date")
     parser.add_argument("--json", action="store_true", help="print one JSON object per query instead of text")
     return parser
@@ -320,15 +435,32 @@ def search_main(argv=None) -> None:
     from idml.search import search
 
     device = resolve_device(args.device, gpu=0)
-    info, results = search(args.model, args.gallery, args.query, args.k, device, args.batch_size, args.percentile,
-                           args.rebuild, progress=not args.json)
+    info, results = search(
+        args.model,
+        args.gallery,
+        args.query,
+        args.k,
+        device,
+        args.batch_size,
+        args.percentile,
+        args.rebuild,
+        progress=not args.json,
+    )
     print(info, file=sys.stderr if args.json else sys.stdout)
     for result in results:
         if args.json:
             neighbours = [{"similarity": s, "path": path} for s, path in result["neighbours"]]
-            print(json.dumps({"query": result["query"], "uncertainty": result["uncertainty"],
-                              "high_uncertainty": result["high_uncertainty"],
-                              "uncertainty_mode": result["uncertainty_mode"], "neighbours": neighbours}))
+            print(
+                json.dumps(
+                    {
+                        "query": result["query"],
+                        "uncertainty": result["uncertainty"],
+                        "high_uncertainty": result["high_uncertainty"],
+                        "uncertainty_mode": result["uncertainty_mode"],
+                        "neighbours": neighbours,
+                    }
+                )
+            )
             continue
         print(f"\nquery {result['query']}")
         print(f"  {result['report']}")
@@ -338,8 +470,10 @@ def search_main(argv=None) -> None:
 
 def _console_script(main):
     """An entry point of pyproject.toml's [project.scripts]: `main` as the scripts run it."""
+
     def command() -> None:
         sys.exit(run_guarded(main))
+
     return command
 
 

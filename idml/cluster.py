@@ -5,8 +5,8 @@ deterministic for a seed: random draws come from a seeded CPU generator, assignm
 are blockwise argmins (ties to the lower centroid), and centroid sums avoid atomics.
 Empty clusters keep their centroid.
 """
+
 import math
-from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -41,7 +41,7 @@ def _row_blocks(n: int, k: int, budget: int):
     return ((start, min(n, start + step)) for start in range(0, n, step))
 
 
-def local_trials(k: int, n_local_trials: Optional[int] = None) -> int:
+def local_trials(k: int, n_local_trials: int | None = None) -> int:
     """Candidates per k-means++ draw: n_local_trials, or scikit-learn's default 2 + int(ln k)."""
     if n_local_trials is None:
         return 2 + int(math.log(k))
@@ -50,8 +50,9 @@ def local_trials(k: int, n_local_trials: Optional[int] = None) -> int:
     return n_local_trials
 
 
-def kmeans_plus_plus(x: torch.Tensor, k: int, seed: int = 0, progress: bool = False,
-                     n_local_trials: Optional[int] = None) -> torch.Tensor:
+def kmeans_plus_plus(
+    x: torch.Tensor, k: int, seed: int = 0, progress: bool = False, n_local_trials: int | None = None
+) -> torch.Tensor:
     """k initial centroids [k, d] by greedy k-means++ (D^2 sampling), seeded and deterministic.
 
     The first centroid is a uniformly drawn row; each later one is the best of
@@ -155,8 +156,15 @@ def inertia(x: torch.Tensor, ids: torch.Tensor, centroids: torch.Tensor) -> floa
     return float((x - centroids.index_select(0, ids)).double().square().sum())
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, runs: int = 1,
-           progress: bool = False, n_local_trials: Optional[int] = None) -> torch.Tensor:
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 100,
+    seed: int = 0,
+    runs: int = 1,
+    progress: bool = False,
+    n_local_trials: int | None = None,
+) -> torch.Tensor:
     """Cluster ids (LongTensor [n], on x's device) of k-means with greedy k-means++ seeding
     (kmeans_plus_plus; `n_local_trials` candidates per draw, default scikit-learn's).
 
@@ -172,8 +180,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, runs: int =
     x = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
     best, best_inertia = None, float("inf")
     for run in range(runs):
-        ids, centroids = lloyd(x, kmeans_plus_plus(x, k, seed + run, progress, n_local_trials), iters,
-                               progress=progress)
+        ids, centroids = lloyd(
+            x, kmeans_plus_plus(x, k, seed + run, progress, n_local_trials), iters, progress=progress
+        )
         if runs == 1:
             return ids
         run_inertia = inertia(x, ids, centroids)
@@ -192,8 +201,13 @@ def _contingency(labels: torch.Tensor, clusters: torch.Tensor):
     keys, cells = torch.unique(label_ids * num_clusters + cluster_ids, return_counts=True)
     label_sizes = torch.bincount(label_ids).double()
     cluster_sizes = torch.bincount(cluster_ids).double()
-    return (cells.double(), label_sizes[keys // num_clusters], cluster_sizes[keys % num_clusters],
-            label_sizes, cluster_sizes)
+    return (
+        cells.double(),
+        label_sizes[keys // num_clusters],
+        cluster_sizes[keys % num_clusters],
+        label_sizes,
+        cluster_sizes,
+    )
 
 
 def _entropy(sizes: torch.Tensor, n: int) -> float:

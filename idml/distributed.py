@@ -24,10 +24,11 @@ global batch; each rank loads its contiguous slice, idml/data/samplers.py):
   - the proxies (criterion parameters) see the whole batch on every rank, so their gradients
     agree; `average_gradients` all-reduces them anyway so replicas can never drift.
 """
+
 import contextlib
 import inspect
 import os
-from typing import Iterable, Tuple
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,9 @@ import torch.distributed as dist
 # torch >= 2.14 renames the tensor collectives (the old names warn that they are deprecated)
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-_DDP_HAS_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(
-    torch.nn.parallel.DistributedDataParallel).parameters
+_DDP_HAS_FORWARD_SYNC = (
+    "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+)
 
 
 def is_distributed() -> bool:
@@ -80,8 +82,9 @@ def session(device: torch.device):
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+    )
     finished = False
     try:
         yield
@@ -92,7 +95,7 @@ def session(device: torch.device):
         dist.destroy_process_group()
 
 
-def shard(length: int, granule: int = 1) -> Tuple[int, int]:
+def shard(length: int, granule: int = 1) -> tuple[int, int]:
     """[start, stop) of this rank's contiguous share of `length` items, in whole granules of
     `granule` items (the last share ends at `length`): the first ranks get one granule more,
     no item is padded or repeated. With the evaluation batch as the granule, each rank's
@@ -150,7 +153,7 @@ def gather_eval(x: torch.Tensor) -> torch.Tensor:
     if max(sizes) == 0:
         return x
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[:x.shape[0]] = x
+    padded[: x.shape[0]] = x
     gathered = gather(padded).split(max(sizes))
     return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
 
@@ -192,8 +195,9 @@ def broadcast_object(obj):
     return box[0]
 
 
-def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool,
-         buffers_differ: bool) -> torch.nn.Module:
+def wrap(
+    module: torch.nn.Module, device: torch.device, find_unused_parameters: bool, buffers_differ: bool
+) -> torch.nn.Module:
     """DistributedDataParallel around `module` when distributed, else `module`. DDP syncs
     the parameters that require gradients when it is built (warm-up freezes some: rebuild
     it when that changes); find_unused_parameters where the loss ignores some (baselines
@@ -207,8 +211,11 @@ def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: 
     # are equal on every rank when DDP is (re)built.
     sync = "forward_sync_buffers" if _DDP_HAS_FORWARD_SYNC else "broadcast_buffers"
     return torch.nn.parallel.DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=find_unused_parameters, **{sync: buffers_differ})
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+        **{sync: buffers_differ},
+    )
 
 
 def relaunch_command(argv, gpu: int, device: str, env=os.environ, gpu_count: int = None):

@@ -4,6 +4,7 @@ words for a file that torch.load refuses. Torch-free, so that --help stays fast.
 UsageError (bad input: arguments, data, checkpoints): exit code 2; library users can catch
 it as a ValueError. TrainingDiverged: exit code 3. Interrupted: 128 + the signal's number.
 """
+
 import os
 import pickle
 import signal
@@ -23,8 +24,10 @@ class Interrupted(Exception):
 
     def __init__(self, signal_number: int, checkpoint: str, epoch: int, step: int):
         self.signal_number, self.checkpoint = signal_number, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signal_number).name} after epoch {epoch + 1}, step {step}; "
-                         f"{checkpoint} holds that step: continue with the same command plus --resume {checkpoint}")
+        super().__init__(
+            f"stopped by {signal.Signals(signal_number).name} after epoch {epoch + 1}, step {step}; "
+            f"{checkpoint} holds that step: continue with the same command plus --resume {checkpoint}"
+        )
 
 
 def require_file(path: str, expected: str) -> None:

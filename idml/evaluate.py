@@ -1,6 +1,5 @@
 """Evaluation on the unseen test classes (docs/method.md, section 5): embed every test image
 with the semantic head and compute the retrieval and clustering metrics on the device."""
-from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -17,18 +16,24 @@ RECALL_KS = {"SOP": (1, 10, 100)}  # every other dataset: 1, 2, 4, 8
 KMEANS_RUNS = {"SOP": 1}
 
 
-def recall_ks(dataset: str) -> Tuple[int, ...]:
+def recall_ks(dataset: str) -> tuple[int, ...]:
     return RECALL_KS.get(dataset, (1, 2, 4, 8))
 
 
-def kmeans_runs(dataset: str, given: Optional[int] = None) -> int:
+def kmeans_runs(dataset: str, given: int | None = None) -> int:
     """--kmeans-runs as given, else the dataset's default."""
     return given if given is not None else KMEANS_RUNS.get(dataset, 10)
 
 
 @torch.no_grad()
-def embed(model, loader: DataLoader, device: torch.device, amp: str = "off", progress: bool = True,
-          bad_images: BadImageBudget = None):
+def embed(
+    model,
+    loader: DataLoader,
+    device: torch.device,
+    amp: str = "off",
+    progress: bool = True,
+    bad_images: BadImageBudget = None,
+):
     """(embeddings, labels, uncertainties |sigma|^2) of every readable image of `loader`,
     float32 on `device`; `amp` is a resolved --amp (idml.precision)."""
     bad_images = bad_images or BadImageBudget(DEFAULT_MAX_BAD_IMAGES)
@@ -46,16 +51,19 @@ def embed(model, loader: DataLoader, device: torch.device, amp: str = "off", pro
         labels.append(targets.to(device, non_blocking=True))
     model.train(was_training)
     if not embeddings:  # every image unreadable (or, under torchrun, every one of this share)
-        return (torch.empty(0, model.embedding_size, device=device), torch.empty(0, dtype=torch.long, device=device),
-                torch.empty(0, device=device))
+        return (
+            torch.empty(0, model.embedding_size, device=device),
+            torch.empty(0, dtype=torch.long, device=device),
+            torch.empty(0, device=device),
+        )
     return torch.cat(embeddings), torch.cat(labels), torch.cat(uncertainties)
 
 
-def format_metrics(metrics: Dict[str, float]) -> str:
+def format_metrics(metrics: dict[str, float]) -> str:
     return "  ".join(f"{name} {value * 100:.2f}" for name, value in metrics.items())
 
 
-def evaluate_checkpoint(args) -> Tuple[Dict[str, float], List[str]]:
+def evaluate_checkpoint(args) -> tuple[dict[str, float], list[str]]:
     """scripts/evaluate.py: the test-split metrics of a checkpoint written by training, and
     the plot files written (--plots DIR: recall_at_k.png and query_grid.png)."""
     from argparse import Namespace
@@ -78,8 +86,13 @@ def evaluate_checkpoint(args) -> Tuple[Dict[str, float], List[str]]:
     loader = eval_loader(test_set, args.batch_size or saved.batch_size, args.workers, device, args.loader, image_size)
     embeddings, labels, _ = embed(model, loader, device, amp, progress=not args.json)
     # Metrics first: a test set they are undefined on is refused before any plot of it is written.
-    metrics = compute_metrics(embeddings, labels, ks=recall_ks(dataset), progress=not args.json,
-                              kmeans_runs=kmeans_runs(dataset, args.kmeans_runs))
+    metrics = compute_metrics(
+        embeddings,
+        labels,
+        ks=recall_ks(dataset),
+        progress=not args.json,
+        kmeans_runs=kmeans_runs(dataset, args.kmeans_runs),
+    )
     if getattr(args, "published_protocol", False):
         from idml.published_protocol import beside
 

@@ -15,11 +15,11 @@ size; batch images of different sizes separately. The backbone's BatchNorm layer
 replaced by a fixed (running statistics) normalisation, so `.train()` cannot change the
 output, and nothing refers to idml's Python code or its C++ ops.
 """
+
 import contextlib
 import copy
 import io
 import warnings
-from typing import List, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,8 +65,12 @@ class ExportedEmbedder(nn.Module):
         super().__init__()
         backbone = _freeze_batch_norms(copy.deepcopy(model.backbone).cpu().float().eval())
         self.conv1, self.bn1, self.relu, self.maxpool = backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = (backbone.layer1, backbone.layer2, backbone.layer3,
-                                                              backbone.layer4)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            backbone.layer1,
+            backbone.layer2,
+            backbone.layer3,
+            backbone.layer4,
+        )
         self.semantic = nn.Linear(model.semantic.in_features, model.semantic.out_features)
         self.semantic.load_state_dict(model.semantic.state_dict())
         self.uncertainty_head = nn.Linear(model.uncertainty_head.in_features, model.uncertainty_head.out_features)
@@ -105,11 +109,11 @@ class ExportedEmbedder(nn.Module):
             raise ValueError("the resized image is smaller than the crop")
         top = int(round((new_h - crop) / 2.0))
         left = int(round((new_w - crop) / 2.0))
-        x = x[:, :, top:top + crop, left:left + crop]
+        x = x[:, :, top : top + crop, left : left + crop]
         return (x - self.mean) / self.std
 
     @torch.jit.export
-    def embed_preprocessed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def embed_preprocessed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float images -> (L2-normalised mu, |sigma|^2)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
@@ -126,13 +130,17 @@ class ExportedEmbedder(nn.Module):
             sigma = F.softplus(sigma)
         return embedding, (sigma * sigma).sum(dim=1)
 
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.embed_preprocessed(self.preprocess(images))
 
     @torch.jit.export
-    def info(self) -> List[str]:
-        return [f"embedding_size={self.embedding_size}", f"input={self.crop_size}",
-                f"resize={self.resize_size}", f"uncertainty={self.uncertainty_mode}"]
+    def info(self) -> list[str]:
+        return [
+            f"embedding_size={self.embedding_size}",
+            f"input={self.crop_size}",
+            f"resize={self.resize_size}",
+            f"uncertainty={self.uncertainty_mode}",
+        ]
 
 
 def preprocessing_of(args) -> dict:
@@ -183,9 +191,11 @@ def export_checkpoint(checkpoint: str, out: str) -> dict:
         # Finite weights can still give NaN (a negative BatchNorm variance, an overflow): checked
         # before anything is written, so no search ever ranks by NaN similarities.
         if not all(bool(torch.isfinite(t).all()) for t in (*scripted(images), eager_embedding, eager_uncertainty)):
-            raise UsageError(f"{checkpoint}: the model's embedding or uncertainty of a random check batch is NaN "
-                             f"or infinite, so it is not exported (a diverged or damaged run; use an earlier "
-                             f"checkpoint)")
+            raise UsageError(
+                f"{checkpoint}: the model's embedding or uncertainty of a random check batch is NaN "
+                f"or infinite, so it is not exported (a diverged or damaged run; use an earlier "
+                f"checkpoint)"
+            )
     save_scripted(scripted, out)
     with quiet_jit():
         loaded = torch.jit.load(out, map_location="cpu")

@@ -1,14 +1,14 @@
 """Atomic file writes: every file the project writes goes to a temporary name in the same
 folder first and is renamed over the target, so a crash never leaves a truncated file."""
+
 import contextlib
 import fcntl
 import glob
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 from idml.errors import UsageError
-
 
 TEMPORARY_PATTERN = ".*.*.tmp"  # the names atomic_write's temporary files take: .<name>.<random>.tmp
 
@@ -71,8 +71,10 @@ class FolderLock:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
-            raise UsageError(f"{folder} is in use by another run (which holds its {LOCK_NAME}): two runs writing "
-                             f"there would overwrite each other's checkpoints; wait until that run ends") from None
+            raise UsageError(
+                f"{folder} is in use by another run (which holds its {LOCK_NAME}): two runs writing "
+                f"there would overwrite each other's checkpoints; wait until that run ends"
+            ) from None
 
     def release(self) -> None:
         if not self.file.closed:

@@ -1,9 +1,10 @@
 """Losses of IDML (docs/method.md, section 3)."""
+
 import torch
 from torch import nn
 
 from idml import ops
-from idml.choices import BASELINE_LOSSES, LOSSES
+from idml.choices import LOSSES
 
 
 class ProxyAnchorISM(nn.Module):
@@ -55,15 +56,16 @@ class ProxyAnchorISM(nn.Module):
 # --- the published baselines (Proxy-Anchor-CVPR2020's losses.py), through pytorch-metric-learning ---
 
 
-
 def _pml():
     try:
         from pytorch_metric_learning import losses, miners
     except ImportError:
         from idml.errors import UsageError
 
-        raise UsageError("the baseline losses (--loss Proxy_NCA, MS, Contrastive, Triplet, NPair) need "
-                         "pytorch-metric-learning: pip install pytorch-metric-learning") from None
+        raise UsageError(
+            "the baseline losses (--loss Proxy_NCA, MS, Contrastive, Triplet, NPair) need "
+            "pytorch-metric-learning: pip install pytorch-metric-learning"
+        ) from None
     return losses, miners
 
 
@@ -93,16 +95,21 @@ def baseline_loss(name: str, num_classes: int, embedding_size: int) -> BaselineL
     """The baselines with the published hyperparameters of Proxy-Anchor-CVPR2020 (losses.py)."""
     losses, miners = _pml()
     if name == "Proxy_NCA":
-        return BaselineLoss(name, losses.ProxyNCALoss(num_classes=num_classes, embedding_size=embedding_size,
-                                                      softmax_scale=32))
+        return BaselineLoss(
+            name, losses.ProxyNCALoss(num_classes=num_classes, embedding_size=embedding_size, softmax_scale=32)
+        )
     if name == "MS":
-        return BaselineLoss(name, losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5),
-                            miners.MultiSimilarityMiner(epsilon=0.1))
+        return BaselineLoss(
+            name, losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
+        )
     if name == "Contrastive":  # no miner, as published
         return BaselineLoss(name, losses.ContrastiveLoss(neg_margin=0.5))
     if name == "Triplet":
-        return BaselineLoss(name, losses.TripletMarginLoss(margin=0.1),
-                            miners.TripletMarginMiner(margin=0.1, type_of_triplets="semihard"))
+        return BaselineLoss(
+            name,
+            losses.TripletMarginLoss(margin=0.1),
+            miners.TripletMarginMiner(margin=0.1, type_of_triplets="semihard"),
+        )
     if name == "NPair":  # the published code passes no arguments (its l2_reg=0 is commented out)
         return BaselineLoss(name, losses.NPairsLoss())
     raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
@@ -112,6 +119,14 @@ def build_criterion(args, num_classes: int, device: "torch.device | None" = None
     """The training criterion of --loss on `device`: Proxy Anchor (+ ISM) or a published baseline."""
     loss = getattr(args, "loss", "Proxy_Anchor")
     if loss == "Proxy_Anchor":
-        return ProxyAnchorISM(num_classes, args.embedding_size, margin=args.mrg, alpha=args.alpha,
-                              ism=bool(args.ism), ism_offset=args.ism_offset, ism_scale=args.ism_scale, device=device)
+        return ProxyAnchorISM(
+            num_classes,
+            args.embedding_size,
+            margin=args.mrg,
+            alpha=args.alpha,
+            ism=bool(args.ism),
+            ism_offset=args.ism_offset,
+            ism_scale=args.ism_scale,
+            device=device,
+        )
     return baseline_loss(loss, num_classes, args.embedding_size).to(device)

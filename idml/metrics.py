@@ -1,4 +1,5 @@
 """Evaluation metrics of one epoch (docs/method.md, section 5), on the embeddings' device."""
+
 import warnings
 
 import torch
@@ -37,15 +38,19 @@ def compute_metrics(
     they take seconds to minutes; at the digits' size none shows, and a log stays readable).
     """
     if embeddings.shape[0] < 2:
-        raise UsageError(f"retrieval metrics need at least 2 embeddings, got {embeddings.shape[0]} "
-                         f"(were the images readable? see the warnings above)")
+        raise UsageError(
+            f"retrieval metrics need at least 2 embeddings, got {embeddings.shape[0]} "
+            f"(were the images readable? see the warnings above)"
+        )
     if embeddings.dim() != 2 or embeddings.shape[1] == 0:
         raise UsageError(f"retrieval metrics need N x D embeddings with D >= 1, got shape {tuple(embeddings.shape)}")
     check_classes(labels)
     bad = non_finite_rows(embeddings)
     if bad:  # NaN similarities compare false with everything: every query would look perfectly ranked
-        raise UsageError(f"{bad} of {embeddings.shape[0]} embeddings hold NaN or infinite values, so no "
-                         f"retrieval metric of them means anything (a diverged model, or float16 overflow)")
+        raise UsageError(
+            f"{bad} of {embeddings.shape[0]} embeddings hold NaN or infinite values, so no "
+            f"retrieval metric of them means anything (a diverged model, or float16 overflow)"
+        )
     x = l2_normalize(embeddings.float())
     labels = labels.to(x.device)
     # One op, so no steps to show: the bar says what runs once a second has passed.
@@ -53,8 +58,7 @@ def compute_metrics(
         result = ops.retrieval_metrics(x, labels, ks=ks, max_r=max_r, precision=precision)
         bar.update()
     if clustering:
-        clusters = cluster.kmeans(x, int(torch.unique(labels).numel()), seed=seed, runs=kmeans_runs,
-                                  progress=progress)
+        clusters = cluster.kmeans(x, int(torch.unique(labels).numel()), seed=seed, runs=kmeans_runs, progress=progress)
         result["NMI"] = cluster.nmi(labels, clusters)
         result["F1"] = cluster.pairwise_f1(labels, clusters)
     return result
@@ -65,12 +69,19 @@ def check_classes(labels: torch.Tensor) -> None:
     another item of its class); a warning counting the queries that cannot have a match."""
     classes, counts = torch.unique(labels, return_counts=True)
     if classes.numel() < 2:  # every neighbour a hit, one cluster: R@K, RP, MAP@R, NMI and F1 all read 1
-        raise UsageError(f"the test set holds {classes.numel()} class, so retrieval and clustering metrics are "
-                         f"undefined: evaluation needs at least 2 classes")
+        raise UsageError(
+            f"the test set holds {classes.numel()} class, so retrieval and clustering metrics are "
+            f"undefined: evaluation needs at least 2 classes"
+        )
     lone = int(counts[counts == 1].numel())
     if lone == labels.numel():
-        raise UsageError(f"every one of the {lone} test images is the only one of its class, so no query can have "
-                         f"a match and every metric is undefined: evaluation needs classes of 2 or more images")
+        raise UsageError(
+            f"every one of the {lone} test images is the only one of its class, so no query can have "
+            f"a match and every metric is undefined: evaluation needs classes of 2 or more images"
+        )
     if lone:  # the published protocol: misses in R@K, left out of RP and MAP@R
-        warnings.warn(f"{lone} of {labels.numel()} test images are the only one of their class: as queries they "
-                      f"count as misses in R@K and are left out of RP and MAP@R", stacklevel=3)
+        warnings.warn(
+            f"{lone} of {labels.numel()} test images are the only one of their class: as queries they "
+            f"count as misses in R@K and are left out of RP and MAP@R",
+            stacklevel=3,
+        )

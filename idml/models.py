@@ -3,6 +3,7 @@
 A torchvision ResNet up to layer4, global average + global max pooling (summed), and two
 linear heads: semantic mu and uncertainty sigma.
 """
+
 import os
 import urllib.error
 
@@ -16,11 +17,14 @@ from idml.errors import UsageError, require_file, torch_load_failure
 from idml.reference import l2_normalize
 
 
-
 def _imagenet_weights(arch: str):
     """torchvision's ImageNet weights enum, V1 as in the published code (pretrained=True)."""
-    enum_name = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
-                 "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}[arch]
+    enum_name = {
+        "resnet18": "ResNet18_Weights",
+        "resnet34": "ResNet34_Weights",
+        "resnet50": "ResNet50_Weights",
+        "resnet101": "ResNet101_Weights",
+    }[arch]
     return getattr(torchvision.models, enum_name).IMAGENET1K_V1
 
 
@@ -40,20 +44,23 @@ def load_backbone(arch: str, pretrained: str) -> nn.Module:
             raise UsageError(
                 f"could not download the ImageNet weights of {arch} ({error}): download {weights.url} "
                 f"on a machine with network access and save it as {cached}, or pass --pretrained PATH "
-                f"to a torchvision {arch} state dict, or --pretrained none") from None
+                f"to a torchvision {arch} state dict, or --pretrained none"
+            ) from None
     else:
         require_file(pretrained, "--pretrained expects 'imagenet', 'none' or a weights file")
         try:
             state = torch.load(pretrained, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise UsageError(f"--pretrained {pretrained} is not a loadable torch state dict "
-                             f"({torch_load_failure(error)})") from None
+            raise UsageError(
+                f"--pretrained {pretrained} is not a loadable torch state dict ({torch_load_failure(error)})"
+            ) from None
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier is replaced anyway
     try:
         missing, unexpected = backbone.load_state_dict(state, strict=False)
-        problems = ([f"no key {k}" for k in missing if not k.startswith("fc.")]
-                    + [f"an unexpected key {k}" for k in unexpected])
+        problems = [f"no key {k}" for k in missing if not k.startswith("fc.")] + [
+            f"an unexpected key {k}" for k in unexpected
+        ]
     except RuntimeError as error:  # shapes of another architecture
         problems = [str(error).splitlines()[1].strip()]
     if problems:
@@ -79,8 +86,12 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.
     pixel sees with the kernel taps that see it, those over the zero padding left out: the
     same sums. oneDNN's backward of a 3 x 3 convolution on 1 x 1 inputs (512 channels,
     batch 240) took 318 ms on an AVX2 CPU, the matrix product 11 ms."""
-    plain = (conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
-             and not isinstance(conv.padding, str))
+    plain = (
+        conv.groups == 1
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
     (kh, kw), (ph, pw), (sh, sw) = conv.kernel_size, (conv.padding if plain else (0, 0)), conv.stride
     height, width = x.shape[-2:]
     rows, cols = min(kh - ph, height), min(kw - pw, width)  # of the window, from the input's top left
@@ -88,7 +99,7 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.
     if not (plain and one_pixel and rows > 0 and cols > 0):
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     window = x[:, :, :rows, :cols].reshape(x.shape[0], -1)
-    taps = weight[:, :, ph:ph + rows, pw:pw + cols].reshape(weight.shape[0], -1)
+    taps = weight[:, :, ph : ph + rows, pw : pw + cols].reshape(weight.shape[0], -1)
     return F.linear(window, taps, bias).reshape(x.shape[0], -1, 1, 1)
 
 
@@ -110,8 +121,7 @@ def _batch_norms_foldable(backbone: nn.Module) -> bool:
     """Whether every normalisation layer is a plain BatchNorm2d in eval mode (running
     statistics, affine): then folding is exact. Training-mode or SyncBatchNorm: no."""
     norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return all(type(m) is nn.BatchNorm2d and not m.training and m.affine and m.track_running_stats
-               for m in norms)
+    return all(type(m) is nn.BatchNorm2d and not m.training and m.affine and m.track_running_stats for m in norms)
 
 
 class IDMLNet(nn.Module):
@@ -128,9 +138,16 @@ class IDMLNet(nn.Module):
     False keeps torchvision's layer-by-layer forward (the published recipe's, for benchmarks).
     """
 
-    def __init__(self, arch: str = "resnet50", embedding_size: int = 512, pretrained: str = "imagenet",
-                 l2_norm: bool = True, uncertainty: str = "normalized", bn_freeze: bool = True,
-                 fold_batch_norm: bool = True):
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        embedding_size: int = 512,
+        pretrained: str = "imagenet",
+        l2_norm: bool = True,
+        uncertainty: str = "normalized",
+        bn_freeze: bool = True,
+        fold_batch_norm: bool = True,
+    ):
         super().__init__()
         if uncertainty not in UNCERTAINTY_MODES:
             raise UsageError(f"--uncertainty must be one of {', '.join(UNCERTAINTY_MODES)}, got {uncertainty!r}")

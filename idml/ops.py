@@ -5,6 +5,7 @@ when the extension is built and has a kernel for the inputs' device, and otherwi
 the plain-PyTorch reference in idml/reference.py. Fake kernels (for torch.compile) of the
 compiled operators are registered here; the loss's autograd is C++ (csrc/autograd.cpp).
 """
+
 import math
 import operator
 import warnings
@@ -40,8 +41,11 @@ def has_kernel(op_name: str, device: torch.device) -> bool:
 
 
 # Looked up once, so that the functions below stay traceable by torch.compile (fullgraph).
-_KERNELS = {(op, dev): has_kernel(op, torch.device(dev))
-            for op in ("pa_ism_forward", "retrieval_ranks", "kmeans_plus_plus_draws") for dev in ("cpu", "cuda")}
+_KERNELS = {
+    (op, dev): has_kernel(op, torch.device(dev))
+    for op in ("pa_ism_forward", "retrieval_ranks", "kmeans_plus_plus_draws")
+    for dev in ("cpu", "cuda")
+}
 
 
 def _kernel_for(op_name: str, tensor: torch.Tensor) -> bool:
@@ -60,8 +64,9 @@ def _check_tensor(where: str, name: str, x, dims: int, kind: str, device: "torch
     if not isinstance(x, torch.Tensor):
         raise UsageError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != dims:
-        raise UsageError(f"{where}: {name} must have {dims} dimension{'s' if dims > 1 else ''}, "
-                         f"got shape {tuple(x.shape)}")
+        raise UsageError(
+            f"{where}: {name} must have {dims} dimension{'s' if dims > 1 else ''}, got shape {tuple(x.shape)}"
+        )
     if kind == "float" and not x.is_floating_point():
         raise UsageError(f"{where}: {name} must be floating point, got {x.dtype}")
     if kind == "int" and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
@@ -80,8 +85,10 @@ def _check_finite(where: str, name: str, x: torch.Tensor) -> None:
         return
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
-        raise UsageError(f"{where}: {bad} of {x.shape[0]} rows of {name} hold NaN or infinite values, "
-                         f"so no similarity of them means anything")
+        raise UsageError(
+            f"{where}: {bad} of {x.shape[0]} rows of {name} hold NaN or infinite values, "
+            f"so no similarity of them means anything"
+        )
 
 
 # --- introspective Proxy Anchor loss -------------------------------------------------
@@ -136,20 +143,27 @@ def _check_loss_arguments(mu, sigma, labels, proxies, margin, alpha, ism_offset,
     _check_tensor(where, "proxies", proxies, 2, "float", mu.device)
     (batch, width), classes = mu.shape, proxies.shape[0]
     if sigma.shape[0] != batch or labels.shape[0] != batch:
-        raise UsageError(f"{where}: mu, sigma and labels must have one row per sample, got {batch}, "
-                         f"{sigma.shape[0]} and {labels.shape[0]}")
+        raise UsageError(
+            f"{where}: mu, sigma and labels must have one row per sample, got {batch}, "
+            f"{sigma.shape[0]} and {labels.shape[0]}"
+        )
     if batch == 0 or width == 0:
-        raise UsageError(f"{where}: mu must hold at least one sample of at least one column, got shape "
-                         f"{tuple(mu.shape)}")
+        raise UsageError(
+            f"{where}: mu must hold at least one sample of at least one column, got shape {tuple(mu.shape)}"
+        )
     if proxies.shape[1] != width or classes == 0:
-        raise UsageError(f"{where}: proxies must hold at least one proxy of mu's width {width}, got shape "
-                         f"{tuple(proxies.shape)}")
-    for name, value, positive in (("margin", margin, False), ("alpha", alpha, True),
-                                  ("ism_offset", ism_offset, False), ("ism_scale", ism_scale, True)):
+        raise UsageError(
+            f"{where}: proxies must hold at least one proxy of mu's width {width}, got shape {tuple(proxies.shape)}"
+        )
+    for name, value, positive in (
+        ("margin", margin, False),
+        ("alpha", alpha, True),
+        ("ism_offset", ism_offset, False),
+        ("ism_scale", ism_scale, True),
+    ):
         number = _as_float(value)
         if not math.isfinite(number) or (positive and number <= 0):
-            raise UsageError(f"{where}: {name} must be a {'positive ' if positive else ''}finite number, "
-                             f"got {value!r}")
+            raise UsageError(f"{where}: {name} must be a {'positive ' if positive else ''}finite number, got {value!r}")
 
 
 def _as_float(value) -> float:
@@ -172,8 +186,10 @@ def _fake_devices(op_name: str, *tensors: torch.Tensor, cpu_scalar: "torch.Tenso
     uninitialised results on another input's device."""
     devices = {t.device for t in tensors if t is not None}
     if any(device.type == "meta" for device in devices | {getattr(cpu_scalar, "device", None)} if device):
-        raise NotImplementedError(f"idml::{op_name} has no kernel for tensors on the meta device (they hold no "
-                                  f"values); run it on cpu or cuda tensors")
+        raise NotImplementedError(
+            f"idml::{op_name} has no kernel for tensors on the meta device (they hold no "
+            f"values); run it on cpu or cuda tensors"
+        )
     if len(devices) > 1:
         raise RuntimeError(f"idml::{op_name}: all inputs must be on the same device, got {sorted(map(str, devices))}")
 
@@ -181,8 +197,9 @@ def _fake_devices(op_name: str, *tensors: torch.Tensor, cpu_scalar: "torch.Tenso
 if EXTENSION_ERROR is None and hasattr(torch.ops.idml, "pa_ism_forward"):
 
     @torch.library.register_fake("idml::pa_ism_forward")
-    def _pa_ism_forward_fake(mu, sigma, labels, proxies, margin=0.1, alpha=32.0, ism=True,
-                             ism_offset=4.0, ism_scale=5.0):
+    def _pa_ism_forward_fake(
+        mu, sigma, labels, proxies, margin=0.1, alpha=32.0, ism=True, ism_offset=4.0, ism_scale=5.0
+    ):
         _fake_devices("pa_ism_forward", mu, sigma, labels, proxies)
         stats = _pa_ism_stats_dtype(mu.dtype)
         batch, num_classes = mu.shape[0], proxies.shape[0]
@@ -195,17 +212,39 @@ if EXTENSION_ERROR is None and hasattr(torch.ops.idml, "pa_ism_forward"):
         )
 
     @torch.library.register_fake("idml::pa_ism_backward")
-    def _pa_ism_backward_fake(grad_loss, mu, sigma, labels, proxies, dots, row_stats, col_stats,
-                              num_positive, margin=0.1, alpha=32.0, ism=True, ism_offset=4.0,
-                              ism_scale=5.0):
-        _fake_devices("pa_ism_backward", mu, sigma, labels, proxies, dots, row_stats, col_stats, num_positive,
-                      cpu_scalar=grad_loss)
+    def _pa_ism_backward_fake(
+        grad_loss,
+        mu,
+        sigma,
+        labels,
+        proxies,
+        dots,
+        row_stats,
+        col_stats,
+        num_positive,
+        margin=0.1,
+        alpha=32.0,
+        ism=True,
+        ism_offset=4.0,
+        ism_scale=5.0,
+    ):
+        _fake_devices(
+            "pa_ism_backward",
+            mu,
+            sigma,
+            labels,
+            proxies,
+            dots,
+            row_stats,
+            col_stats,
+            num_positive,
+            cpu_scalar=grad_loss,
+        )
         # Contiguous, as the kernels return them (empty_like would copy the inputs' strides).
         return mu.new_empty(mu.shape), sigma.new_empty(sigma.shape), proxies.new_empty(proxies.shape)
 
     @torch.library.register_fake("idml::pa_ism_loss")
-    def _pa_ism_loss_fake(mu, sigma, labels, proxies, margin=0.1, alpha=32.0, ism=True, ism_offset=4.0,
-                          ism_scale=5.0):
+    def _pa_ism_loss_fake(mu, sigma, labels, proxies, margin=0.1, alpha=32.0, ism=True, ism_offset=4.0, ism_scale=5.0):
         _fake_devices("pa_ism_loss", mu, sigma, labels, proxies)
         return mu.new_empty((), dtype=_pa_ism_stats_dtype(mu.dtype))
 
@@ -238,8 +277,7 @@ def retrieval_ranks(
     with D >= 1, non-finite rows (one host synchronisation), labels that are not one
     integer per row, max_r or max_k below 1, an unknown precision.
     """
-    _check_retrieval_arguments("retrieval_ranks", emb, labels, max_r, precision, reference, reference_labels,
-                               max_k)
+    _check_retrieval_arguments("retrieval_ranks", emb, labels, max_r, precision, reference, reference_labels, max_k)
     if max_k is None:
         max_k = max(1, emb.shape[0] if reference is None else reference.shape[0])
     if _kernel_for("retrieval_ranks", emb):
@@ -256,14 +294,17 @@ def _check_retrieval_arguments(where, emb, labels, max_r, precision, reference, 
     for name, x, labels_name, x_labels in rows:
         _check_tensor(where, name, x, 2, "float", None if name == "emb" else emb.device)
         if x.shape[1] == 0:
-            raise UsageError(f"{where}: {name} must have at least one column, got shape {tuple(x.shape)} "
-                             f"(embeddings of width 0 are all equal)")
+            raise UsageError(
+                f"{where}: {name} must have at least one column, got shape {tuple(x.shape)} "
+                f"(embeddings of width 0 are all equal)"
+            )
         if x.shape[1] != emb.shape[1]:
             raise UsageError(f"{where}: reference must have emb's width {emb.shape[1]}, got shape {tuple(x.shape)}")
         _check_tensor(where, labels_name, x_labels, 1, "int", emb.device)
         if x_labels.shape[0] != x.shape[0]:
-            raise UsageError(f"{where}: {labels_name} must hold one label per row of {name} ({x.shape[0]}), "
-                             f"got {x_labels.shape[0]}")
+            raise UsageError(
+                f"{where}: {labels_name} must hold one label per row of {name} ({x.shape[0]}), got {x_labels.shape[0]}"
+            )
     for name, value in (("max_r", max_r), ("max_k", max_k)):
         if value is not None and not _is_positive_integer(value):
             raise UsageError(f"{where}: {name} must be a positive integer, got {value!r}")
@@ -317,8 +358,9 @@ def metrics_from_ranks(ranks: torch.Tensor, num_relevant: torch.Tensor, ks=(1, 2
     _check_tensor(where, "num_relevant", num_relevant, 1, "int", ranks.device)
     n = num_relevant.shape[0]
     if ranks.shape[0] != n:
-        raise UsageError(f"{where}: ranks must have one row per query ({n}, as num_relevant), got shape "
-                         f"{tuple(ranks.shape)}")
+        raise UsageError(
+            f"{where}: ranks must have one row per query ({n}, as num_relevant), got shape {tuple(ranks.shape)}"
+        )
     if n == 0:
         raise UsageError(f"{where}: there is no query, so no metric is defined")
     names = [f"R@{k}" for k in ks] + ["RP", "MAP@R"]
@@ -382,8 +424,15 @@ def retrieval_metrics(
 # --- k-means++ seeding ------------------------------------------------------------------
 
 
-def kmeans_plus_plus_draws(x: torch.Tensor, sq_norms: torch.Tensor, uniforms: torch.Tensor,
-                           closest: torch.Tensor, centroids: torch.Tensor, start: int, stop: int) -> None:
+def kmeans_plus_plus_draws(
+    x: torch.Tensor,
+    sq_norms: torch.Tensor,
+    uniforms: torch.Tensor,
+    closest: torch.Tensor,
+    centroids: torch.Tensor,
+    start: int,
+    stop: int,
+) -> None:
     """Draws k-means++ centroids start..stop-1 into `centroids` and updates `closest`, in
     place, each the best of uniforms.shape[1] candidates (reference.kmeans_plus_plus_draws;
     the operator runs the same loop from C++)."""

@@ -10,10 +10,10 @@ matplotlib is imported lazily and only through `matplotlib.figure.Figure` (no py
 global backend): a missing matplotlib skips the plots with one note instead of failing a run.
 Every file is written atomically (idml.files).
 """
+
 import io
 import os
 import warnings
-from typing import List, Optional
 
 import torch
 
@@ -53,7 +53,8 @@ def _save(figure, path: str) -> str:
 
 # --- per run --------------------------------------------------------------------------------
 
-def history_plot(run_dir: str, history: List[dict]) -> Optional[str]:
+
+def history_plot(run_dir: str, history: list[dict]) -> str | None:
     """loss_recall.png: mean training loss per epoch (left), R@K per epoch (right)."""
     figure = _figure(10, 4)
     if figure is None:
@@ -77,7 +78,7 @@ def history_plot(run_dir: str, history: List[dict]) -> Optional[str]:
 
 
 @torch.no_grad()
-def uncertainty_histogram(path: str, values: torch.Tensor, mode: str) -> Optional[str]:
+def uncertainty_histogram(path: str, values: torch.Tensor, mode: str) -> str | None:
     figure = _figure(6, 4)
     if figure is None:
         return None
@@ -92,7 +93,7 @@ def uncertainty_histogram(path: str, values: torch.Tensor, mode: str) -> Optiona
     return _save(figure, path)
 
 
-def uncertainty_plot(run_dir: str, values: torch.Tensor, mode: str) -> Optional[str]:
+def uncertainty_plot(run_dir: str, values: torch.Tensor, mode: str) -> str | None:
     """uncertainty_histogram.png of the test set's |sigma|^2 from the last evaluation."""
     if not have_matplotlib():
         return None
@@ -101,7 +102,8 @@ def uncertainty_plot(run_dir: str, values: torch.Tensor, mode: str) -> Optional[
 
 # --- per evaluation ---------------------------------------------------------------------------
 
-def recall_curve_ks(num_images: int) -> List[int]:
+
+def recall_curve_ks(num_images: int) -> list[int]:
     """1, 2, 4, ... up to the number of other images (at most 1024)."""
     ks, k = [], 1
     while k < num_images and k <= 1024:
@@ -110,7 +112,7 @@ def recall_curve_ks(num_images: int) -> List[int]:
     return ks or [1]
 
 
-def recall_at_k_plot(path: str, embeddings: torch.Tensor, labels: torch.Tensor, title: str = "") -> Optional[str]:
+def recall_at_k_plot(path: str, embeddings: torch.Tensor, labels: torch.Tensor, title: str = "") -> str | None:
     """recall_at_k.png: R@K for K = 1, 2, 4, ... (each test image a query against the others)."""
     from idml.metrics import compute_metrics
 
@@ -156,8 +158,9 @@ def _display_image(dataset, index: int):
     return image.permute(1, 2, 0)
 
 
-def query_grid_plot(path: str, dataset, embeddings: torch.Tensor, labels: torch.Tensor, num_queries: int = 6,
-                    k: int = 5, seed: int = 0) -> Optional[str]:
+def query_grid_plot(
+    path: str, dataset, embeddings: torch.Tensor, labels: torch.Tensor, num_queries: int = 6, k: int = 5, seed: int = 0
+) -> str | None:
     """query_grid.png: one row per query (drawn at random with `seed`), then its k nearest
     neighbours framed green (same class) or red (another class)."""
     from matplotlib.patches import Rectangle
@@ -185,14 +188,16 @@ def query_grid_plot(path: str, dataset, embeddings: torch.Tensor, labels: torch.
                 correct = bool(labels[index] == labels[query])
                 colour = "green" if correct else "red"
                 axis.set_title(f"#{column} (class {int(labels[index])})", fontsize=8, color=colour)
-            axis.add_patch(Rectangle((0, 0), 1, 1, transform=axis.transAxes, fill=False, edgecolor=colour,
-                                     linewidth=4))
+            axis.add_patch(Rectangle((0, 0), 1, 1, transform=axis.transAxes, fill=False, edgecolor=colour, linewidth=4))
     return _save(figure, path)
 
 
-def evaluation_plots(out_dir: str, dataset, embeddings: torch.Tensor, labels: torch.Tensor,
-                     title: str = "") -> List[str]:
+def evaluation_plots(
+    out_dir: str, dataset, embeddings: torch.Tensor, labels: torch.Tensor, title: str = ""
+) -> list[str]:
     """recall_at_k.png and query_grid.png in out_dir (scripts/evaluate.py --plots)."""
-    written = [recall_at_k_plot(os.path.join(out_dir, "recall_at_k.png"), embeddings, labels, title),
-               query_grid_plot(os.path.join(out_dir, "query_grid.png"), dataset, embeddings, labels)]
+    written = [
+        recall_at_k_plot(os.path.join(out_dir, "recall_at_k.png"), embeddings, labels, title),
+        query_grid_plot(os.path.join(out_dir, "query_grid.png"), dataset, embeddings, labels),
+    ]
     return [p for p in written if p is not None]

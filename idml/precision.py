@@ -8,11 +8,11 @@ keeps the fastest (every training batch has one shape). --amp off reproduces the
 recipe: float32, NCHW, cuDNN's default algorithm choice. The loss and the optimizer
 always work in float32 (the fused op accumulates in float32 whatever its inputs).
 """
+
 import contextlib
 
 import torch
 from torch import nn
-
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:

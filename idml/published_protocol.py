@@ -15,7 +15,8 @@ published, the first neighbour is dropped whatever it is: when another image lie
 as the query itself (a duplicate embedding of a lower index), the query stays in its own list and
 counts as a hit, and that other image is the one dropped.
 """
-from typing import Dict, Sequence
+
+from collections.abc import Sequence
 
 import torch
 
@@ -64,8 +65,9 @@ def neighbour_lists(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat(lists)
 
 
-def published_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 2, 4, 8),
-                      max_length: int = MAX_LIST_LENGTH) -> Dict[str, float]:
+def published_metrics(
+    embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 2, 4, 8), max_length: int = MAX_LIST_LENGTH
+) -> dict[str, float]:
     """{"R@k" for k in ks, "RP", "MAP@R"} with the published code's definitions (see the module's
     docstring), as python floats, computed on the embeddings' device."""
     if embeddings.shape[0] < 2:
@@ -90,15 +92,21 @@ def published_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequen
     return result
 
 
-def beside(project: Dict[str, float], embeddings: torch.Tensor, labels: torch.Tensor,
-           ks: Sequence[int]) -> Dict[str, object]:
+def beside(
+    project: dict[str, float], embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]
+) -> dict[str, object]:
     """scripts/evaluate.py --published-protocol: the project's metrics and the published code's R@K, RP
     and MAP@R of the same embeddings (its NMI and F1 are the project's: same definitions), named apart."""
-    return {"project": project, "published_protocol": published_metrics(embeddings, labels, ks),
-            "published_list_length": list_length(labels)}
+    return {
+        "project": project,
+        "published_protocol": published_metrics(embeddings, labels, ks),
+        "published_list_length": list_length(labels),
+    }
 
 
 def heading(length: int) -> str:
     """What the published-protocol numbers are, in one line."""
-    return (f"published protocol (neighbour lists of {length}, the largest class: R@K for K > {length} "
-            f"is R@{length}; equal distances to the lower index, the first neighbour dropped)")
+    return (
+        f"published protocol (neighbour lists of {length}, the largest class: R@K for K > {length} "
+        f"is R@{length}; equal distances to the lower index, the first neighbour dropped)"
+    )

@@ -3,6 +3,7 @@
 They are the oracle the fused C++/CUDA kernels are tested against, and the fallback when
 the extension `idml._C` is not built. Formulas: docs/method.md, sections 2, 3 and 5.
 """
+
 import torch
 
 # x / sqrt(|x|^2 + NORM_EPS): the L2 normalisation of the published code.
@@ -109,8 +110,9 @@ def retrieval_ranks(
     ref_labels = labels if symmetric else reference_labels
     n, n_ref = queries.shape[0], refs.shape[0]
     sorted_ref_labels = ref_labels.sort().values
-    class_size = (torch.searchsorted(sorted_ref_labels, labels, right=True)
-                  - torch.searchsorted(sorted_ref_labels, labels))
+    class_size = torch.searchsorted(sorted_ref_labels, labels, right=True) - torch.searchsorted(
+        sorted_ref_labels, labels
+    )
     num_relevant = (class_size - int(symmetric)).clamp_max(max_r)
     cap = int(num_relevant.max()) if n else 0
     ranks = torch.zeros(n, cap, dtype=torch.long, device=emb.device)
@@ -139,16 +141,24 @@ def retrieval_ranks(
 # --- k-means++ seeding (docs/method.md, section 5: k-means for NMI and F1) -------------------
 
 
-def squared_distances_to_row(x: torch.Tensor, sq_norms: torch.Tensor, index: torch.Tensor,
-                             row: torch.Tensor) -> torch.Tensor:
+def squared_distances_to_row(
+    x: torch.Tensor, sq_norms: torch.Tensor, index: torch.Tensor, row: torch.Tensor
+) -> torch.Tensor:
     """|x - x_i|^2 = |x|^2 + |x_i|^2 - 2 x.x_i for every row of x, clamped at 0; i = index
     (one element), row = x_i as stored among the centroids (the C++ operator multiplies by
     that copy, and a product's rounding may depend on where its vector lies), sq_norms = |x|^2."""
     return torch.addmv(sq_norms + sq_norms.index_select(0, index), x, row, alpha=-2.0).clamp_min_(0.0)
 
 
-def kmeans_plus_plus_draws(x: torch.Tensor, sq_norms: torch.Tensor, uniforms: torch.Tensor,
-                           closest: torch.Tensor, centroids: torch.Tensor, start: int, stop: int) -> None:
+def kmeans_plus_plus_draws(
+    x: torch.Tensor,
+    sq_norms: torch.Tensor,
+    uniforms: torch.Tensor,
+    closest: torch.Tensor,
+    centroids: torch.Tensor,
+    start: int,
+    stop: int,
+) -> None:
     """Draws centroids start..stop-1 of k-means++ (D^2 sampling), in place. `closest` holds
     the squared distance of every row to its nearest centroid so far (float64); each of
     uniforms[c] (float64 [k, trials]) times sum(closest) falls on a candidate row in the
@@ -160,7 +170,7 @@ def kmeans_plus_plus_draws(x: torch.Tensor, sq_norms: torch.Tensor, uniforms: to
         cumulative = closest.cumsum(0)
         indices = torch.searchsorted(cumulative, uniforms[c] * cumulative[-1:], right=True).clamp_max_(n - 1)
         if trials == 1:  # a matrix-vector product, bit for bit the single draw's centroids
-            torch.index_select(x, 0, indices, out=centroids[c:c + 1])
+            torch.index_select(x, 0, indices, out=centroids[c : c + 1])
             torch.minimum(closest, squared_distances_to_row(x, sq_norms, indices, centroids[c]), out=closest)
             continue
         candidates = x.index_select(0, indices)
@@ -168,5 +178,5 @@ def kmeans_plus_plus_draws(x: torch.Tensor, sq_norms: torch.Tensor, uniforms: to
         # max(distance, 0) then the least with `closest` (never negative), in one pass.
         reduced = distances.addmm_(candidates, x.t(), alpha=-2.0).clamp(closest.new_zeros(()), closest)
         best = reduced.sum(dim=1).argmin(dim=0, keepdim=True)
-        torch.index_select(candidates, 0, best, out=centroids[c:c + 1])
+        torch.index_select(candidates, 0, best, out=centroids[c : c + 1])
         torch.index_select(reduced, 0, best, out=closest.unsqueeze(0))

@@ -7,6 +7,7 @@ per visible GPU (CUDA_VISIBLE_DEVICES set per run), with --parallel or whenever 
 visible. Each run contributes its best epoch by R@1, the epoch its <dataset>_<model>_best_results.txt
 reports (as the published code does); --from-runs makes the same table from finished run folders.
 """
+
 import argparse
 import json
 import math
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from idml.errors import UsageError
 from idml.files import atomic_write_text
@@ -41,6 +42,7 @@ def canonical_dataset(name: str) -> str:
 
 # --- reading finished runs -------------------------------------------------------------------
 
+
 def best_epoch(run_dir: str) -> dict:
     """The entry of run_dir/metrics.jsonl with the highest R@1 among the trained epochs (the first
     one on a tie), as training picks its best checkpoint."""
@@ -52,8 +54,9 @@ def best_epoch(run_dir: str) -> dict:
             entries = [json.loads(line) for line in f if line.strip()]
         trained = [e for e in entries if e["epoch"] > 0 and isinstance(e["R@1"], (int, float))]
     except (ValueError, KeyError, TypeError):
-        raise UsageError(f"{path} is not a metrics.jsonl of scripts/train.py (one JSON object per line, "
-                         f"each with an epoch and R@1)") from None
+        raise UsageError(
+            f"{path} is not a metrics.jsonl of scripts/train.py (one JSON object per line, each with an epoch and R@1)"
+        ) from None
     if not trained:
         raise UsageError(f"{path} holds no trained epoch (only the evaluation before training)")
     return max(trained, key=lambda e: (e["R@1"], -e["epoch"]))
@@ -63,39 +66,46 @@ def dataset_of(run_dirs: Sequence[str]) -> str:
     """The data set of run folders under <LOG_DIR>/logs_<dataset>/, when they all agree."""
     names = {os.path.basename(os.path.dirname(os.path.abspath(d))) for d in run_dirs}
     if len(names) != 1 or not next(iter(names)).startswith("logs_"):
-        raise UsageError("cannot tell the data set from the run folders' parents (expected one <LOG_DIR>/"
-                         "logs_<dataset>/ for all); pass --dataset")
-    return canonical_dataset(next(iter(names))[len("logs_"):])
+        raise UsageError(
+            "cannot tell the data set from the run folders' parents (expected one <LOG_DIR>/"
+            "logs_<dataset>/ for all); pass --dataset"
+        )
+    return canonical_dataset(next(iter(names))[len("logs_") :])
 
 
 # --- the table -------------------------------------------------------------------------------
 
-def summary(dataset: str, runs: List[dict], failed: Sequence[dict] = ()) -> dict:
+
+def summary(dataset: str, runs: list[dict], failed: Sequence[dict] = ()) -> dict:
     """runs: [{"dir", "seed" (or None), "epoch", "metrics"}]. Mean and sample standard deviation
     (n - 1; none for one run) of each metric every run has, as fractions, beside the published."""
     published = PUBLISHED.get(dataset, {})
-    names = [name for name in runs[0]["metrics"]
-             if all(isinstance(run["metrics"].get(name), (int, float)) for run in runs)]
+    names = [
+        name for name in runs[0]["metrics"] if all(isinstance(run["metrics"].get(name), (int, float)) for run in runs)
+    ]
     names += [name for name in published if name not in names]
     table = {}
     for name in names:
         values = [run["metrics"][name] for run in runs if name in run["metrics"]]
         mean = sum(values) / len(values) if values else None
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-        table[name] = {"mean": mean, "std": std,
-                       "published": published[name] / 100 if name in published else None}
+        table[name] = {"mean": mean, "std": std, "published": published[name] / 100 if name in published else None}
     return {"dataset": dataset, "epoch": EPOCH_CHOICE, "runs": runs, "failed": list(failed), "metrics": table}
 
 
-def _percent(value: Optional[float], digits: int = 2) -> str:
+def _percent(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value * 100:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
     runs = result["runs"]
-    lines = [f"{result['dataset']}: {len(runs)} run(s), each at its {result['epoch']}, in percent "
-             f"(mean +- sample standard deviation)", "",
-             f"| metric | mean +- std ({len(runs)} runs) | published |", "|---|---|---|"]
+    lines = [
+        f"{result['dataset']}: {len(runs)} run(s), each at its {result['epoch']}, in percent "
+        f"(mean +- sample standard deviation)",
+        "",
+        f"| metric | mean +- std ({len(runs)} runs) | published |",
+        "|---|---|---|",
+    ]
     for name, row in result["metrics"].items():
         spread = "" if row["std"] is None else f" +- {_percent(row['std'])}"
         lines.append(f"| {name} | {_percent(row['mean'])}{spread} | {_percent(row['published'], 1)} |")
@@ -104,7 +114,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(result: dict, prefix: Optional[str]) -> None:
+def write_outputs(result: dict, prefix: str | None) -> None:
     print(markdown(result), end="")
     if prefix:
         atomic_write_text(prefix + ".json", json.dumps(result, indent=1) + "\n")
@@ -113,6 +123,7 @@ def write_outputs(result: dict, prefix: Optional[str]) -> None:
 
 
 # --- running the seeds -----------------------------------------------------------------------
+
 
 def training_arguments(command: Sequence[str]) -> argparse.Namespace:
     """The published command line after --, parsed as scripts/train.py will; bad ones are refused here,
@@ -130,7 +141,7 @@ def training_arguments(command: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(list(command))
 
 
-def visible_gpus() -> List[str]:
+def visible_gpus() -> list[str]:
     """The GPUs a child process can be given, as CUDA_VISIBLE_DEVICES entries."""
     import torch
 
@@ -147,12 +158,19 @@ def _relay(stream, seed: int) -> None:
         sys.stdout.flush()
 
 
-def _start(seed: int, command: Sequence[str], remark: str, gpu: Optional[str]) -> subprocess.Popen:
+def _start(seed: int, command: Sequence[str], remark: str, gpu: str | None) -> subprocess.Popen:
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    argv = [sys.executable, os.path.join(SCRIPTS, "train.py"), *command, "--seed", str(seed),
-            "--remark", f"{remark}_seed{seed}"]
+    argv = [
+        sys.executable,
+        os.path.join(SCRIPTS, "train.py"),
+        *command,
+        "--seed",
+        str(seed),
+        "--remark",
+        f"{remark}_seed{seed}",
+    ]
     where = f" on GPU {gpu}" if gpu is not None else ""
     print(f"seed {seed}{where}: {' '.join(argv[1:])}", flush=True)
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -161,8 +179,7 @@ def _start(seed: int, command: Sequence[str], remark: str, gpu: Optional[str]) -
     return process
 
 
-def run_seeds(seeds: Sequence[int], command: Sequence[str], remark: str,
-              slots: Sequence[Optional[str]]) -> Dict[int, int]:
+def run_seeds(seeds: Sequence[int], command: Sequence[str], remark: str, slots: Sequence[str | None]) -> dict[int, int]:
     """Trains every seed, at most len(slots) at a time, each slot a GPU (or None: the environment as it
     is); returns each seed's exit code."""
     pending, running, codes = list(seeds), {}, {}
@@ -191,7 +208,7 @@ def _wait_any(running: dict):
         time.sleep(0.2)
 
 
-def run_folder(log_root: str, remark: str, before: set) -> Optional[str]:
+def run_folder(log_root: str, remark: str, before: set) -> str | None:
     """The folder a run with `remark` created under log_root (not in `before`): <name><remark>, or
     <name><remark>_<n> when that name was taken."""
     if not os.path.isdir(log_root):
@@ -206,42 +223,63 @@ def run_folder(log_root: str, remark: str, before: set) -> Optional[str]:
 
 # --- the command -----------------------------------------------------------------------------
 
+
 def reproduce_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/reproduce.py",
         description="Train a published command line with several seeds (the arguments after --, passed to "
-                    "scripts/train.py) and print the mean +- standard deviation of every metric beside the "
-                    "published numbers; or make that table from finished run folders (--from-runs).",
+        "scripts/train.py) and print the mean +- standard deviation of every metric beside the "
+        "published numbers; or make that table from finished run folders (--from-runs).",
         epilog="example: scripts/reproduce.py --seeds 1 2 3 --out cub_seeds -- --gpu -1 --loss Proxy_Anchor "
-               "--model resnet50 --embedding-size 512 --batch-size 120 --lr 6e-4 --dataset cub --warm 5 "
-               "--bn-freeze 1 --lr-decay-step 5")
+        "--model resnet50 --embedding-size 512 --batch-size 120 --lr 6e-4 --dataset cub --warm 5 "
+        "--bn-freeze 1 --lr-decay-step 5",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds to train (default 1 2 3)")
     order = parser.add_mutually_exclusive_group()
-    order.add_argument("--parallel", action="store_true",
-                       help="run the seeds at the same time, one per visible GPU (all at once without GPUs); "
-                            "the default whenever several GPUs are visible")
-    order.add_argument("--sequential", action="store_true",
-                       help="one run after the other, each with every visible GPU (e.g. for --gpu -1 DDP runs)")
-    parser.add_argument("--from-runs", nargs="+", metavar="DIR", default=None,
-                        help="no training: the table of these finished run folders (their metrics.jsonl)")
-    parser.add_argument("--dataset", default=None,
-                        help="with --from-runs: whose published numbers to show (default: from the folders' "
-                             "logs_<dataset> parent)")
+    order.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the seeds at the same time, one per visible GPU (all at once without GPUs); "
+        "the default whenever several GPUs are visible",
+    )
+    order.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one run after the other, each with every visible GPU (e.g. for --gpu -1 DDP runs)",
+    )
+    parser.add_argument(
+        "--from-runs",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="no training: the table of these finished run folders (their metrics.jsonl)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="with --from-runs: whose published numbers to show (default: from the folders' logs_<dataset> parent)",
+    )
     parser.add_argument("--out", metavar="PREFIX", default=None, help="also write PREFIX.json and PREFIX.md")
     return parser
 
 
-def from_runs(run_dirs: Sequence[str], dataset: Optional[str]) -> dict:
+def from_runs(run_dirs: Sequence[str], dataset: str | None) -> dict:
     dataset = canonical_dataset(dataset) if dataset else dataset_of(run_dirs)
-    runs = [{"dir": d, "seed": None, "epoch": entry["epoch"],
-             "metrics": {k: v for k, v in entry.items() if k not in ("epoch", "loss")}}
-            for d, entry in ((d, best_epoch(d)) for d in run_dirs)]
+    runs = [
+        {
+            "dir": d,
+            "seed": None,
+            "epoch": entry["epoch"],
+            "metrics": {k: v for k, v in entry.items() if k not in ("epoch", "loss")},
+        }
+        for d, entry in ((d, best_epoch(d)) for d in run_dirs)
+    ]
     return summary(dataset, runs)
 
 
 def reproduce_main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    own, command = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, command = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = reproduce_parser().parse_args(own)
     if args.from_runs:
         if command:
@@ -269,11 +307,20 @@ def reproduce_main(argv=None) -> None:
             failed.append({"seed": seed, "exit_code": codes[seed], "reason": reason})
             continue
         entry = best_epoch(folder)
-        runs.append({"dir": folder, "seed": seed, "epoch": entry["epoch"],
-                     "metrics": {k: v for k, v in entry.items() if k not in ("epoch", "loss")}})
+        runs.append(
+            {
+                "dir": folder,
+                "seed": seed,
+                "epoch": entry["epoch"],
+                "metrics": {k: v for k, v in entry.items() if k not in ("epoch", "loss")},
+            }
+        )
     if runs:
         write_outputs(summary(dataset, runs, failed), args.out)
     if failed:
-        print(f"{len(failed)} of {len(args.seeds)} seed runs failed: "
-              + ", ".join(f"seed {f['seed']} ({f['reason']})" for f in failed), file=sys.stderr)
+        print(
+            f"{len(failed)} of {len(args.seeds)} seed runs failed: "
+            + ", ".join(f"seed {f['seed']} ({f['reason']})" for f in failed),
+            file=sys.stderr,
+        )
         raise SystemExit(1)

@@ -1,5 +1,6 @@
 """What training and evaluation share: the device, the seeds, the data loaders (--loader pil
 or dali), the model built from a run's arguments."""
+
 import random
 import warnings
 
@@ -39,12 +40,14 @@ def seed_everything(seed: int) -> None:
 
 
 def loader_options(workers: int, device: torch.device) -> dict:
-    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                collate_fn=collate_valid)
+    return dict(
+        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0, collate_fn=collate_valid
+    )
 
 
-def train_loader(loader: str, dataset, sampler: EpochBatchSampler, seed: int, workers: int, device: torch.device,
-                 image_size: int):
+def train_loader(
+    loader: str, dataset, sampler: EpochBatchSampler, seed: int, workers: int, device: torch.device, image_size: int
+):
     """--loader pil|dali: batches (images, labels, dropped) of the sampler's draws, each
     augmented from its own seed."""
     if loader == "dali":
@@ -54,8 +57,9 @@ def train_loader(loader: str, dataset, sampler: EpochBatchSampler, seed: int, wo
     return DataLoader(SeededSamples(dataset, seed), batch_sampler=sampler, **loader_options(workers, device))
 
 
-def eval_loader(dataset, batch_size: int, workers: int, device: torch.device, loader: str = "pil",
-                image_size: int = None):
+def eval_loader(
+    dataset, batch_size: int, workers: int, device: torch.device, loader: str = "pil", image_size: int = None
+):
     """--loader pil|dali: batches (images, labels, dropped) of `dataset` in order."""
     if loader == "dali":
         from idml.data.dali import DaliLoader
@@ -66,5 +70,11 @@ def eval_loader(dataset, batch_size: int, workers: int, device: torch.device, lo
 
 
 def build_model(args, pretrained: str) -> IDMLNet:
-    return IDMLNet(arch=args.model, embedding_size=args.embedding_size, pretrained=pretrained,
-                   l2_norm=bool(args.l2_norm), uncertainty=args.uncertainty, bn_freeze=bool(args.bn_freeze))
+    return IDMLNet(
+        arch=args.model,
+        embedding_size=args.embedding_size,
+        pretrained=pretrained,
+        l2_norm=bool(args.l2_norm),
+        uncertainty=args.uncertainty,
+        bn_freeze=bool(args.bn_freeze),
+    )

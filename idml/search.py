@@ -16,12 +16,12 @@ them.
 
 Only torch, PIL and tqdm are needed at search time: the model is a TorchScript file.
 """
+
 import hashlib
 import io
 import json
 import os
 import warnings
-from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +42,8 @@ UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 # --- the gallery folder -------------------------------------------------------------------
 
-def gallery_files(folder: str) -> List[str]:
+
+def gallery_files(folder: str) -> list[str]:
     """Image files under `folder` (relative paths, sorted), hidden files and folders skipped."""
     if not os.path.isdir(folder):
         raise UsageError(f"--gallery expects a folder of images; {folder} is not a folder")
@@ -55,7 +56,7 @@ def gallery_files(folder: str) -> List[str]:
     return sorted(found)
 
 
-def folder_fingerprint(folder: str, files: List[str]) -> str:
+def folder_fingerprint(folder: str, files: list[str]) -> str:
     """sha256 of the sorted (name, size, mtime in ns) of every gallery file."""
     entries = []
     for name in files:
@@ -74,6 +75,7 @@ def file_sha256(path: str) -> str:
 
 # --- images and the model ---------------------------------------------------------------------
 
+
 def read_image(path: str) -> torch.Tensor:
     """uint8 (3, H, W) of an image file (grey, CMYK, RGBA, palette -> RGB)."""
     with Image.open(path) as image:
@@ -81,7 +83,7 @@ def read_image(path: str) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def image_size(path: str) -> Optional[Tuple[int, int]]:
+def image_size(path: str) -> tuple[int, int] | None:
     """(width, height) from the header, or None when the file is not a readable image."""
     try:
         with Image.open(path) as image:
@@ -98,15 +100,18 @@ def load_model(path: str, device: torch.device):
         with quiet_jit():
             model = torch.jit.load(path, map_location=device)
     except Exception as error:
-        raise UsageError(f"--model {path} is not a TorchScript module written by scripts/export.py "
-                         f"({type(error).__name__})") from None
+        raise UsageError(
+            f"--model {path} is not a TorchScript module written by scripts/export.py ({type(error).__name__})"
+        ) from None
     if not hasattr(model, "uncertainty_mode"):  # what every exported embedder carries
-        raise UsageError(f"--model {path} is a TorchScript module, but not one written by scripts/export.py "
-                         f"(it has no uncertainty_mode attribute)")
+        raise UsageError(
+            f"--model {path} is a TorchScript module, but not one written by scripts/export.py "
+            f"(it has no uncertainty_mode attribute)"
+        )
     return model.eval()
 
 
-def unreadable_reason(path: str) -> Optional[str]:
+def unreadable_reason(path: str) -> str | None:
     """Why the image file `path` cannot be decoded in full (a truncated file's header reads
     fine), or None when it can."""
     try:
@@ -116,17 +121,17 @@ def unreadable_reason(path: str) -> Optional[str]:
     return None
 
 
-def _some(paths: List[str]) -> str:
+def _some(paths: list[str]) -> str:
     return ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
 
 
-def _skip(path: str, reason: str, skipped: List[str]) -> None:
+def _skip(path: str, reason: str, skipped: list[str]) -> None:
     warnings.warn(f"skipping {path}: not a readable image ({reason})", stacklevel=3)
     skipped.append(path)
 
 
 @torch.no_grad()
-def embed_paths(model, paths: List[str], device: torch.device, batch_size: int = 32, progress: bool = True):
+def embed_paths(model, paths: list[str], device: torch.device, batch_size: int = 32, progress: bool = True):
     """(embeddings N x D, uncertainties N, indices of the paths embedded, paths skipped) on
     the CPU. Images of one size go through the model together; unreadable files are skipped
     with a warning; UsageError naming the images whose embedding or uncertainty is not finite."""
@@ -143,13 +148,13 @@ def embed_paths(model, paths: List[str], device: torch.device, batch_size: int =
         group = sizes[size]
         for start in range(0, len(group), batch_size):
             chunk, pixels = [], []
-            for i in group[start:start + batch_size]:
+            for i in group[start : start + batch_size]:
                 try:
                     pixels.append(read_image(paths[i]))
                     chunk.append(i)
                 except UNREADABLE as error:  # a truncated file: its header was fine
                     _skip(paths[i], str(error) or type(error).__name__, skipped)
-            bar.update(len(group[start:start + batch_size]))
+            bar.update(len(group[start : start + batch_size]))
             if not chunk:
                 continue
             embedding, uncertainty = model(torch.stack(pixels).to(device))
@@ -165,9 +170,11 @@ def embed_paths(model, paths: List[str], device: torch.device, batch_size: int =
     embeddings, uncertainties, kept = embeddings[permutation], uncertainties[permutation], sorted(order)
     broken = [paths[kept[row]] for row in non_finite(embeddings, uncertainties).tolist()]
     if broken:  # NaN compares false with everything: the ranking would be arbitrary
-        raise UsageError(f"the model's embedding or uncertainty is NaN or infinite for {len(broken)} of {len(kept)} "
-                         f"images ({_some(broken)}), so it cannot rank "
-                         f"them: a diverged or damaged model (scripts/export.py refuses such models)")
+        raise UsageError(
+            f"the model's embedding or uncertainty is NaN or infinite for {len(broken)} of {len(kept)} "
+            f"images ({_some(broken)}), so it cannot rank "
+            f"them: a diverged or damaged model (scripts/export.py refuses such models)"
+        )
     return embeddings, uncertainties, kept, skipped
 
 
@@ -179,11 +186,12 @@ def non_finite(embeddings: torch.Tensor, uncertainties: torch.Tensor) -> torch.T
 
 # --- the cached index -------------------------------------------------------------------------
 
+
 def index_path(folder: str) -> str:
     return os.path.join(folder, INDEX_NAME)
 
 
-def load_index(folder: str) -> Optional[dict]:
+def load_index(folder: str) -> dict | None:
     path = index_path(folder)
     if not os.path.isfile(path):
         return None
@@ -198,17 +206,33 @@ def load_index(folder: str) -> Optional[dict]:
     return index
 
 
-def build_index(model, folder: str, files: List[str], fingerprint: str, model_id: str, device: torch.device,
-                batch_size: int, progress: bool) -> dict:
+def build_index(
+    model,
+    folder: str,
+    files: list[str],
+    fingerprint: str,
+    model_id: str,
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+) -> dict:
     paths = [os.path.join(folder, f) for f in files]
     embeddings, uncertainties, kept, skipped = embed_paths(model, paths, device, batch_size, progress)
     if not kept:
-        raise UsageError(f"--gallery {folder} holds no readable images "
-                         f"(looked for {', '.join(IMAGE_EXTENSIONS)} files)")
+        raise UsageError(
+            f"--gallery {folder} holds no readable images (looked for {', '.join(IMAGE_EXTENSIONS)} files)"
+        )
     # The unreadable files are remembered: while the folder is unchanged they are not decoded again.
-    return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": fingerprint, "model": model_id,
-            "files": [files[i] for i in kept], "embeddings": embeddings, "uncertainties": uncertainties,
-            "skipped": [os.path.relpath(path, folder) for path in skipped]}
+    return {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "fingerprint": fingerprint,
+        "model": model_id,
+        "files": [files[i] for i in kept],
+        "embeddings": embeddings,
+        "uncertainties": uncertainties,
+        "skipped": [os.path.relpath(path, folder) for path in skipped],
+    }
 
 
 def save_index(folder: str, index: dict) -> bool:
@@ -217,14 +241,22 @@ def save_index(folder: str, index: dict) -> bool:
     try:
         atomic_write(index_path(folder), lambda f: f.write(buffer.getbuffer()))
     except (OSError, UsageError) as error:  # a read-only gallery still works, just without the cache
-        warnings.warn(f"could not cache the index in {index_path(folder)} ({error}); it is rebuilt next time",
-                      stacklevel=2)
+        warnings.warn(
+            f"could not cache the index in {index_path(folder)} ({error}); it is rebuilt next time", stacklevel=2
+        )
         return False
     return True
 
 
-def gallery_index(model, model_path: str, folder: str, device: torch.device, batch_size: int = 32,
-                  progress: bool = True, rebuild: bool = False) -> Tuple[dict, str]:
+def gallery_index(
+    model,
+    model_path: str,
+    folder: str,
+    device: torch.device,
+    batch_size: int = 32,
+    progress: bool = True,
+    rebuild: bool = False,
+) -> tuple[dict, str]:
     """(index, how): the cached index when the folder and the model are unchanged (and not
     `rebuild`), else a new one, which replaces the cache only once it is complete."""
     files = gallery_files(folder)
@@ -240,31 +272,47 @@ def gallery_index(model, model_path: str, folder: str, device: torch.device, bat
 
 # --- queries ------------------------------------------------------------------------------------
 
-def nearest(index: dict, embedding: torch.Tensor, k: int) -> List[Tuple[float, str]]:
+
+def nearest(index: dict, embedding: torch.Tensor, k: int) -> list[tuple[float, str]]:
     """The k most similar gallery images (cosine; ties to the earlier file)."""
     similarity = index["embeddings"] @ embedding.float().cpu()
     order = torch.sort(similarity, descending=True, stable=True).indices[:k]
     return [(float(similarity[i]), index["files"][i]) for i in order.tolist()]
 
 
-def uncertainty_report(value: float, gallery: torch.Tensor, mode: str, percentile: float) -> Tuple[str, bool]:
+def uncertainty_report(value: float, gallery: torch.Tensor, mode: str, percentile: float) -> tuple[str, bool]:
     """(line to print, flagged) for a query's |sigma|^2 against the gallery's distribution."""
     if mode == "normalized":
-        return ("uncertainty: not informative for this model (trained with --uncertainty normalized, as published: "
-                "|sigma|^2 = 1 for every image); train with --uncertainty relu or softplus to get it"), False
+        return (
+            "uncertainty: not informative for this model (trained with --uncertainty normalized, as published: "
+            "|sigma|^2 = 1 for every image); train with --uncertainty relu or softplus to get it"
+        ), False
     threshold = float(torch.quantile(gallery.double(), percentile / 100.0))
     median = float(gallery.double().median())
     flagged = value > threshold
-    line = (f"uncertainty |sigma|^2 = {value:.4g} (gallery median {median:.4g}, "
-            f"{percentile:g}th percentile {threshold:.4g})")
+    line = (
+        f"uncertainty |sigma|^2 = {value:.4g} (gallery median {median:.4g}, "
+        f"{percentile:g}th percentile {threshold:.4g})"
+    )
     if flagged:
-        line = (f"HIGH UNCERTAINTY: |sigma|^2 = {value:.4g} is above the gallery's {percentile:g}th percentile "
-                f"({threshold:.4g}; median {median:.4g}): treat these matches with caution")
+        line = (
+            f"HIGH UNCERTAINTY: |sigma|^2 = {value:.4g} is above the gallery's {percentile:g}th percentile "
+            f"({threshold:.4g}; median {median:.4g}): treat these matches with caution"
+        )
     return line, flagged
 
 
-def search(model_path: str, gallery: str, queries: List[str], k: int, device: torch.device, batch_size: int = 32,
-           percentile: float = 95.0, rebuild: bool = False, progress: bool = True) -> Tuple[str, List[dict]]:
+def search(
+    model_path: str,
+    gallery: str,
+    queries: list[str],
+    k: int,
+    device: torch.device,
+    batch_size: int = 32,
+    percentile: float = 95.0,
+    rebuild: bool = False,
+    progress: bool = True,
+) -> tuple[str, list[dict]]:
     """Each query's k nearest gallery images: (a sentence on the index used, one result per
     query with "query", "uncertainty" |sigma|^2, "high_uncertainty", "uncertainty_mode",
     "report" (uncertainty_report's line) and "neighbours" [(similarity, path)])."""
@@ -277,16 +325,24 @@ def search(model_path: str, gallery: str, queries: List[str], k: int, device: to
     info = f"{how} {len(index['files'])} images in {gallery} ({index_path(gallery)})"
     skipped = [os.path.join(gallery, name) for name in index.get("skipped", [])]
     if skipped:
-        info += (f"; {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} left out "
-                 f"({_some(skipped)})")
+        info += f"; {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} left out ({_some(skipped)})"
     mode = str(model.uncertainty_mode)
     embeddings, uncertainties, _, _ = embed_paths(model, queries, device, batch_size, progress=False)
     results = []
     for number, query in enumerate(queries):
         value = float(uncertainties[number])
         report, flagged = uncertainty_report(value, index["uncertainties"], mode, percentile)
-        neighbours = [(similarity, os.path.join(gallery, name))
-                      for similarity, name in nearest(index, embeddings[number], k)]
-        results.append({"query": query, "uncertainty": value, "high_uncertainty": flagged,
-                        "uncertainty_mode": mode, "report": report, "neighbours": neighbours})
+        neighbours = [
+            (similarity, os.path.join(gallery, name)) for similarity, name in nearest(index, embeddings[number], k)
+        ]
+        results.append(
+            {
+                "query": query,
+                "uncertainty": value,
+                "high_uncertainty": flagged,
+                "uncertainty_mode": mode,
+                "report": report,
+                "neighbours": neighbours,
+            }
+        )
     return info, results

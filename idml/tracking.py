@@ -8,11 +8,11 @@ the run folder and can be uploaded with `wandb sync`). The other WANDB_* variabl
 set (WANDB_PROJECT, WANDB_DIR, WANDB_RUN_ID, WANDB_RESUME, ...) are left to wandb, never
 overridden by this project's defaults.
 """
+
 import os
 import socket
 import urllib.parse
 import warnings
-from typing import Optional
 
 from idml.errors import UsageError
 
@@ -50,7 +50,7 @@ def server_reachable(env=os.environ, timeout: float = PROBE_SECONDS) -> bool:
         return False
 
 
-def open_run(mode: str, project: str, run_dir: str, config: dict, run_id: Optional[str] = None):
+def open_run(mode: str, project: str, run_dir: str, config: dict, run_id: str | None = None):
     """A wandb run, or None when disabled (or auto without wandb installed)."""
     flag, mode = mode, resolve_mode(mode)
     if mode == "disabled":
@@ -59,15 +59,21 @@ def open_run(mode: str, project: str, run_dir: str, config: dict, run_id: Option
         import wandb
     except ImportError:
         if mode == "auto":
-            warnings.warn("wandb is not installed, so this run is not logged to wandb (pip install wandb)",
-                          stacklevel=2)
+            warnings.warn(
+                "wandb is not installed, so this run is not logged to wandb (pip install wandb)", stacklevel=2
+            )
             return None
-        raise UsageError(f"--wandb {mode} needs the wandb package: pip install wandb, or pass --wandb disabled") \
-            from None
+        raise UsageError(
+            f"--wandb {mode} needs the wandb package: pip install wandb, or pass --wandb disabled"
+        ) from None
     env = os.environ
     options = {"config": config}
-    for variable, name, value in (("WANDB_PROJECT", "project", project), ("WANDB_DIR", "dir", run_dir),
-                                  ("WANDB_RUN_ID", "id", run_id), ("WANDB_RESUME", "resume", "allow")):
+    for variable, name, value in (
+        ("WANDB_PROJECT", "project", project),
+        ("WANDB_DIR", "dir", run_dir),
+        ("WANDB_RUN_ID", "id", run_id),
+        ("WANDB_RESUME", "resume", "allow"),
+    ):
         if not env.get(variable):
             options[name] = value
     auto = mode == "auto"
@@ -84,9 +90,10 @@ def open_run(mode: str, project: str, run_dir: str, config: dict, run_id: Option
         if auto and mode == "online":
             _offline_note(f"it could not start the run online ({reason})")
             return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **options)
-        raise UsageError(f"--wandb {mode if flag == mode else f'{flag} (WANDB_MODE {mode})'}: wandb could not start "
-                         f"the run ({reason}); --wandb offline logs into the run folder for a later `wandb sync`") \
-            from None
+        raise UsageError(
+            f"--wandb {mode if flag == mode else f'{flag} (WANDB_MODE {mode})'}: wandb could not start "
+            f"the run ({reason}); --wandb offline logs into the run folder for a later `wandb sync`"
+        ) from None
 
 
 def _offline_note(why: str) -> None:

@@ -10,6 +10,7 @@ Under torchrun every rank runs this same loop on its slice of each global batch;
 is that of the global batch (idml/distributed.py says how). Only rank 0 prints, shows
 progress and writes files; evaluation is sharded over the ranks.
 """
+
 import contextlib
 import itertools
 import json
@@ -20,7 +21,6 @@ import sys
 import threading
 import types
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import torch
 from torch import nn
@@ -74,8 +74,10 @@ def claim_run_folder(args) -> str:
     """Creates and returns the run folder: the published name, so logs line up with the
     published code's, or when another run has it, the first free one of <name>_2, <name>_3,
     ... (created with mkdir, which only one of two runs started together can win)."""
-    name = (f"{args.model}_{args.loss}_embedding{args.embedding_size}_alpha{args.alpha:g}_mrg{args.mrg:g}"
-            f"_{args.optimizer}_lr{args.lr:g}_batch{args.batch_size}{args.remark}")
+    name = (
+        f"{args.model}_{args.loss}_embedding{args.embedding_size}_alpha{args.alpha:g}_mrg{args.mrg:g}"
+        f"_{args.optimizer}_lr{args.lr:g}_batch{args.batch_size}{args.remark}"
+    )
     path = os.path.join(args.LOG_DIR, f"logs_{args.dataset}", name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     for number in itertools.count(1):
@@ -87,7 +89,7 @@ def claim_run_folder(args) -> str:
             continue
 
 
-def group_learning_rates(args) -> List[float]:
+def group_learning_rates(args) -> list[float]:
     """The initial lr of each parameter group of build_optimizer."""
     return [args.lr, args.lr, args.lr * PROXY_LR_FACTOR]
 
@@ -132,13 +134,13 @@ class StepGuard:
 
     COUNTERS = ("in_a_row", "most_in_a_row", "skipped", "epoch_skipped", "finite_losses")
 
-    def __init__(self, device: torch.device, max_loss_jump: Optional[float], overflow_is_normal: bool):
+    def __init__(self, device: torch.device, max_loss_jump: float | None, overflow_is_normal: bool):
         self.max_loss_jump, self.overflow_is_normal = max_loss_jump, overflow_is_normal
         self.loss_mean = torch.zeros((), device=device)
         for name in self.COUNTERS:
             setattr(self, name, torch.zeros((), dtype=torch.long, device=device))
 
-    def check(self, loss: torch.Tensor, gradients: List[torch.Tensor]) -> torch.Tensor:
+    def check(self, loss: torch.Tensor, gradients: list[torch.Tensor]) -> torch.Tensor:
         """True (a 0-d bool tensor) when this step's update must be skipped; updates the counts."""
         loss = loss.detach().float()
         finite_loss = torch.isfinite(loss)
@@ -149,8 +151,9 @@ class StepGuard:
         bad_gradient = ~torch.isfinite(torch.nn.utils.get_total_norm(gradients)) if gradients else bad_loss
         skip = bad_loss | bad_gradient
         counted = bad_loss if self.overflow_is_normal else skip
-        mean = torch.where(self.finite_losses == 0, loss, LOSS_MEAN_DECAY * self.loss_mean
-                           + (1.0 - LOSS_MEAN_DECAY) * loss)
+        mean = torch.where(
+            self.finite_losses == 0, loss, LOSS_MEAN_DECAY * self.loss_mean + (1.0 - LOSS_MEAN_DECAY) * loss
+        )
         self.loss_mean = torch.where(finite_loss, mean, self.loss_mean)
         self.finite_losses = self.finite_losses + finite_loss
         self.in_a_row = torch.where(counted, self.in_a_row + 1, 0)
@@ -212,13 +215,15 @@ def mixup_draw(batch_size: int, generator: torch.Generator):
     return lam, torch.randperm(batch_size, generator=generator)
 
 
-def refill_share(images: Optional[torch.Tensor], labels: Optional[torch.Tensor], dropped: int):
+def refill_share(images: torch.Tensor | None, labels: torch.Tensor | None, dropped: int):
     """Under torchrun every process brings a full share of each batch (the gathers need equal
     sizes): the places of `dropped` unreadable images are taken by repeats of the share's
     readable ones, which then weigh twice in that step's loss."""
     if images is None:
-        raise UsageError(f"all {dropped} images of this process's share of a batch were unreadable, and under "
-                         f"torchrun every process needs a share: repair or remove them (paths in the warnings above)")
+        raise UsageError(
+            f"all {dropped} images of this process's share of a batch were unreadable, and under "
+            f"torchrun every process needs a share: repair or remove them (paths in the warnings above)"
+        )
     repeats = torch.arange(dropped) % images.shape[0]
     return torch.cat([images, images[repeats]]), torch.cat([labels, labels[repeats]])
 
@@ -253,24 +258,27 @@ def idml_loss(model, criterion, images, labels, lam: float, permutation, amp: st
     with autocast(images.device, amp):
         outputs = forward(images, mixed)
     mu, sigma, mu_mixed, sigma_mixed = (distributed.gather_with_grad(t) for t in outputs)
-    return (criterion(mu, sigma, all_labels)
-            + lam * criterion(mu_mixed, sigma_mixed, all_labels)
-            + (1.0 - lam) * criterion(mu_mixed, sigma_mixed, all_labels[permutation]))
+    return (
+        criterion(mu, sigma, all_labels)
+        + lam * criterion(mu_mixed, sigma_mixed, all_labels)
+        + (1.0 - lam) * criterion(mu_mixed, sigma_mixed, all_labels[permutation])
+    )
 
 
 @dataclass
 class RunState:
     """What a run has done so far; saved in every checkpoint."""
+
     epoch: int = 0  # epochs completed
     step: int = 0  # steps completed in the epoch after those
     epoch_loss_sum: float = 0.0  # sum of those steps' losses
-    best: Optional[dict] = None  # {"epoch": e, "metrics": {...}}
-    history: List[dict] = field(default_factory=list)  # one entry per evaluation
-    wandb_run_id: Optional[str] = None
+    best: dict | None = None  # {"epoch": e, "metrics": {...}}
+    history: list[dict] = field(default_factory=list)  # one entry per evaluation
+    wandb_run_id: str | None = None
 
 
 class Trainer:
-    def __init__(self, args, device: Optional[torch.device] = None):
+    def __init__(self, args, device: torch.device | None = None):
         self.args = args
         self.device = device or resolve_device(args.device, args.gpu)
         self.image_size = args.image_size or default_image_size(args.dataset)
@@ -283,17 +291,22 @@ class Trainer:
             self.sampler = BalancedBatchSampler(self.train_set.labels, args.batch_size, args.IPC, args.seed, **shard)
         else:
             self.sampler = RandomBatchSampler(self.train_set.labels, args.batch_size, args.seed, **shard)
-        self.train_loader = train_loader(args.loader, self.train_set, self.sampler, args.seed, args.workers,
-                                         self.device, self.image_size)
+        self.train_loader = train_loader(
+            args.loader, self.train_set, self.sampler, args.seed, args.workers, self.device, self.image_size
+        )
         if distributed.world_size() > 1:  # each rank embeds its contiguous share, gathered in order
             test_set = Subset(test_set, range(*distributed.shard(len(test_set), granule=args.batch_size)))
-        self.test_loader = eval_loader(test_set, args.batch_size, args.workers, self.device, args.loader,
-                                       self.image_size)
+        self.test_loader = eval_loader(
+            test_set, args.batch_size, args.workers, self.device, args.loader, self.image_size
+        )
 
         self.amp = resolve_amp(args.amp, self.device)
         if self.device.type == "cpu" and self.amp in ("fp16", "bf16"):
-            print_main(f"warning: --amp {self.amp} on a CPU is much slower than float32 (tens of times on a ResNet): "
-                       f"pass --amp off (or auto) unless you mean to test the mixed-precision path", file=sys.stderr)
+            print_main(
+                f"warning: --amp {self.amp} on a CPU is much slower than float32 (tens of times on a ResNet): "
+                f"pass --amp off (or auto) unless you mean to test the mixed-precision path",
+                file=sys.stderr,
+            )
         configure_cudnn(self.device, self.amp)
         self.model = place_model(self._sync_batch_norm(build_model(args, args.pretrained)), self.device, self.amp)
         self.criterion = build_criterion(args, self.num_classes, self.device)
@@ -323,8 +336,9 @@ class Trainer:
         try:
             self._lock_run_folder()
             if distributed.is_main():
-                self.wandb = tracking.open_run(args.wandb, f"{args.dataset}_ProxyAnchor", self.run_dir, vars(args),
-                                               self.state.wandb_run_id)
+                self.wandb = tracking.open_run(
+                    args.wandb, f"{args.dataset}_ProxyAnchor", self.run_dir, vars(args), self.state.wandb_run_id
+                )
         except BaseException:
             self._release(failed=True)
             raise
@@ -355,8 +369,13 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-        if failed and self.created_run_dir and distributed.is_main() and os.path.isdir(self.run_dir) \
-                and set(os.listdir(self.run_dir)) <= {LOCK_NAME}:
+        if (
+            failed
+            and self.created_run_dir
+            and distributed.is_main()
+            and os.path.isdir(self.run_dir)
+            and set(os.listdir(self.run_dir)) <= {LOCK_NAME}
+        ):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _per_rank_batch_norm(self) -> bool:
@@ -370,8 +389,10 @@ class Trainer:
             return model
         if not self._per_rank_batch_norm():
             return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        print_main("note: --bn-freeze 0 on several CPU processes: BatchNorm statistics are per process "
-                   "(SyncBatchNorm needs GPUs), so steps differ slightly from a single process")
+        print_main(
+            "note: --bn-freeze 0 on several CPU processes: BatchNorm statistics are per process "
+            "(SyncBatchNorm needs GPUs), so steps differ slightly from a single process"
+        )
         return model
 
     # --- the loop -----------------------------------------------------------------------
@@ -387,9 +408,11 @@ class Trainer:
 
     def _run(self) -> RunState:
         args = self.args
-        print_main(f"training IDML on {args.dataset} ({len(self.train_set)} images, {self.num_classes} classes) "
-                   f"on {self.device} ({describe(self.device, self.amp)}{', compiled' if args.compile else ''}"
-                   f"{distributed.describe()}); run folder {self.run_dir}")
+        print_main(
+            f"training IDML on {args.dataset} ({len(self.train_set)} images, {self.num_classes} classes) "
+            f"on {self.device} ({describe(self.device, self.amp)}{', compiled' if args.compile else ''}"
+            f"{distributed.describe()}); run folder {self.run_dir}"
+        )
         with stop_requests() as self.stop_request:
             if self.state.epoch == 0 and self.state.step == 0:
                 self._record(0, None, self._evaluate("before training"))
@@ -413,17 +436,25 @@ class Trainer:
         self.model.set_warmup(epoch < args.warm)
         trainable = tuple(p.requires_grad for p in self.model.parameters())
         if trainable != self._wrapped_for:  # DDP registers the trainable parameters when built
-            self.forward_pair = distributed.wrap(CleanAndMixed(self.model), self.device,
-                                                 find_unused_parameters=args.loss != "Proxy_Anchor",
-                                                 buffers_differ=self._per_rank_batch_norm())
+            self.forward_pair = distributed.wrap(
+                CleanAndMixed(self.model),
+                self.device,
+                find_unused_parameters=args.loss != "Proxy_Anchor",
+                buffers_differ=self._per_rank_batch_norm(),
+            )
             self._wrapped_for = trainable
         steps = min(self.sampler.num_batches, args.max_steps or self.sampler.num_batches)
         self.sampler.set_epoch(epoch, start_step=self.state.step)
         loss_sum = torch.tensor(self.state.epoch_loss_sum, device=self.device)
         if self.state.step == 0:
             self.guard.epoch_skipped.zero_()
-        progress = tqdm(total=steps, initial=self.state.step, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                        disable=not distributed.is_main())
+        progress = tqdm(
+            total=steps,
+            initial=self.state.step,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            leave=False,
+            disable=not distributed.is_main(),
+        )
         for step, (images, labels, dropped) in enumerate(self.train_loader, start=self.state.step):
             if step >= steps:
                 break
@@ -454,8 +485,7 @@ class Trainer:
                 self._save_last()
             if stop:
                 progress.close()
-                raise Interrupted(stop, os.path.join(self.run_dir, "checkpoint_last.pt"),
-                                  epoch, done)
+                raise Interrupted(stop, os.path.join(self.run_dir, "checkpoint_last.pt"), epoch, done)
         progress.close()
         return float(loss_sum) / max(steps - self.guard.counts()["epoch_skipped"], 1)
 
@@ -465,8 +495,15 @@ class Trainer:
         lam, permutation = mixup_draw(images.shape[0] * distributed.world_size(), self.mixup_generator)
         if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU to finish
             permutation = permutation.pin_memory()
-        loss = idml_loss(self.forward_pair, self.criterion, images, labels, lam,
-                         permutation.to(self.device, non_blocking=True), self.amp)
+        loss = idml_loss(
+            self.forward_pair,
+            self.criterion,
+            images,
+            labels,
+            lam,
+            permutation.to(self.device, non_blocking=True),
+            self.amp,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         distributed.average_gradients(self.criterion.parameters())  # DDP averages the model's
@@ -484,16 +521,21 @@ class Trainer:
         the stop of a run whose loss keeps failing."""
         counts = self.guard.counts()
         if counts["skipped"] > self.reported_skips:
-            print_main(f"warning: {counts['skipped'] - self.reported_skips} step(s) up to epoch {epoch + 1}, step "
-                       f"{done} did not update the weights: their loss or gradient was NaN or infinite"
-                       f"{' (or the loss jumped past --max-loss-jump)' if self.args.max_loss_jump else ''}",
-                       file=sys.stderr, flush=True)
+            print_main(
+                f"warning: {counts['skipped'] - self.reported_skips} step(s) up to epoch {epoch + 1}, step "
+                f"{done} did not update the weights: their loss or gradient was NaN or infinite"
+                f"{' (or the loss jumped past --max-loss-jump)' if self.args.max_loss_jump else ''}",
+                file=sys.stderr,
+                flush=True,
+            )
             self.reported_skips = counts["skipped"]
         if counts["most_in_a_row"] >= MAX_SKIPPED_IN_A_ROW:
-            raise self._diverged(f"the loss was NaN or infinite{' or jumped' if self.args.max_loss_jump else ''} "
-                                 f"in {counts['most_in_a_row']} steps in a row (up to epoch {epoch + 1}, step {done})")
+            raise self._diverged(
+                f"the loss was NaN or infinite{' or jumped' if self.args.max_loss_jump else ''} "
+                f"in {counts['most_in_a_row']} steps in a row (up to epoch {epoch + 1}, step {done})"
+            )
 
-    def _check_weights(self, when: str, probe: Optional[torch.Tensor] = None) -> None:
+    def _check_weights(self, when: str, probe: torch.Tensor | None = None) -> None:
         """Before a checkpoint is written: the weights are finite and (`probe`, a batch of
         images) give finite embeddings in evaluation mode; else the run stops as diverged."""
         bad = bool(non_finite_weights({"model": self.model.state_dict(), "criterion": self.criterion.state_dict()}))
@@ -516,39 +558,56 @@ class Trainer:
             return TrainingDiverged(f"{what}; no checkpoint was written yet: start again {advice}")
         checkpoint = load_checkpoint(last, required=("model", "epoch", "step"))
         self.model.load_state_dict(checkpoint["model"])  # this run ends: its own weights are of no more use
-        embeddings = distributed.gather_eval(embed(self.model, self.test_loader, self.device, self.amp,
-                                                   progress=False, bad_images=self.bad_images)[0])
+        embeddings = distributed.gather_eval(
+            embed(self.model, self.test_loader, self.device, self.amp, progress=False, bad_images=self.bad_images)[0]
+        )
         if non_finite_rows(embeddings):
             return TrainingDiverged(f"{what}; {last} gives NaN or infinite embeddings too: start again {advice}")
-        return TrainingDiverged(f"{what}; {last} is good (its test embeddings are finite; it resumes at epoch "
-                                f"{checkpoint['epoch'] + 1}, step {checkpoint['step']}): resume from it {advice}")
+        return TrainingDiverged(
+            f"{what}; {last} is good (its test embeddings are finite; it resumes at epoch "
+            f"{checkpoint['epoch'] + 1}, step {checkpoint['step']}): resume from it {advice}"
+        )
 
     def _evaluate(self, when: str) -> dict:
         args = self.args
         if self._per_rank_batch_norm():
             distributed.share_buffers(self.model)
-        shares = embed(self.model, self.test_loader, self.device, self.amp, progress=distributed.is_main(),
-                       bad_images=self.bad_images)
+        shares = embed(
+            self.model,
+            self.test_loader,
+            self.device,
+            self.amp,
+            progress=distributed.is_main(),
+            bad_images=self.bad_images,
+        )
         embeddings, labels, self.test_uncertainty = (distributed.gather_eval(t) for t in shares)
         # every rank holds them all, so every rank stops on these
         if embeddings.shape[0] < 2:
-            raise UsageError(f"{embeddings.shape[0]} test images could be read ({when}; see the warnings above): "
-                             f"retrieval needs at least 2")
+            raise UsageError(
+                f"{embeddings.shape[0]} test images could be read ({when}; see the warnings above): "
+                f"retrieval needs at least 2"
+            )
         bad = non_finite_rows(embeddings)
         if bad:
-            raise self._diverged(f"the embeddings of {bad} of {embeddings.shape[0]} test images became NaN or "
-                                 f"infinite ({when})")
+            raise self._diverged(
+                f"the embeddings of {bad} of {embeddings.shape[0]} test images became NaN or infinite ({when})"
+            )
         metrics = None
         if distributed.is_main():
-            metrics = compute_metrics(embeddings, labels, ks=recall_ks(args.dataset),
-                                      clustering=bool(args.eval_clustering), progress=True,
-                                      kmeans_runs=kmeans_runs(args.dataset, args.kmeans_runs))
+            metrics = compute_metrics(
+                embeddings,
+                labels,
+                ks=recall_ks(args.dataset),
+                clustering=bool(args.eval_clustering),
+                progress=True,
+                kmeans_runs=kmeans_runs(args.dataset, args.kmeans_runs),
+            )
             print(f"[{when}] unseen classes: {format_metrics(metrics)}", flush=True)
         return distributed.broadcast_object(metrics)
 
     # --- outputs ------------------------------------------------------------------------
 
-    def _record(self, epoch: int, loss: Optional[float], metrics: dict) -> None:
+    def _record(self, epoch: int, loss: float | None, metrics: dict) -> None:
         entry = {"epoch": epoch, "loss": loss, **metrics}
         self.state.history.append(entry)
         is_best = epoch > 0 and (self.state.best is None or metrics["R@1"] > self.state.best["metrics"]["R@1"])
@@ -558,8 +617,9 @@ class Trainer:
             self._check_weights(f"epoch {epoch}")
         if not distributed.is_main():  # the state is the same on every rank; rank 0 writes
             return
-        atomic_write_text(os.path.join(self.run_dir, "metrics.jsonl"),
-                          "".join(json.dumps(e) + "\n" for e in self.state.history))
+        atomic_write_text(
+            os.path.join(self.run_dir, "metrics.jsonl"), "".join(json.dumps(e) + "\n" for e in self.state.history)
+        )
         plots.history_plot(self.run_dir, self.state.history)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in entry.items() if v is not None}, step=epoch)
@@ -577,8 +637,13 @@ class Trainer:
     def _weights(self, epoch: int, metrics: dict) -> dict:
         """The best epoch's file: what evaluation, export and search read, without the optimiser
         state that only resuming needs (it would double the file)."""
-        return {"args": vars(self.args), "model": self.model.state_dict(),
-                "criterion": self.criterion.state_dict(), "epoch": epoch, "metrics": metrics}
+        return {
+            "args": vars(self.args),
+            "model": self.model.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "epoch": epoch,
+            "metrics": metrics,
+        }
 
     def _checkpoint(self) -> dict:
         return {
@@ -601,20 +666,37 @@ class Trainer:
     def _resume(self, path: str) -> None:
         checkpoint = load_checkpoint(path, required=("args",))  # the others once the args fit (a clearer message)
         saved = checkpoint["args"]
-        for name in ("model", "embedding_size", "dataset", "uncertainty", "l2_norm", "loss", "batch_size", "IPC",
-                     "seed"):  # the last three: the sampler's order, so that the run continues exactly
+        for name in (
+            "model",
+            "embedding_size",
+            "dataset",
+            "uncertainty",
+            "l2_norm",
+            "loss",
+            "batch_size",
+            "IPC",
+            "seed",
+        ):  # the last three: the sampler's order, so that the run continues exactly
             if name not in saved:
-                raise UsageError(f"--resume {path}: its args lack --{name.replace('_', '-')}, which scripts/train.py "
-                                 f"always records: the file is incomplete or was written by another program")
+                raise UsageError(
+                    f"--resume {path}: its args lack --{name.replace('_', '-')}, which scripts/train.py "
+                    f"always records: the file is incomplete or was written by another program"
+                )
             if saved[name] != getattr(self.args, name):
-                raise UsageError(f"--resume {path} was trained with --{name.replace('_', '-')} {saved[name]}, "
-                                 f"this run asks for {getattr(self.args, name)}")
+                raise UsageError(
+                    f"--resume {path} was trained with --{name.replace('_', '-')} {saved[name]}, "
+                    f"this run asks for {getattr(self.args, name)}"
+                )
         if "optimizer" not in checkpoint:
-            raise UsageError(f"--resume {path} holds only the best epoch's weights; resume from "
-                             f"checkpoint_last.pt in the same folder")
+            raise UsageError(
+                f"--resume {path} holds only the best epoch's weights; resume from "
+                f"checkpoint_last.pt in the same folder"
+            )
         if checkpoint["epoch"] >= self.args.epochs:
-            raise UsageError(f"--resume {path}: that run has trained all {checkpoint['epoch']} of its epochs; "
-                             f"pass a larger --epochs to train it further")
+            raise UsageError(
+                f"--resume {path}: that run has trained all {checkpoint['epoch']} of its epochs; "
+                f"pass a larger --epochs to train it further"
+            )
         require(checkpoint, path, ("model", "criterion") + RESUME_KEYS)
         self.model.load_state_dict(checkpoint["model"])
         self.criterion.load_state_dict(checkpoint["criterion"])
@@ -624,9 +706,14 @@ class Trainer:
             self.guard.load_state_dict(checkpoint["step_guard"])
             self.reported_skips = int(self.guard.skipped)
         restore_rng_state(checkpoint["rng"], self.mixup_generator)
-        self.state = RunState(epoch=checkpoint["epoch"], step=checkpoint["step"],
-                              epoch_loss_sum=checkpoint["epoch_loss_sum"], best=checkpoint["best"],
-                              history=checkpoint["history"], wandb_run_id=checkpoint["wandb_run_id"])
+        self.state = RunState(
+            epoch=checkpoint["epoch"],
+            step=checkpoint["step"],
+            epoch_loss_sum=checkpoint["epoch_loss_sum"],
+            best=checkpoint["best"],
+            history=checkpoint["history"],
+            wandb_run_id=checkpoint["wandb_run_id"],
+        )
         self.run_dir = os.path.dirname(os.path.abspath(path))
         print_main(f"resumed from {path} at epoch {self.state.epoch + 1}, step {self.state.step}")
 
@@ -639,8 +726,10 @@ class Trainer:
         if same_optimizer:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         else:
-            print_main(f"--optimizer {saved['optimizer']} -> {args.optimizer}: the {args.optimizer} state starts "
-                       f"afresh (the {saved['optimizer']} state of the checkpoint does not apply)")
+            print_main(
+                f"--optimizer {saved['optimizer']} -> {args.optimizer}: the {args.optimizer} state starts "
+                f"afresh (the {saved['optimizer']} state of the checkpoint does not apply)"
+            )
         self.scheduler.load_state_dict(checkpoint["scheduler"])  # the epoch count
         changed = [name for name in SCHEDULE_FLAGS if saved.get(name) != getattr(args, name)]
         for name in changed:
@@ -655,8 +744,10 @@ class Trainer:
             if name not in ("epoch", "loss"):
                 print(f"  {name:6s} {first[name] * 100:6.2f} -> {last[name] * 100:6.2f}")
         if self.state.best is not None:
-            print(f"best R@1 {self.state.best['metrics']['R@1'] * 100:.2f} at epoch {self.state.best['epoch']}; "
-                  f"outputs in {self.run_dir}")
+            print(
+                f"best R@1 {self.state.best['metrics']['R@1'] * 100:.2f} at epoch {self.state.best['epoch']}; "
+                f"outputs in {self.run_dir}"
+            )
 
 
 def best_results_text(epoch: int, metrics: dict) -> str:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint on the unseen test classes: `python scripts/evaluate.py --help`."""
+
 import sys
 
 from idml.cli import evaluate_main, run_guarded

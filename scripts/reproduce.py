@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """A published command line trained with several seeds, mean +- std of every metric: `scripts/reproduce.py --help`."""
+
 import sys
 
 from idml.cli import run_guarded

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Train IDML: `python scripts/train.py --help` lists every flag."""
+
 import sys
 
 from idml.cli import run_guarded, train_main

@@ -12,8 +12,10 @@ CUDA_TEST_SECONDS = 120
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; bench/gpu_check.sh runs them)")
-    config.addinivalue_line("markers", "slow: trains, runs scripts or torchrun, or compiles; `-m 'not slow'` is the "
-                                       "fast tier for the edit-test loop")
+    config.addinivalue_line(
+        "markers",
+        "slow: trains, runs scripts or torchrun, or compiles; `-m 'not slow'` is the fast tier for the edit-test loop",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

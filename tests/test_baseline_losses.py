@@ -1,6 +1,7 @@
 """The published baseline losses (Proxy-Anchor-CVPR2020's, through pytorch-metric-learning):
 each trains one short epoch end to end; Proxy_NCA's proxies train at 100 x lr; a clear
 message when pytorch-metric-learning is missing."""
+
 import math
 import sys
 
@@ -14,9 +15,32 @@ from idml.train import PROXY_LR_FACTOR, Trainer
 
 pytestmark = pytest.mark.slow  # trains tiny runs
 
-TINY = ["--model", "resnet18", "--pretrained", "none", "--embedding-size", "16", "--image-size", "32",
-        "--workers", "0", "--wandb", "disabled", "--warm", "0", "--dataset", "digits", "--epochs", "1",
-        "--batch-size", "32", "--max-steps", "2", "--eval-clustering", "0"]
+TINY = [
+    "--model",
+    "resnet18",
+    "--pretrained",
+    "none",
+    "--embedding-size",
+    "16",
+    "--image-size",
+    "32",
+    "--workers",
+    "0",
+    "--wandb",
+    "disabled",
+    "--warm",
+    "0",
+    "--dataset",
+    "digits",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--max-steps",
+    "2",
+    "--eval-clustering",
+    "0",
+]
 
 
 @pytest.mark.parametrize("loss", BASELINE_LOSSES)

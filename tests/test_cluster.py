@@ -1,4 +1,5 @@
 """idml.cluster: k-means, NMI (vs scikit-learn) and pairwise F1 (vs a brute-force count)."""
+
 import itertools
 
 import numpy as np
@@ -175,8 +176,9 @@ def seeding_inputs(n, k, dim, dtype, device, seed=0, trials=1):
     sq_norms = (x * x).sum(dim=1)
     centroids = torch.empty(k, dim, dtype=dtype, device=device)
     centroids[:1] = x[:1]
-    closest = reference.squared_distances_to_row(x, sq_norms, torch.zeros(1, dtype=torch.long, device=device),
-                                                 centroids[0])
+    closest = reference.squared_distances_to_row(
+        x, sq_norms, torch.zeros(1, dtype=torch.long, device=device), centroids[0]
+    )
     return x, sq_norms, uniforms, closest.double(), centroids
 
 
@@ -239,8 +241,7 @@ def test_seeding_draws_are_scikit_learns_greedy_choices(draws, trials):
     D^2 (D = distance to the nearest centroid so far), by the sum of D^2 it leaves: checked
     against numpy in float64, draw by draw (one trial: plain D^2 sampling)."""
     k = 60
-    x, sq_norms, uniforms, closest, centroids = seeding_inputs(400, k, 5, torch.float64, "cpu", seed=4,
-                                                               trials=trials)
+    x, sq_norms, uniforms, closest, centroids = seeding_inputs(400, k, 5, torch.float64, "cpu", seed=4, trials=trials)
     draws(x, sq_norms, uniforms, closest, centroids, 1, k)
     rows, nearest = greedy_seeding_rows(x.numpy(), 0, uniforms.numpy())
     np.testing.assert_array_equal(centroids.numpy(), x.numpy()[rows])
@@ -300,8 +301,12 @@ def test_kmeans_clusters_as_well_as_scikit_learns_kmeans():
         return cluster.nmi(labels, ids), cluster.pairwise_f1(labels, ids)
 
     ours = np.array([scores(cluster.kmeans(x, 300, seed=seed)) for seed in range(5)])
-    theirs = np.array([scores(torch.from_numpy(sklearn_cluster.KMeans(300, n_init=1, random_state=seed)
-                                               .fit(x.numpy()).labels_)) for seed in range(5)])
+    theirs = np.array(
+        [
+            scores(torch.from_numpy(sklearn_cluster.KMeans(300, n_init=1, random_state=seed).fit(x.numpy()).labels_))
+            for seed in range(5)
+        ]
+    )
     floor = theirs.mean(axis=0) - 2 * theirs.std(axis=0)
     assert (ours.mean(axis=0) >= floor).all(), f"NMI, F1: idml {ours.mean(axis=0)}, scikit-learn floor {floor}"
 
@@ -330,6 +335,7 @@ def test_seeding_operator_rejects_draws_out_of_range():
 
 class RecordingBar:
     """A stand-in for tqdm that keeps its count."""
+
     last = None
 
     def __init__(self, total, initial=0, **kwargs):

@@ -1,6 +1,7 @@
 """--loader dali (idml/data/dali.py) against the PIL path on the same files: shapes, labels,
 pixels, the same crops and flips per draw, exact resumption, unreadable files, and the
 command line. Skipped where DALI is not installed; the CPU pipeline runs everywhere else."""
+
 import json
 import os
 import subprocess
@@ -26,8 +27,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 SIZE = 64
 # (width, height, PIL mode, format): several sizes and aspects, grey, CMYK and RGBA too
-FILES = [(160, 120, "RGB", "JPEG"), (90, 161, "RGB", "JPEG"), (64, 64, "RGB", "JPEG"), (300, 75, "RGB", "JPEG"),
-         (120, 100, "L", "JPEG"), (110, 90, "CMYK", "JPEG"), (100, 130, "RGBA", "PNG"), (140, 105, "RGB", "PNG")]
+FILES = [
+    (160, 120, "RGB", "JPEG"),
+    (90, 161, "RGB", "JPEG"),
+    (64, 64, "RGB", "JPEG"),
+    (300, 75, "RGB", "JPEG"),
+    (120, 100, "L", "JPEG"),
+    (110, 90, "CMYK", "JPEG"),
+    (100, 130, "RGBA", "PNG"),
+    (140, 105, "RGB", "PNG"),
+]
 # Measured on these files on the CPU, where DALI decodes and torch resamples with Pillow's
 # filter (after normalisation, where one grey level is 1/255/0.224 = 0.0175): mean |DALI - PIL|
 # 2e-5 eval, 2e-4 train, at most one grey level in both.
@@ -76,10 +85,13 @@ def test_eval_matches_pils_eval_transform(items):
     assert difference.mean() < MEAN_TOLERANCE and difference.max() <= ONE_GREY_LEVEL, difference.max()
 
 
-@pytest.mark.parametrize("sampler", [
-    lambda labels: RandomBatchSampler(labels, 6, seed=3),
-    lambda labels: BalancedBatchSampler(labels, 8, images_per_class=2, seed=3, rank=1, world_size=2),
-])
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        lambda labels: RandomBatchSampler(labels, 6, seed=3),
+        lambda labels: BalancedBatchSampler(labels, 8, images_per_class=2, seed=3, rank=1, world_size=2),
+    ],
+)
 def test_train_crops_and_flips_each_draw_as_the_pil_path_does(items, sampler):
     dataset = ImageFileDataset(items, train_transform(SIZE))
     sampler = sampler(dataset.labels)
@@ -100,12 +112,17 @@ def test_the_gpu_graph_places_the_same_boxes_and_flips(items):
     with DALI's CPU decoder: its arguments give the PIL path's boxes, flips and centre crops
     within DALI's own filter's difference (measured: mean 0.0031, at most two grey levels)."""
     from idml.data.dali import DaliResampling
+
     dataset = ImageFileDataset(items, eval_transform(SIZE))
     loaders = [(eval_loader(dataset, 5, 0, CPU, "pil", SIZE), eval_loader(dataset, 5, 0, CPU, "dali", SIZE))]
     dataset = ImageFileDataset(items, train_transform(SIZE))
     sampler = RandomBatchSampler(dataset.labels, 6, seed=3)
-    loaders.append((train_loader("pil", dataset, sampler, 5, 0, CPU, SIZE),
-                    train_loader("dali", dataset, sampler, 5, 0, CPU, SIZE)))
+    loaders.append(
+        (
+            train_loader("pil", dataset, sampler, 5, 0, CPU, SIZE),
+            train_loader("dali", dataset, sampler, 5, 0, CPU, SIZE),
+        )
+    )
     for train, (pil, dali) in enumerate(loaders):
         dali.resampling = DaliResampling(dali.dali, bool(train), SIZE, CPU)
         difference = (load(dali)[0] - load(pil)[0]).abs()
@@ -138,7 +155,7 @@ def test_an_epoch_left_early_does_not_leak_into_the_next(items):
 def truncate(path, out):
     """A copy of the JPEG `path` cut in half: its header is valid, only decoding fails."""
     data = open(path, "rb").read()
-    open(out, "wb").write(data[:len(data) // 2])
+    open(out, "wb").write(data[: len(data) // 2])
     return str(out)
 
 
@@ -147,8 +164,16 @@ def test_unreadable_files_are_skipped_and_counted(items, tmp_path):
     not_an_image, truncated = str(tmp_path / "text.jpg"), truncate(good[0][0], tmp_path / "truncated.jpg")
     open(not_an_image, "w").write("not an image")
     # batches of 2: one file PIL cannot identify, one DALI cannot decode, nothing readable, all good
-    listed = [(not_an_image, 0), good[0], good[1], (truncated, 1), (not_an_image, 2), (not_an_image, 3),
-              good[2], good[3]]
+    listed = [
+        (not_an_image, 0),
+        good[0],
+        good[1],
+        (truncated, 1),
+        (not_an_image, 2),
+        (not_an_image, 3),
+        good[2],
+        good[3],
+    ]
     dataset = ImageFileDataset(listed, eval_transform(SIZE))
     with pytest.warns(UserWarning) as caught:
         batches = list(eval_loader(dataset, 2, 0, CPU, "dali", SIZE))
@@ -166,7 +191,10 @@ def test_unreadable_files_are_skipped_and_counted(items, tmp_path):
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         batches = list(eval_loader(ImageFileDataset(listed, eval_transform(SIZE)), 2, 0, CPU, "dali", SIZE))
     assert [(b[1] if b[1] is None else b[1].tolist(), b[2]) for b in batches] == [
-        (None, (not_an_image, not_an_image)), ([0, 1], ()), (None, (not_an_image, not_an_image))]
+        (None, (not_an_image, not_an_image)),
+        ([0, 1], ()),
+        (None, (not_an_image, not_an_image)),
+    ]
 
 
 def test_a_training_batch_dali_cannot_decode_is_the_pil_paths_batch(items, tmp_path):
@@ -206,17 +234,45 @@ def test_gpu_pipeline_yields_on_the_gpu_close_to_pil(items):
 
 
 def run(script, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
 def test_training_and_evaluation_end_to_end(tmp_path):
     write_cub(str(tmp_path), 4, 6)
     common = ["--dataset", "cub", "--data-root", str(tmp_path), "--loader", "dali", "--workers", "0"]
-    result = run("train.py", *common, "--model", "resnet18", "--pretrained", "none", "--embedding-size", "16",
-                 "--image-size", "32", "--batch-size", "6", "--epochs", "1", "--max-steps", "2", "--warm", "0",
-                 "--wandb", "disabled", "--eval-clustering", "0", "--LOG_DIR", str(tmp_path / "logs"))
+    result = run(
+        "train.py",
+        *common,
+        "--model",
+        "resnet18",
+        "--pretrained",
+        "none",
+        "--embedding-size",
+        "16",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "6",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--warm",
+        "0",
+        "--wandb",
+        "disabled",
+        "--eval-clustering",
+        "0",
+        "--LOG_DIR",
+        str(tmp_path / "logs"),
+    )
     assert result.returncode == 0, result.stderr
     run_dir = os.path.join(tmp_path, "logs", "logs_cub", os.listdir(tmp_path / "logs" / "logs_cub")[0])
     history = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -230,8 +286,9 @@ def test_training_and_evaluation_end_to_end(tmp_path):
 def test_digits_with_dali_exits_2_with_one_sentence():
     result = run("train.py", "--loader", "dali", "--pretrained", "none", "--model", "resnet18", "--wandb", "disabled")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == ("error: --loader dali decodes image files, and --dataset digits is embedded in "
-                                     "memory: use --loader pil for it")
+    assert result.stderr.strip() == (
+        "error: --loader dali decodes image files, and --dataset digits is embedded in memory: use --loader pil for it"
+    )
 
 
 def test_a_file_dali_cannot_decode_is_decided_once_and_warned_about_once(items, tmp_path):

@@ -1,4 +1,5 @@
 """Datasets in their real on-disk layouts (written by idml.data.synthetic), digits, samplers."""
+
 import os
 import shutil
 
@@ -116,11 +117,14 @@ def test_eval_geometry_is_what_eval_transform_does(width, height, image_size):
     assert torch.equal(got, eval_transform(image_size)(image))
 
 
-@pytest.mark.parametrize("dataset, message", [
-    ("cub", "CUB_200_2011/images"),
-    ("cars", "cars196/cars_annos.mat"),
-    ("SOP", "Stanford_Online_Products"),
-])
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        ("cub", "CUB_200_2011/images"),
+        ("cars", "cars196/cars_annos.mat"),
+        ("SOP", "Stanford_Online_Products"),
+    ],
+)
 def test_missing_dataset_names_the_expected_path(tmp_path, dataset, message):
     with pytest.raises(UsageError, match=message):
         build_dataset(dataset, str(tmp_path), train=True, image_size=32)
@@ -216,10 +220,13 @@ def test_balanced_sampler_batches_hold_ipc_images_of_each_class():
         assert len(classes) == 4 and (counts == 3).all()
 
 
-@pytest.mark.parametrize("make", [
-    lambda labels, rank, world: RandomBatchSampler(labels, 12, 5, rank, world),
-    lambda labels, rank, world: BalancedBatchSampler(labels, 12, 3, 5, rank, world),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda labels, rank, world: RandomBatchSampler(labels, 12, 5, rank, world),
+        lambda labels, rank, world: BalancedBatchSampler(labels, 12, 3, 5, rank, world),
+    ],
+)
 def test_rank_shards_make_up_the_global_batch(make):
     labels = np.repeat(np.arange(8), 6)
     whole = list(make(labels, 0, 1))
@@ -253,11 +260,14 @@ def test_custom_lists_with_spaces_in_paths(tmp_path):
     assert custom_split(str(tmp_path), False) == [(os.path.join(str(tmp_path), "c/four.jpg"), 0)]
 
 
-@pytest.mark.parametrize("line, message", [
-    ("a/one.jpg -2", "class id -2 on line 2 of .*train.txt is out of range"),
-    ("a/one.jpg cat", "line 2 of .*train.txt should read 'relative/path.jpg class_id'"),
-    ("a/missing.jpg 1", "1 images listed in .*train.txt are missing"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("a/one.jpg -2", "class id -2 on line 2 of .*train.txt is out of range"),
+        ("a/one.jpg cat", "line 2 of .*train.txt should read 'relative/path.jpg class_id'"),
+        ("a/missing.jpg 1", "1 images listed in .*train.txt are missing"),
+    ],
+)
 def test_custom_list_errors_name_the_line(tmp_path, line, message):
     from idml.data.datasets import custom_split
 
@@ -274,8 +284,9 @@ def test_a_split_with_one_class_is_refused(tmp_path, split):
     lists[split] = ["a/one.jpg 3", "a/two.jpg 3"]
     write_custom(str(tmp_path), lists["train"], lists["test"])
     name = "training" if split == "train" else "test"
-    with pytest.raises(UsageError, match=f"the {name} split of custom under .* holds 1 class; training and "
-                                         f"retrieval need at least 2"):
+    with pytest.raises(
+        UsageError, match=f"the {name} split of custom under .* holds 1 class; training and retrieval need at least 2"
+    ):
         build_dataset("custom", str(tmp_path), train=split == "train", image_size=32)
 
 

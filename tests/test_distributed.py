@@ -1,6 +1,7 @@
 """DDP under torchrun (docs/method.md, section 4.3, "Multi-GPU"): 2 gloo processes on the CPU
 take the same steps as one process on the same global batch, and sharded evaluation gives
 the single-process metrics."""
+
 import glob
 import json
 import os
@@ -14,16 +15,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from idml import distributed
-from idml.checkpoint import load_checkpoint
-from idml.cli import train_parser
-from idml.train import Trainer
-from idml import train as train_module
-from idml.data.synthetic import write_cub
-from idml.errors import UsageError
 from test_robustness import corrupt_some_images, finish, wait_for_checkpoint
 from test_train import run_script
+
+from idml import distributed
+from idml import train as train_module
+from idml.checkpoint import load_checkpoint
+from idml.cli import train_parser
+from idml.data.synthetic import write_cub
+from idml.errors import UsageError
+from idml.train import Trainer
 
 pytestmark = pytest.mark.slow  # torchrun and spawned process groups
 
@@ -31,10 +32,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Deterministic CPU mode; SGD so that parameter updates are linear in the gradients (Adam's
 # first step is lr * sign(g), which turns float noise on near-zero gradients into +-lr);
 # a learned uncertainty head, whose gradient is not zero up to noise as with "normalized".
-RUN = ["--dataset", "digits", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "16",
-       "--image-size", "24", "--batch-size", "24", "--max-steps", "2", "--epochs", "1", "--warm", "0",
-       "--optimizer", "sgd", "--lr", "1e-3", "--uncertainty", "softplus",
-       "--workers", "0", "--wandb", "disabled", "--eval-clustering", "0", "--seed", "7"]
+RUN = [
+    "--dataset",
+    "digits",
+    "--model",
+    "resnet18",
+    "--pretrained",
+    "none",
+    "--embedding-size",
+    "16",
+    "--image-size",
+    "24",
+    "--batch-size",
+    "24",
+    "--max-steps",
+    "2",
+    "--epochs",
+    "1",
+    "--warm",
+    "0",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "1e-3",
+    "--uncertainty",
+    "softplus",
+    "--workers",
+    "0",
+    "--wandb",
+    "disabled",
+    "--eval-clustering",
+    "0",
+    "--seed",
+    "7",
+]
 # PYTHONPATH: a script run as a file would otherwise import whichever idml is installed.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 # Summation order differs (gradients reduced over ranks, the loss on a gathered batch) and
@@ -53,16 +84,20 @@ def free_port() -> int:
 
 def command(log_dir, processes=None, *extra):
     """scripts/train.py with RUN as a plain process (processes=None) or under torchrun."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                 f"--master_port={free_port()}"] if processes else [sys.executable])
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+        if processes
+        else [sys.executable]
+    )
     return [*launcher, os.path.join(ROOT, "scripts", "train.py"), *RUN, "--LOG_DIR", str(log_dir), *extra]
 
 
 def train(log_dir, processes=None, *extra):
-    result = subprocess.run(command(log_dir, processes, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        command(log_dir, processes, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir, = glob.glob(os.path.join(str(log_dir), "logs_digits", "*"))
+    (run_dir,) = glob.glob(os.path.join(str(log_dir), "logs_digits", "*"))
     return run_dir, result
 
 
@@ -73,8 +108,13 @@ def runs(module_tmp_path):
     one_process, one_process_result = train(module_tmp_path / "ddp1", processes=1)
     initial = Trainer(train_parser().parse_args(RUN + ["--LOG_DIR", str(module_tmp_path / "init")]))
     return types.SimpleNamespace(
-        single=single, ddp=ddp, result=result, one_process=one_process, one_process_result=one_process_result,
-        initial={"model": initial.model.state_dict(), "criterion": initial.criterion.state_dict()})
+        single=single,
+        ddp=ddp,
+        result=result,
+        one_process=one_process,
+        one_process_result=one_process_result,
+        initial={"model": initial.model.state_dict(), "criterion": initial.criterion.state_dict()},
+    )
 
 
 def test_two_processes_take_the_single_process_steps(runs):
@@ -132,8 +172,9 @@ def test_per_process_batch_norm_records_the_metrics_of_the_model_rank_0_saves(tm
     run_dir, result = train(tmp_path, 2, "--bn-freeze", "0")
     assert "BatchNorm statistics are per process" in result.stdout
     recorded = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
-    evaluated = run_script("evaluate.py", "--resume", os.path.join(run_dir, "checkpoint_last.pt"), "--workers", "0",
-                           "--json", env=ENV)
+    evaluated = run_script(
+        "evaluate.py", "--resume", os.path.join(run_dir, "checkpoint_last.pt"), "--workers", "0", "--json", env=ENV
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     for name in ("R@1", "R@2", "RP", "MAP@R"):
@@ -144,16 +185,18 @@ def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resumes(tmp_pat
     """torchrun forwards SIGTERM to both ranks; they agree on the next step that synchronises
     anyway (here a checkpoint every 4 steps), rank 0 saves it, and the run resumes from it."""
     extra = ("--max-steps", "30", "--checkpoint-every", "4")
-    process = subprocess.Popen(command(tmp_path, 2, *extra), cwd=ROOT, env=ENV, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command(tmp_path, 2, *extra), cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     path = wait_for_checkpoint(tmp_path, process)
     process.send_signal(signal.SIGTERM)
     code, _, err = finish(process)
     assert code != 0 and err.count("stopped by SIGTERM") == 1, err[-3000:]  # rank 0 reports it
     stopped = load_checkpoint(path)
     assert stopped["epoch"] == 0 and 0 < stopped["step"] < 30 and stopped["step"] % 4 == 0
-    resumed = subprocess.run(command(tmp_path, 2, *extra, "--resume", path), cwd=ROOT, env=ENV,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        command(tmp_path, 2, *extra, "--resume", path), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {path} at epoch 1, step {stopped['step']}" in resumed.stdout
     assert (load_checkpoint(path)["epoch"], load_checkpoint(path)["step"]) == (1, 0)
@@ -164,14 +207,31 @@ def test_unreadable_images_under_torchrun_are_skipped_and_the_shares_refilled(tm
     trains, warns, counts the images against --max-bad-images and stops past the limit."""
     write_cub(str(tmp_path / "data"), 4, 6)
     bad = corrupt_some_images(str(tmp_path / "data"), 2)
-    cub = ["--dataset", "cub", "--data-root", str(tmp_path / "data"), "--image-size", "32", "--batch-size", "8",
-           "--max-steps", "3"]
-    result = subprocess.run(command(tmp_path / "ok", 2, *cub), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=600)
+    cub = [
+        "--dataset",
+        "cub",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "3",
+    ]
+    result = subprocess.run(
+        command(tmp_path / "ok", 2, *cub), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping unreadable image" in result.stderr and any(os.path.basename(p) in result.stderr for p in bad)
-    refused = subprocess.run(command(tmp_path / "refused", 2, *cub, "--max-bad-images", "0"), cwd=ROOT, env=ENV,
-                             capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(
+        command(tmp_path / "refused", 2, *cub, "--max-bad-images", "0"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert refused.returncode != 0 and "more than --max-bad-images 0" in refused.stderr
 
 
@@ -220,10 +280,10 @@ def test_three_ranks_gather_uneven_shards_in_order_without_duplicates():
 @pytest.mark.parametrize("granule", [1, 24, 1000])
 def test_shards_cover_every_item_once_in_whole_granules(monkeypatch, granule):
     for world in (1, 2, 3, 4, 7):
-        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "world_size", lambda world=world: world)
         covered = []
         for r in range(world):
-            monkeypatch.setattr(distributed, "rank", lambda: r)
+            monkeypatch.setattr(distributed, "rank", lambda r=r: r)
             start, stop = distributed.shard(896, granule)
             assert all(end % granule == 0 or end == 896 for end in (start, stop))
             covered += list(range(start, stop))
@@ -233,7 +293,10 @@ def test_shards_cover_every_item_once_in_whole_granules(monkeypatch, granule):
 def test_gpu_minus_one_relaunches_only_with_several_gpus_outside_torchrun():
     argv = ["scripts/train.py", "--gpu", "-1", "--batch-size", "120"]
     assert distributed.relaunch_command(argv, -1, "auto", env={}, gpu_count=4) == [
-        "--standalone", "--nproc_per_node=4", *argv]
+        "--standalone",
+        "--nproc_per_node=4",
+        *argv,
+    ]
     assert distributed.relaunch_command(argv, -1, "auto", env={}, gpu_count=1) is None
     assert distributed.relaunch_command(argv, 0, "auto", env={}, gpu_count=4) is None
     assert distributed.relaunch_command(argv, -1, "cpu", env={}, gpu_count=4) is None
@@ -247,11 +310,27 @@ def test_a_self_started_ddp_run_that_fails_exits_with_its_processes_code(tmp_pat
     from idml.cli import run_guarded, train_main
 
     script = os.path.join(ROOT, "scripts", "train.py")
-    monkeypatch.setattr(distributed, "relaunch_command",  # as on a 2-GPU machine
-                        lambda argv, gpu, device: ["--standalone", "--nproc_per_node=2", script, *argv[1:]])
+    monkeypatch.setattr(
+        distributed,
+        "relaunch_command",  # as on a 2-GPU machine
+        lambda argv, gpu, device: ["--standalone", "--nproc_per_node=2", script, *argv[1:]],
+    )
     with pytest.raises(SystemExit) as stop:
-        run_guarded(train_main, ["--gpu", "-1", "--dataset", "cub", "--data-root", str(tmp_path / "nowhere"),
-                                 "--pretrained", "none", "--wandb", "disabled"])
+        run_guarded(
+            train_main,
+            [
+                "--gpu",
+                "-1",
+                "--dataset",
+                "cub",
+                "--data-root",
+                str(tmp_path / "nowhere"),
+                "--pretrained",
+                "none",
+                "--wandb",
+                "disabled",
+            ],
+        )
     assert stop.value.code == 2
     err = capfd.readouterr().err
     assert "error: CUB-200-2011 folder not found" in err and "Traceback" not in err

@@ -6,6 +6,7 @@ What it checks: indexing, partial blocks, launch shapes, reductions, barriers an
 warp-synchronous code, float16/bfloat16 handling, the retrieval counting. What only a GPU
 checks (tests marked cuda, bench/gpu_check.sh): memory ordering, speed, CUDA's own maths.
 """
+
 import os
 import re
 import shutil
@@ -53,25 +54,38 @@ def test_cuda_kernels_under_emulation_match_the_cpu_kernels(tmp_path):
     # pa_ism's kernels use barriers and shuffles (fibers); retrieval's threads count independently.
     (tmp_path / "pa_ism_body.inc").write_text(emulated_body("pa_ism.cu", "launch_threads"))
     (tmp_path / "retrieval_body.inc").write_text(emulated_body("retrieval.cu", "launch_sequential"))
-    sources = [os.path.join(HERE, "check_kernels.cpp"), os.path.join(CSRC, "idml.cpp"),
-               os.path.join(CSRC, "cpu", "pa_ism.cpp"), os.path.join(CSRC, "cpu", "retrieval.cpp")]
+    sources = [
+        os.path.join(HERE, "check_kernels.cpp"),
+        os.path.join(CSRC, "idml.cpp"),
+        os.path.join(CSRC, "cpu", "pa_ism.cpp"),
+        os.path.join(CSRC, "cpu", "retrieval.cpp"),
+    ]
     includes = [f"-I{path}" for path in [str(tmp_path), HERE, CSRC, *cpp_extension.include_paths()]]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     objects = [str(tmp_path / (os.path.basename(source) + ".o")) for source in sources]
 
     def compile_one(source, target):
-        return subprocess.run(["g++", "-std=c++20", "-O1", "-fopenmp", abi, *includes, "-c", source, "-o", target],
-                              capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            ["g++", "-std=c++20", "-O1", "-fopenmp", abi, *includes, "-c", source, "-o", target],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # CI has two cores
         for result in pool.map(compile_one, sources, objects):
             assert result.returncode == 0, result.stderr[-3000:]
     libraries = [flag for path in cpp_extension.library_paths() for flag in (f"-L{path}", f"-Wl,-rpath,{path}")]
     binary = str(tmp_path / "check_kernels")
-    link = subprocess.run(["g++", "-fopenmp", *objects, *libraries, "-ltorch_cpu", "-lc10", "-o", binary],
-                          capture_output=True, text=True, timeout=600)
+    link = subprocess.run(
+        ["g++", "-fopenmp", *objects, *libraries, "-ltorch_cpu", "-lc10", "-o", binary],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert link.returncode == 0, link.stderr[-3000:]
-    result = subprocess.run([binary], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [binary], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert ", 0 failures" in result.stdout

@@ -1,5 +1,6 @@
 """TorchScript export: a trained checkpoint -> scripts/export.py -> a module that loads where
 idml cannot be imported and embeds like the eager model; the C++ (libtorch) loader."""
+
 import glob
 import os
 import shutil
@@ -19,9 +20,32 @@ from idml.train import train
 pytestmark = pytest.mark.slow  # exports trained models, builds the C++ program with cmake
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "resnet18", "--pretrained", "none", "--embedding-size", "16", "--image-size", "32",
-        "--workers", "0", "--wandb", "disabled", "--warm", "0", "--dataset", "digits", "--epochs", "1",
-        "--batch-size", "32", "--max-steps", "2", "--eval-clustering", "0"]
+TINY = [
+    "--model",
+    "resnet18",
+    "--pretrained",
+    "none",
+    "--embedding-size",
+    "16",
+    "--image-size",
+    "32",
+    "--workers",
+    "0",
+    "--wandb",
+    "disabled",
+    "--warm",
+    "0",
+    "--dataset",
+    "digits",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--max-steps",
+    "2",
+    "--eval-clustering",
+    "0",
+]
 ENV = {**os.environ, "PYTHONPATH": ROOT}  # the scripts import this checkout's idml
 
 # Runs in a fresh interpreter, outside the repository, with every import of idml refused.
@@ -60,8 +84,13 @@ def checkpoint(module_tmp_path):
 @pytest.fixture(scope="module")
 def exported(checkpoint, module_tmp_path):
     out = str(module_tmp_path / "model.pt")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"), "--resume", checkpoint,
-                             "--out", out], capture_output=True, text=True, env=ENV, timeout=300)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "export.py"), "--resume", checkpoint, "--out", out],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "TorchScript vs eager" in result.stdout
     return out
@@ -75,9 +104,14 @@ def test_export_loads_without_idml_and_matches_the_eager_model(checkpoint, expor
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_IDML, exported, str(tmp_path / "images.pt"),
-                             str(tmp_path / "out.pt")], cwd=outside, capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_IDML, exported, str(tmp_path / "images.pt"), str(tmp_path / "out.pt")],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     loaded = torch.load(tmp_path / "out.pt")
     assert loaded["modules"] == []
@@ -122,9 +156,20 @@ def test_photo_preprocessing_scripted_equals_eager_and_ignores_train_mode(checkp
 
 
 def test_export_of_a_missing_checkpoint_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"), "--resume",
-                             str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m.pt")], capture_output=True,
-                            text=True, env=ENV, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "export.py"),
+            "--resume",
+            str(tmp_path / "nope.pt"),
+            "--out",
+            str(tmp_path / "m.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "checkpoint not found" in result.stderr and "Traceback" not in result.stderr
 
@@ -150,20 +195,39 @@ def test_cpp_program_embeds_like_python(exported, tmp_path):
         pytest.skip(f"this torch installation ships no CMake package ({prefix}/Torch/TorchConfig.cmake)")
     start = time.monotonic()
     try:
-        configure = subprocess.run(["cmake", "-S", os.path.join(ROOT, "scripts", "embed_cpp"), "-B", CPP_BUILD,
-                                    "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={prefix}"],
-                                   capture_output=True, text=True, timeout=120)
+        configure = subprocess.run(
+            [
+                "cmake",
+                "-S",
+                os.path.join(ROOT, "scripts", "embed_cpp"),
+                "-B",
+                CPP_BUILD,
+                "-DCMAKE_BUILD_TYPE=Release",
+                f"-DCMAKE_PREFIX_PATH={prefix}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert configure.returncode == 0, configure.stdout[-2000:] + configure.stderr[-3000:]
-        build = subprocess.run(["cmake", "--build", CPP_BUILD, "-j", "2"], capture_output=True, text=True,
-                               timeout=max(1.0, 120 - (time.monotonic() - start)))
+        build = subprocess.run(
+            ["cmake", "--build", CPP_BUILD, "-j", "2"],
+            capture_output=True,
+            text=True,
+            timeout=max(1.0, 120 - (time.monotonic() - start)),
+        )
     except subprocess.TimeoutExpired:
         pytest.skip("building the C++ program took over 2 minutes on this machine")
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
 
     image = torch.randint(0, 256, (3, 45, 37), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     _write_ppm(tmp_path / "query.ppm", image)
-    result = subprocess.run([os.path.join(CPP_BUILD, "embed_image"), exported, str(tmp_path / "query.ppm")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [os.path.join(CPP_BUILD, "embed_image"), exported, str(tmp_path / "query.ppm")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
     cpp_embedding = torch.tensor([float(v) for v in lines["embedding"].split()])

@@ -1,4 +1,5 @@
 """Atomic writes and checkpoints: a failed write never damages the previous file."""
+
 import os
 
 import pytest
@@ -48,8 +49,7 @@ def test_rng_state_round_trip_restores_every_stream():
     saved = rng_state(generator)
     draws = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item())
     restore_rng_state(saved, generator)
-    assert (random.random(), np.random.rand(), torch.rand(1).item(),
-            torch.rand(1, generator=generator).item()) == draws
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item()) == draws
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):

@@ -1,5 +1,6 @@
 """bench/gpu_profile.py, the diagnostics of bench/gpu_check.sh, runs here on the CPU at small
 scale, so that its first run on a lent GPU is not also its first run at all."""
+
 import os
 import subprocess
 import sys
@@ -17,17 +18,39 @@ pytestmark = pytest.mark.slow  # profiles a training step in a subprocess
 
 def test_profile_prints_a_row_per_case_and_writes_the_tables(tmp_path):
     result = subprocess.run(
-        [sys.executable, "bench/gpu_profile.py", "--device", "cpu", "--scale", "small", "--repeat", "1",
-         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": ROOT})  # a script run as a file imports this checkout's idml
+        [
+            sys.executable,
+            "bench/gpu_profile.py",
+            "--device",
+            "cpu",
+            "--scale",
+            "small",
+            "--repeat",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )  # a script run as a file imports this checkout's idml
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
     names = [cells[0].strip() for cells in rows[1:]]  # after the header
-    assert names == ["loss fwd+bwd B=120 C=100 float32", "its forward op alone float32",
-                     "its backward op alone float32", "its three matmuls float32",
-                     "metrics cub n=1500 fp32", "metrics sop n=4000 fp32", "k-means 20 iterations n=4000 k=748",
-                     "k-means++ 512 draws n=4000", "training step idml resnet18",
-                     "training step published resnet18"], result.stdout
+    assert names == [
+        "loss fwd+bwd B=120 C=100 float32",
+        "its forward op alone float32",
+        "its backward op alone float32",
+        "its three matmuls float32",
+        "metrics cub n=1500 fp32",
+        "metrics sop n=4000 fp32",
+        "k-means 20 iterations n=4000 k=748",
+        "k-means++ 512 draws n=4000",
+        "training step idml resnet18",
+        "training step published resnet18",
+    ], result.stdout
     for cells in rows[1:]:
         assert float(cells[1]) > 0 and float(cells[2]) > 0  # wall and host ms
         assert cells[3:6] == [" 0.000 ", " - ", " 0 "]  # no device: busy 0, idle and operations empty
@@ -37,8 +60,9 @@ def test_profile_prints_a_row_per_case_and_writes_the_tables(tmp_path):
 
 
 def row(name, device_type, us, count, annotation=False):
-    return SimpleNamespace(key=name, device_type=device_type, self_device_time_total=us, count=count,
-                           is_user_annotation=annotation)
+    return SimpleNamespace(
+        key=name, device_type=device_type, self_device_time_total=us, count=count, is_user_annotation=annotation
+    )
 
 
 def test_summary_counts_the_device_events_but_not_annotation_spans():
@@ -53,12 +77,18 @@ def test_summary_counts_the_device_events_but_not_annotation_spans():
     ]
     busy_ms, operations, top = summarize(rows, repeat=2)
     assert busy_ms == pytest.approx(0.17) and operations == 3
-    assert top == ("sm90_xmma_gemm_f32f32_f32f32_f32_tn_n 0.150 ms; fill_kernel<float>(float*) 0.015 ms; "
-                   "Memcpy DtoH (Device -> Pinned) 0.005 ms")
+    assert top == (
+        "sm90_xmma_gemm_f32f32_f32f32_f32_tn_n 0.150 ms; fill_kernel<float>(float*) 0.015 ms; "
+        "Memcpy DtoH (Device -> Pinned) 0.005 ms"
+    )
 
 
 def test_short_kernel_names():
-    assert short_kernel_name("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") \
+    assert (
+        short_kernel_name("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>")
         == "vectorized_elementwise_kernel<4, at::native::FillFunctor<flo"
-    assert short_kernel_name("void idml::(anonymous namespace)::count_kernel(idml::retrieval::Tile)") \
+    )
+    assert (
+        short_kernel_name("void idml::(anonymous namespace)::count_kernel(idml::retrieval::Tile)")
         == "count_kernel(idml::retrieval::Tile)"
+    )

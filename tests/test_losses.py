@@ -1,4 +1,5 @@
 """idml.losses.ProxyAnchorISM: the module around idml.ops.pa_ism_loss."""
+
 import math
 
 import pytest
@@ -23,8 +24,9 @@ def test_proxies_are_initialised_as_published():
 @pytest.mark.parametrize("ism", [True, False])
 def test_forward_is_the_fused_loss(ism):
     assert ops.has_kernel("pa_ism_forward", torch.device("cpu"))
-    criterion = ProxyAnchorISM(num_classes=50, embedding_size=16, margin=0.2, alpha=16.0, ism=ism,
-                               ism_offset=3.0, ism_scale=2.0)
+    criterion = ProxyAnchorISM(
+        num_classes=50, embedding_size=16, margin=0.2, alpha=16.0, ism=ism, ism_offset=3.0, ism_scale=2.0
+    )
     mu, sigma = torch.randn(24, 16, requires_grad=True), torch.randn(24, 16).relu().requires_grad_()
     labels = torch.randint(0, 50, (24,))
     loss = criterion(mu, sigma, labels)
@@ -40,5 +42,10 @@ def test_forward_is_the_fused_loss(ism):
 def test_defaults_and_repr():
     criterion = ProxyAnchorISM(num_classes=5, embedding_size=4)
     assert (criterion.margin, criterion.alpha, criterion.ism, criterion.ism_offset, criterion.ism_scale) == (
-        0.1, 32.0, True, 4.0, 5.0)
+        0.1,
+        32.0,
+        True,
+        4.0,
+        5.0,
+    )
     assert "num_classes=5" in repr(criterion) and "ism=True" in repr(criterion)

@@ -1,4 +1,5 @@
 """idml.metrics.compute_metrics and agreement with pytorch-metric-learning."""
+
 import itertools
 
 import pytest
@@ -10,12 +11,13 @@ from idml.cli import evaluate_parser, train_parser
 from idml.errors import UsageError
 
 
-
 def normalised_clusters(n, num_classes, dim=32, noise=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     # Every class has at least 2 images: no "lone" queries, which PML leaves out of its
     # precision_at_1 while we (like the published code) count them as R@K misses.
-    labels = torch.cat([torch.arange(num_classes).repeat(2), torch.randint(num_classes, (n - 2 * num_classes,), generator=g)])
+    labels = torch.cat(
+        [torch.arange(num_classes).repeat(2), torch.randint(num_classes, (n - 2 * num_classes,), generator=g)]
+    )
     labels = labels[torch.randperm(n, generator=g)]
     x = torch.randn(num_classes, dim, generator=g)[labels] + noise * torch.randn(n, dim, generator=g)
     return torch.nn.functional.normalize(x, dim=1), labels
@@ -29,8 +31,10 @@ def test_equals_pytorch_metric_learning(n, num_classes):
     x, labels = normalised_clusters(n, num_classes)
     calculator = accuracy.AccuracyCalculator(
         include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
-        k="max_bin_count", device=torch.device("cpu"),
-        knn_func=inference.CustomKNN(distances.DotProductSimilarity()))
+        k="max_bin_count",
+        device=torch.device("cpu"),
+        knn_func=inference.CustomKNN(distances.DotProductSimilarity()),
+    )
     expected = calculator.get_accuracy(x, labels)
     ours = ops.retrieval_metrics(x, labels, ks=(1,), max_r=n)
     assert ours["R@1"] == pytest.approx(expected["precision_at_1"], abs=1e-9)

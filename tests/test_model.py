@@ -1,4 +1,5 @@
 """The embedding network (docs/method.md, section 1) and how the loss reaches its heads."""
+
 import urllib.error
 
 import pytest
@@ -65,15 +66,21 @@ def test_eval_batch_norm_folded_into_the_convolutions_is_the_same_function(arch,
 
 
 # (kernel, stride, padding, input height, input width): one output pixel, then more
-ONE_PIXEL = [(3, 1, 1, 1, 1), (3, 2, 1, 2, 2), (1, 2, 0, 2, 2), (1, 1, 0, 1, 1), (7, 2, 3, 2, 2),
-             ((3, 1), (2, 1), (1, 0), 2, 1), (5, 4, 0, 5, 8)]
+ONE_PIXEL = [
+    (3, 1, 1, 1, 1),
+    (3, 2, 1, 2, 2),
+    (1, 2, 0, 2, 2),
+    (1, 1, 0, 1, 1),
+    (7, 2, 3, 2, 2),
+    ((3, 1), (2, 1), (1, 0), 2, 1),
+    (5, 4, 0, 5, 8),
+]
 MORE_PIXELS = [(3, 1, 1, 2, 2), (3, 2, 1, 3, 3), (1, 1, 0, 1, 2)]
 
 
 @pytest.mark.parametrize("geometry", ONE_PIXEL + MORE_PIXELS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_one_pixel_convolutions_are_matrix_products_with_the_same_values_and_gradients(geometry, bias,
-                                                                                       monkeypatch):
+def test_one_pixel_convolutions_are_matrix_products_with_the_same_values_and_gradients(geometry, bias, monkeypatch):
     kernel, stride, padding, height, width = geometry
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(5, 4, kernel, stride, padding, bias=bias).double()

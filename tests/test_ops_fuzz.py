@@ -10,6 +10,7 @@ UsageError, but for a label out of range, which only the kernel sees) or succeed
 what idml/reference.py (or, for the metrics, a loop written here) gives for the same
 values. Then targeted tests for the cases an adversarial user found.
 """
+
 import math
 import os
 import random
@@ -26,8 +27,16 @@ from idml.errors import UsageError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 21
 CASES_PER_OP = 250
-OPS = ["pa_ism_forward", "pa_ism_backward", "pa_ism_loss", "retrieval_ranks", "face.pa_ism_loss",
-       "face.retrieval_ranks", "face.retrieval_metrics", "face.metrics_from_ranks"]
+OPS = [
+    "pa_ism_forward",
+    "pa_ism_backward",
+    "pa_ism_loss",
+    "retrieval_ranks",
+    "face.pa_ism_loss",
+    "face.retrieval_ranks",
+    "face.retrieval_metrics",
+    "face.metrics_from_ranks",
+]
 
 
 # --- mutations ----------------------------------------------------------------------------
@@ -45,9 +54,13 @@ def mutate_tensor(rng: random.Random, t: torch.Tensor, values: bool, label_class
             return (t.t().contiguous().t() if rng.random() < 0.5 else torch.stack([t, t], 2)[:, :, 0]), kind
         return (torch.stack([t, t], -1)[..., 0] if t.dim() else t), kind
     if kind == "shape":
-        options = [lambda: t.unsqueeze(0), lambda: t.reshape(-1), lambda: t[:-1] if t.dim() else t.reshape(1),
-                   lambda: torch.cat([t, t[:1]]) if t.dim() and t.shape[0] else t.reshape(1, 1, -1),
-                   lambda: t.reshape(()) if t.numel() == 1 else t.unsqueeze(-1)]
+        options = [
+            lambda: t.unsqueeze(0),
+            lambda: t.reshape(-1),
+            lambda: t[:-1] if t.dim() else t.reshape(1),
+            lambda: torch.cat([t, t[:1]]) if t.dim() and t.shape[0] else t.reshape(1, 1, -1),
+            lambda: t.reshape(()) if t.numel() == 1 else t.unsqueeze(-1),
+        ]
         return rng.choice(options)(), kind
     if kind == "dtype":
         dtype = rng.choice([torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.bool, torch.float64])
@@ -85,9 +98,12 @@ def pa_ism_inputs(rng: random.Random) -> "tuple[dict, dict]":
     B, C, D = rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 5)
     dtype = rng.choice([torch.float32, torch.float64])
     g = torch.Generator().manual_seed(rng.randrange(2**31))
-    tensors = dict(mu=torch.randn(B, D, generator=g, dtype=dtype) * 2,
-                   sigma=torch.randn(B, rng.choice([D, rng.randint(0, 4)]), generator=g, dtype=dtype),
-                   labels=torch.randint(0, C, (B,), generator=g), proxies=torch.randn(C, D, generator=g, dtype=dtype))
+    tensors = dict(
+        mu=torch.randn(B, D, generator=g, dtype=dtype) * 2,
+        sigma=torch.randn(B, rng.choice([D, rng.randint(0, 4)]), generator=g, dtype=dtype),
+        labels=torch.randint(0, C, (B,), generator=g),
+        proxies=torch.randn(C, D, generator=g, dtype=dtype),
+    )
     hyper = dict(margin=0.1, alpha=rng.choice([32.0, 8.0]), ism=rng.random() < 0.7, ism_offset=4.0, ism_scale=5.0)
     return tensors, hyper
 
@@ -113,8 +129,9 @@ def retrieval_inputs(rng: random.Random) -> "tuple[dict, dict]":
     if rng.random() < 0.5:
         m = rng.randint(0, 10)
         tensors.update(reference=grid_rows(g, m, d), reference_labels=torch.randint(0, 4, (m,), generator=g))
-    args = dict(max_r=rng.choice([1, 3, 1023]), max_k=rng.choice([1, 4, 100]),
-                precision=rng.choice(["fp32", "tf32", "bf16"]))
+    args = dict(
+        max_r=rng.choice([1, 3, 1023]), max_k=rng.choice([1, 4, 100]), precision=rng.choice(["fp32", "tf32", "bf16"])
+    )
     return tensors, args
 
 
@@ -146,8 +163,9 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: "tupl
     kernels' accuracy is tests/test_pa_ism_op.py's."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} instead of {tuple(expected.shape)}"
     actual = actual.detach().to("cpu", torch.float64)
-    torch.testing.assert_close(actual, expected.detach(), rtol=tol[0], atol=tol[1], equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual, expected.detach(), rtol=tol[0], atol=tol[1], equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def tolerance(*tensors) -> "tuple[float, float]":
@@ -204,8 +222,14 @@ def check_ranks(out, tensors, args) -> None:
     ranks, num_relevant = out
     cpu = {name: t.to("cpu") for name, t in tensors.items()}
     expected_ranks, expected_num_relevant = reference.retrieval_ranks(
-        cpu["emb"], cpu["labels"], args["max_r"], args["precision"], cpu.get("reference"),
-        cpu.get("reference_labels"), args["max_k"])
+        cpu["emb"],
+        cpu["labels"],
+        args["max_r"],
+        args["precision"],
+        cpu.get("reference"),
+        cpu.get("reference_labels"),
+        args["max_k"],
+    )
     assert torch.equal(num_relevant.cpu(), expected_num_relevant), "num_relevant differs from the reference"
     assert torch.equal(ranks.cpu(), expected_ranks), "ranks differ from the reference"
 
@@ -257,10 +281,17 @@ def case(op: str, rng: random.Random):
         args = (t["mu"], t["sigma"], t["labels"], t["proxies"])
         hyper_args = (h["margin"], h["alpha"], h["ism"], h["ism_offset"], h["ism_scale"])
         if op == "pa_ism_forward":
-            return (notes, lambda: raw.pa_ism_forward(*args, *hyper_args),
-                    lambda out: check_forward(out, *args, h), False)
-        call = (lambda: raw.pa_ism_loss(*args, *hyper_args)) if op == "pa_ism_loss" else \
-            (lambda: ops.pa_ism_loss(*args, **h))
+            return (
+                notes,
+                lambda: raw.pa_ism_forward(*args, *hyper_args),
+                lambda out: check_forward(out, *args, h),
+                False,
+            )
+        call = (
+            (lambda: raw.pa_ism_loss(*args, *hyper_args))
+            if op == "pa_ism_loss"
+            else (lambda: ops.pa_ism_loss(*args, **h))
+        )
         return notes, call, lambda out: check_loss(out, *args, h), op.startswith("face.")
     if op == "pa_ism_backward":
         tensors, hyper = pa_ism_inputs(rng)
@@ -268,37 +299,77 @@ def case(op: str, rng: random.Random):
         saved = raw.pa_ism_forward(tensors["mu"], tensors["sigma"], tensors["labels"], tensors["proxies"], *hyper_args)
         names = ["grad_loss", "mu", "sigma", "labels", "proxies", "dots", "row_stats", "col_stats", "num_positive"]
         grad_loss = torch.tensor(rng.choice([1.0, 0.7, -2.0]), dtype=saved[0].dtype)
-        args = dict(zip(names, [grad_loss, tensors["mu"], tensors["sigma"], tensors["labels"], tensors["proxies"],
-                                *saved[1:]]))
+        args = dict(
+            zip(names, [grad_loss, tensors["mu"], tensors["sigma"], tensors["labels"], tensors["proxies"], *saved[1:]])
+        )
         notes = mutate(rng, args, values=False) + mutate_hyper(rng, hyper)
         hyper_args = tuple(hyper.values())
         a = list(args.values())
-        return (notes, lambda: raw.pa_ism_backward(*a, *hyper_args),
-                lambda out: check_backward(out, args["grad_loss"], *a[1:5], hyper), False)
+        return (
+            notes,
+            lambda: raw.pa_ism_backward(*a, *hyper_args),
+            lambda out: check_backward(out, args["grad_loss"], *a[1:5], hyper),
+            False,
+        )
     if op in ("retrieval_ranks", "face.retrieval_ranks", "face.retrieval_metrics"):
         tensors, args = retrieval_inputs(rng)
         notes = mutate(rng, tensors, values=True) + mutate_retrieval_args(rng, tensors, args)
         t = tensors
         if op == "retrieval_ranks":
-            call = lambda: raw.retrieval_ranks(t["emb"], t["labels"], t.get("reference"), t.get("reference_labels"),
-                                               args["max_r"], args["max_k"], args["precision"])
+
+            def call():
+                return raw.retrieval_ranks(
+                    t["emb"],
+                    t["labels"],
+                    t.get("reference"),
+                    t.get("reference_labels"),
+                    args["max_r"],
+                    args["max_k"],
+                    args["precision"],
+                )
+
             return notes, call, lambda out: check_ranks(out, t, args), False
         if op == "face.retrieval_ranks":
-            call = lambda: ops.retrieval_ranks(t["emb"], t["labels"], args["max_r"], args["precision"],
-                                               t.get("reference"), t.get("reference_labels"), args["max_k"])
+
+            def call():
+                return ops.retrieval_ranks(
+                    t["emb"],
+                    t["labels"],
+                    args["max_r"],
+                    args["precision"],
+                    t.get("reference"),
+                    t.get("reference_labels"),
+                    args["max_k"],
+                )
+
             return notes, call, lambda out: check_ranks(out, t, args), True
         ks = rng.choice([(1, 2, 4), (1,), (3, 1)])
         if rng.random() < 0.15:
             ks = rng.choice([(), (0, 1), (-1,), (1.5,), 4, None])
             notes.append(f"ks={ks!r}")
-        call = lambda: ops.retrieval_metrics(t["emb"], t["labels"], ks, args["max_r"], args["precision"],
-                                             t.get("reference"), t.get("reference_labels"))
+
+        def call():
+            return ops.retrieval_metrics(
+                t["emb"],
+                t["labels"],
+                ks,
+                args["max_r"],
+                args["precision"],
+                t.get("reference"),
+                t.get("reference_labels"),
+            )
 
         def check(result):
-            ranks = reference.retrieval_ranks(t["emb"].cpu(), t["labels"].cpu(), args["max_r"], args["precision"],
-                                              *(x.cpu() if x is not None else None for x in
-                                                (t.get("reference"), t.get("reference_labels"))), max(ks))
+            ranks = reference.retrieval_ranks(
+                t["emb"].cpu(),
+                t["labels"].cpu(),
+                args["max_r"],
+                args["precision"],
+                *(x.cpu() if x is not None else None for x in (t.get("reference"), t.get("reference_labels"))),
+                max(ks),
+            )
             check_metrics(result, metrics_by_loop(*ranks, ks))
+
         return notes, call, check, True
     if op == "face.metrics_from_ranks":
         tensors, args = retrieval_inputs(rng)
@@ -311,8 +382,12 @@ def case(op: str, rng: random.Random):
                 t[name] = set_one(rng, t[name], -1)
                 notes.append(f"{name}: a negative value")
         ks = rng.choice([(1, 2, 4), (1,), (2, 8)]) if rng.random() < 0.85 else rng.choice([(), (0,), [1, -3], 2.0])
-        return (notes + [f"ks={ks!r}"], lambda: ops.metrics_from_ranks(t["ranks"], t["num_relevant"], ks),
-                lambda result: check_metrics(result, metrics_by_loop(t["ranks"], t["num_relevant"], ks)), True)
+        return (
+            notes + [f"ks={ks!r}"],
+            lambda: ops.metrics_from_ranks(t["ranks"], t["num_relevant"], ks),
+            lambda result: check_metrics(result, metrics_by_loop(t["ranks"], t["num_relevant"], ks)),
+            True,
+        )
     raise ValueError(op)
 
 
@@ -344,8 +419,10 @@ def run_cases(ops_to_run, seed: int, count: int) -> int:
                 outcomes["ok"] += 1
             except Exception as error:  # noqa: BLE001
                 bad += 1
-                print(f"BAD {op} {i}: succeeded with a wrong result: {type(error).__name__}: "
-                      f"{str(error)[:500]}", flush=True)
+                print(
+                    f"BAD {op} {i}: succeeded with a wrong result: {type(error).__name__}: {str(error)[:500]}",
+                    flush=True,
+                )
                 traceback.print_exc(limit=3, file=sys.stdout)
         print(f"DONE {op} {outcomes['ok']} {outcomes['raised']}", flush=True)
     return bad
@@ -358,8 +435,7 @@ needs_ops = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason="idml._C 
 
 def run_child(args, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=env)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -380,8 +456,9 @@ def test_fuzz(fuzz_output, op):
     bad = [line for line in lines if line.startswith(f"BAD {op} ")]
     done = [line for line in lines if line.startswith(f"DONE {op} ")]
     where = cases[-1] if cases else "before its first case"
-    assert done, (f"the child died (exit code {result.returncode}) at {where}:\n"
-                  f"{(result.stdout + result.stderr)[-3000:]}")
+    assert done, (
+        f"the child died (exit code {result.returncode}) at {where}:\n{(result.stdout + result.stderr)[-3000:]}"
+    )
     assert not bad, "\n".join(bad[:20])
     ok, raised = map(int, done[0].split()[2:])
     assert ok + raised == CASES_PER_OP
@@ -417,14 +494,19 @@ for index, tensor in wrong.items():
 """
     result = run_in_child(code)
     assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-2000:]}"
-    assert result.stdout.split("\n")[:4] == [f"refused {name}" for name in
-                                             ("dots", "row_stats", "col_stats", "num_positive")], result.stdout
+    assert result.stdout.split("\n")[:4] == [
+        f"refused {name}" for name in ("dots", "row_stats", "col_stats", "num_positive")
+    ], result.stdout
 
 
 def small_loss_inputs():
     g = torch.Generator().manual_seed(3)
-    return torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.tensor([0, 1, 2, 0, 1, 2]), \
-        torch.randn(5, 4, generator=g)
+    return (
+        torch.randn(6, 4, generator=g),
+        torch.randn(6, 4, generator=g),
+        torch.tensor([0, 1, 2, 0, 1, 2]),
+        torch.randn(5, 4, generator=g),
+    )
 
 
 @needs_ops

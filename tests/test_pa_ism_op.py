@@ -3,7 +3,7 @@ backward operators pa_ism_forward/backward, and idml.ops.pa_ism_loss) against
 idml/reference.py, an independent float64 evaluation of docs/method.md, sections 2-3
 written here, and pytorch-metric-learning's ProxyAnchorLoss.
 """
-import math
+
 import os
 import subprocess
 import sys
@@ -14,12 +14,10 @@ import torch
 from idml import ops, reference
 from idml.errors import UsageError
 
-
 HYPER = dict(margin=0.1, alpha=32.0, ism=True, ism_offset=4.0, ism_scale=5.0)
 
 
-def make_inputs(B, C, D, dtype=torch.float64, device="cpu", sigma_kind="general", labels=None,
-                requires_grad=True):
+def make_inputs(B, C, D, dtype=torch.float64, device="cpu", sigma_kind="general", labels=None, requires_grad=True):
     """Raw head outputs as the loss sees them: mu of varying norm, sigma general (any sign)
     or relu-like (non-negative, many zeros), both with row norms spread over [0.1, 3]."""
     mu = torch.randn(B, D, dtype=torch.float64) * torch.empty(B, 1, dtype=torch.float64).uniform_(0.1, 3)
@@ -129,8 +127,10 @@ def test_opcheck_backward(ism, layout):
     mu, sigma, proxies = layout(mu), layout(sigma), layout(proxies)
     _, *saved = torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies, 0.1, 32.0, ism, 4.0, 5.0)
     grad_loss = torch.tensor(0.7, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.idml.pa_ism_backward.default,
-                          (grad_loss, mu, sigma, labels, proxies, *saved, 0.1, 32.0, ism, 4.0, 5.0))
+    torch.library.opcheck(
+        torch.ops.idml.pa_ism_backward.default,
+        (grad_loss, mu, sigma, labels, proxies, *saved, 0.1, 32.0, ism, 4.0, 5.0),
+    )
 
 
 @pytest.mark.parametrize("sigma_kind", ["general", "relu"])
@@ -139,7 +139,8 @@ def test_gradcheck_float64(ism, sigma_kind):
     mu, sigma, labels, proxies = make_inputs(6, 9, 4, sigma_kind=sigma_kind)
     labels[:3] = 2  # a proxy with several positives
     assert torch.autograd.gradcheck(
-        lambda m, s, p: ops.pa_ism_loss(m, s, labels, p, 0.1, 8.0, ism, 4.0, 5.0), (mu, sigma, proxies))
+        lambda m, s, p: ops.pa_ism_loss(m, s, labels, p, 0.1, 8.0, ism, 4.0, 5.0), (mu, sigma, proxies)
+    )
 
 
 @pytest.mark.parametrize("sigma_kind", ["general", "relu"])
@@ -189,8 +190,9 @@ def test_mu_exactly_on_a_proxy_gives_the_limit(dtype):
 @pytest.mark.parametrize("ism", [True, False])
 @pytest.mark.parametrize("sigma_kind", ["general", "relu"])
 def test_independent_formula(ism, sigma_kind):
-    mu, sigma, labels, proxies = make_inputs(7, 6, 5, sigma_kind=sigma_kind,
-                                             labels=torch.tensor([0, 0, 3, 1, 3, 3, 0]))  # proxies 2, 4, 5: none
+    mu, sigma, labels, proxies = make_inputs(
+        7, 6, 5, sigma_kind=sigma_kind, labels=torch.tensor([0, 0, 3, 1, 3, 3, 0])
+    )  # proxies 2, 4, 5: none
     hyper = {**HYPER, "ism": ism}
     expected, expected_grads = loss_and_grads(independent_loss, mu, sigma, labels, proxies, **hyper)
     for fn in (reference.pa_ism_loss, ops.pa_ism_loss):
@@ -234,7 +236,9 @@ def test_uncertainty_gradient_vanishes_only_for_normalized_sigma():
 def test_saved_statistics():
     """The forward saves dots = mu P^T, [|mu|^2; |sigma|^2], [|p|^2; positive and negative
     log-sum-exp] and |P+|; the loss is their combination."""
-    mu, sigma, labels, proxies = make_inputs(8, 10, 6, requires_grad=False, labels=torch.tensor([1, 1, 2, 9, 9, 9, 1, 2]))
+    mu, sigma, labels, proxies = make_inputs(
+        8, 10, 6, requires_grad=False, labels=torch.tensor([1, 1, 2, 9, 9, 9, 1, 2])
+    )
     loss, dots, row_stats, col_stats, num_positive = torch.ops.idml.pa_ism_forward(mu, sigma, labels, proxies)
     torch.testing.assert_close(dots, mu @ proxies.t())
     torch.testing.assert_close(row_stats, torch.stack([(mu * mu).sum(1), (sigma * sigma).sum(1)]))
@@ -270,7 +274,7 @@ def test_second_derivatives_are_refused():
     again raises, by name (it used to give wrong second derivatives with only a warning)."""
     mu, sigma, labels, proxies = make_inputs(6, 5, 4)
     for loss_fn in (loss_via_op, ops.pa_ism_loss):
-        grad_mu, = torch.autograd.grad(loss_fn(mu, sigma, labels, proxies), mu, create_graph=True)
+        (grad_mu,) = torch.autograd.grad(loss_fn(mu, sigma, labels, proxies), mu, create_graph=True)
         with pytest.raises(RuntimeError, match="no second derivative"):
             torch.autograd.grad(grad_mu.sum(), mu)
 
@@ -299,9 +303,11 @@ def test_rejects_labels_out_of_range():
 def test_cuda_label_out_of_range_is_a_device_side_assert():
     """Where the CPU kernel raises, the CUDA kernel asserts on the device (a host check would
     synchronise). In a child process: the assert leaves its CUDA context unusable."""
-    code = ("import torch; from idml import ops; mu = torch.randn(4, 8, device='cuda'); "
-            "labels = torch.tensor([0, 1, 5, 2], device='cuda'); "
-            "ops.pa_ism_loss(mu, mu.abs(), labels, torch.randn(3, 8, device='cuda')); torch.cuda.synchronize()")
+    code = (
+        "import torch; from idml import ops; mu = torch.randn(4, 8, device='cuda'); "
+        "labels = torch.tensor([0, 1, 5, 2], device='cuda'); "
+        "ops.pa_ism_loss(mu, mu.abs(), labels, torch.randn(3, 8, device='cuda')); torch.cuda.synchronize()"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, cwd=root)
     assert result.returncode != 0 and "device-side assert" in result.stderr, result.stderr[-2000:]
@@ -357,10 +363,10 @@ def test_cuda_float16_gradients_survive_a_loss_scale():
     labels[:30] = labels[0]
     loss = ops.pa_ism_loss(mu, sigma, labels, proxies, **HYPER)
     unscaled = torch.autograd.grad(loss, (mu, sigma, proxies), retain_graph=True)
-    scaled = torch.autograd.grad(loss * 2.0 ** 16, (mu, sigma, proxies))
+    scaled = torch.autograd.grad(loss * 2.0**16, (mu, sigma, proxies))
     for name, plain, times_scale in zip(("mu", "sigma", "proxies"), unscaled, scaled):
         assert torch.isfinite(times_scale).all(), name
-        assert torch.equal(times_scale.float() / 2 ** 16, plain.float()), name
+        assert torch.equal(times_scale.float() / 2**16, plain.float()), name
 
 
 @pytest.mark.cuda
@@ -385,7 +391,7 @@ def test_cuda_matches_reference(dtype, loss_rtol, grad_rtol, ism):
         ref_loss, ref_grads = loss_and_grads(reference.pa_ism_loss, mu, sigma, labels, proxies, **hyper)
         assert loss.dtype == torch.float32
         assert_close_rel(loss, ref_loss, loss_rtol)
-        for grad, ref_grad, x in zip(grads, ref_grads, (mu, sigma, proxies)):
+        for grad, ref_grad in zip(grads, ref_grads):
             assert grad.dtype == dtype and torch.isfinite(grad).all()
             if dtype == torch.float32:
                 assert_close_rel(grad, ref_grad, grad_rtol)
@@ -397,8 +403,7 @@ def test_cuda_matches_reference(dtype, loss_rtol, grad_rtol, ism):
 @pytest.mark.cuda
 def test_cuda_opcheck_and_stream():
     mu, sigma, labels, proxies = make_inputs(9, 40, 16, torch.float32, device="cuda")
-    torch.library.opcheck(torch.ops.idml.pa_ism_loss.default,
-                          (mu, sigma, labels, proxies, 0.1, 32.0, True, 4.0, 5.0))
+    torch.library.opcheck(torch.ops.idml.pa_ism_loss.default, (mu, sigma, labels, proxies, 0.1, 32.0, True, 4.0, 5.0))
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):  # the kernels follow the current stream
         loss = ops.pa_ism_loss(mu, sigma, labels, proxies)
@@ -412,6 +417,7 @@ def test_cuda_graphs_replay_the_loss_and_its_gradients():
     in CUDA graphs (torch.cuda.make_graphed_callables, as graph-captured training loops and
     torch.compile's reduce-overhead mode do), they replay on new input values with the eager
     results."""
+
     def loss_fn(mu, sigma, labels, proxies):
         return ops.pa_ism_loss(mu, sigma, labels, proxies, **HYPER)
 
@@ -432,8 +438,9 @@ def test_cuda_edge_cases():
         if case == "huge_C":
             mu, sigma, labels, proxies = make_inputs(24, 20000, 4, torch.float32, device="cuda")
         else:
-            mu, sigma, labels, proxies = make_inputs(16, 40, 8, torch.float32, device="cuda", requires_grad=False,
-                                                     labels=torch.tensor([0, 7, 39] * 5 + [7]))
+            mu, sigma, labels, proxies = make_inputs(
+                16, 40, 8, torch.float32, device="cuda", requires_grad=False, labels=torch.tensor([0, 7, 39] * 5 + [7])
+            )
             if case == "on_proxy":
                 mu[3] = proxies[7]
             mu, sigma, proxies = (x.clone().requires_grad_() for x in (mu, sigma, proxies))
@@ -454,8 +461,7 @@ def test_cuda_float64_non_contiguous_inputs():
     args = (mu.detach(), sigma.detach(), labels, proxies.detach())
     _, *saved = torch.ops.idml.pa_ism_forward(*args, 0.1, 32.0, True, 4.0, 5.0)
     grad_loss = torch.tensor(0.7, dtype=torch.float64, device="cuda")
-    torch.library.opcheck(torch.ops.idml.pa_ism_backward.default,
-                          (grad_loss, *args, *saved, 0.1, 32.0, True, 4.0, 5.0))
+    torch.library.opcheck(torch.ops.idml.pa_ism_backward.default, (grad_loss, *args, *saved, 0.1, 32.0, True, 4.0, 5.0))
 
 
 @pytest.mark.cuda

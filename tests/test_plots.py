@@ -1,5 +1,6 @@
 """Plots: a short run writes loss_recall.png and uncertainty_histogram.png; scripts/evaluate.py
 --plots writes recall_at_k.png and query_grid.png; all valid PNGs."""
+
 import glob
 import os
 import subprocess
@@ -16,9 +17,32 @@ from idml.train import train
 pytestmark = pytest.mark.slow  # trains a tiny run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "resnet18", "--pretrained", "none", "--embedding-size", "16", "--image-size", "32",
-        "--workers", "0", "--wandb", "disabled", "--warm", "0", "--dataset", "digits", "--epochs", "1",
-        "--batch-size", "32", "--max-steps", "2", "--eval-clustering", "0"]
+TINY = [
+    "--model",
+    "resnet18",
+    "--pretrained",
+    "none",
+    "--embedding-size",
+    "16",
+    "--image-size",
+    "32",
+    "--workers",
+    "0",
+    "--wandb",
+    "disabled",
+    "--warm",
+    "0",
+    "--dataset",
+    "digits",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--max-steps",
+    "2",
+    "--eval-clustering",
+    "0",
+]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -40,10 +64,24 @@ def test_run_and_evaluation_plots_are_valid_pngs(tmp_path):
     assert_png(os.path.join(run_dir, "uncertainty_histogram.png"))
 
     plots = tmp_path / "plots"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--resume",
-                             os.path.join(run_dir, "checkpoint_last.pt"), "--workers", "0", "--json",
-                             "--plots", str(plots)], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "evaluate.py"),
+            "--resume",
+            os.path.join(run_dir, "checkpoint_last.pt"),
+            "--workers",
+            "0",
+            "--json",
+            "--plots",
+            str(plots),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert '"R@1"' in result.stdout.strip().splitlines()[-1]
     assert_png(str(plots / "recall_at_k.png"))

@@ -1,4 +1,5 @@
 """The fast path by default (--amp auto, channels_last on GPUs) and --compile."""
+
 import pytest
 import torch
 
@@ -6,9 +7,30 @@ from idml.cli import train_parser
 from idml.precision import configure_cudnn, describe, memory_format, resolve_amp
 from idml.train import Trainer
 
-TINY = ["--dataset", "digits", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "16",
-        "--image-size", "32", "--workers", "0", "--wandb", "disabled", "--warm", "0", "--batch-size", "16",
-        "--max-steps", "2", "--eval-clustering", "0"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--model",
+    "resnet18",
+    "--pretrained",
+    "none",
+    "--embedding-size",
+    "16",
+    "--image-size",
+    "32",
+    "--workers",
+    "0",
+    "--wandb",
+    "disabled",
+    "--warm",
+    "0",
+    "--batch-size",
+    "16",
+    "--max-steps",
+    "2",
+    "--eval-clustering",
+    "0",
+]
 
 
 @pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16"), (False, "off")])
@@ -23,7 +45,9 @@ def test_auto_amp_is_bf16_only_on_a_gpu_that_supports_it(monkeypatch, bf16_suppo
 
 def test_channels_last_goes_with_mixed_precision_on_gpus_only():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert memory_format(cuda, "bf16") == torch.channels_last and describe(cuda, "bf16") == "bf16 autocast, channels_last"
+    assert (
+        memory_format(cuda, "bf16") == torch.channels_last and describe(cuda, "bf16") == "bf16 autocast, channels_last"
+    )
     assert memory_format(cuda, "off") == torch.contiguous_format and describe(cuda, "off") == "float32"
     assert memory_format(cpu, "bf16") == torch.contiguous_format and describe(cpu, "bf16") == "bf16 autocast"
 
@@ -45,6 +69,7 @@ def trainer(tmp_path, *extra):
 
 def parameter_changes(run):
     """What the run's steps (--max-steps) change in every trained parameter, the proxies included."""
+
     def parameters():
         both = [*run.model.named_parameters(), *run.criterion.named_parameters()]
         return [(name, p) for name, p in both if p.requires_grad]  # frozen BatchNorm stays

@@ -1,4 +1,5 @@
 """The published code's retrieval metrics (idml.published_protocol) beside the project's."""
+
 import math
 
 import pytest
@@ -81,7 +82,7 @@ def published_by_scikit_learn(embeddings, labels, ks):
         if r == 0:
             continue
         precisions.append(sum(row[:r]) / r)
-        averages.append(sum(sum(row[:j + 1]) / (j + 1) for j in range(r) if row[j]) / r)
+        averages.append(sum(sum(row[: j + 1]) / (j + 1) for j in range(r) if row[j]) / r)
     return {**result, "RP": sum(precisions) / len(precisions), "MAP@R": sum(averages) / len(averages)}
 
 
@@ -117,11 +118,39 @@ def test_evaluate_gives_both_sets_named_apart(tmp_path, capsys):
     from idml.cli import evaluate_main, train_parser
     from idml.train import train
 
-    state = train(train_parser().parse_args([
-        "--dataset", "digits", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "16",
-        "--image-size", "32", "--workers", "0", "--wandb", "disabled", "--warm", "0", "--epochs", "1",
-        "--max-steps", "1", "--batch-size", "32", "--eval-clustering", "0", "--LOG_DIR", str(tmp_path / "logs")]))
-    checkpoint, = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "checkpoint_last.pt"))
+    state = train(
+        train_parser().parse_args(
+            [
+                "--dataset",
+                "digits",
+                "--model",
+                "resnet18",
+                "--pretrained",
+                "none",
+                "--embedding-size",
+                "16",
+                "--image-size",
+                "32",
+                "--workers",
+                "0",
+                "--wandb",
+                "disabled",
+                "--warm",
+                "0",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "32",
+                "--eval-clustering",
+                "0",
+                "--LOG_DIR",
+                str(tmp_path / "logs"),
+            ]
+        )
+    )
+    (checkpoint,) = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "checkpoint_last.pt"))
     capsys.readouterr()
     evaluate_main(["--resume", checkpoint, "--workers", "0", "--kmeans-runs", "1", "--json", "--published-protocol"])
     both = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,5 +1,6 @@
 """scripts/reproduce.py: seeds trained one after the other or side by side, failures reported, and the
 mean +- std table of finished runs beside the published numbers."""
+
 import json
 import math
 import os
@@ -16,9 +17,32 @@ from idml.reproduce import reproduce_main
 pytestmark = pytest.mark.slow  # trains tiny runs in subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DIGITS = ["--dataset", "digits", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "16",
-               "--image-size", "32", "--workers", "0", "--wandb", "disabled", "--warm", "0", "--epochs", "1",
-               "--max-steps", "2", "--batch-size", "32", "--eval-clustering", "0"]
+TINY_DIGITS = [
+    "--dataset",
+    "digits",
+    "--model",
+    "resnet18",
+    "--pretrained",
+    "none",
+    "--embedding-size",
+    "16",
+    "--image-size",
+    "32",
+    "--workers",
+    "0",
+    "--wandb",
+    "disabled",
+    "--warm",
+    "0",
+    "--epochs",
+    "1",
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "32",
+    "--eval-clustering",
+    "0",
+]
 KEYS = ("R@1", "R@2", "R@4", "R@8", "RP", "MAP@R")
 
 
@@ -34,9 +58,11 @@ def write_run(folder, epochs):
 
 def test_from_runs_takes_each_runs_best_epoch_and_their_mean_and_sample_std(tmp_path, capsys):
     logs = tmp_path / "logs" / "logs_cub"
-    runs = [write_run(logs / "a", [(0.9, 0.9), (0.60, 0.30), (0.55, 0.40)]),  # epoch 0 never counts
-            write_run(logs / "b", [(0.1, 0.1), (0.62, 0.32), (0.64, 0.31)]),
-            write_run(logs / "c", [(0.1, 0.1), (0.66, 0.35), (0.66, 0.20)])]  # a tie: the first
+    runs = [
+        write_run(logs / "a", [(0.9, 0.9), (0.60, 0.30), (0.55, 0.40)]),  # epoch 0 never counts
+        write_run(logs / "b", [(0.1, 0.1), (0.62, 0.32), (0.64, 0.31)]),
+        write_run(logs / "c", [(0.1, 0.1), (0.66, 0.35), (0.66, 0.20)]),
+    ]  # a tie: the first
     prefix = str(tmp_path / "out" / "table")
     assert run_guarded(reproduce_main, ["--from-runs", *runs, "--out", prefix]) == 0
     result = json.load(open(prefix + ".json"))
@@ -60,13 +86,15 @@ def test_from_runs_refuses_bad_input_in_one_sentence(tmp_path, capsys):
     empty.mkdir(parents=True)
     good = write_run(tmp_path / "logs_cars" / "good", [(0.1, 0.1), (0.5, 0.2)])
     untrained = write_run(tmp_path / "logs_cars" / "untrained", [(0.1, 0.1)])
-    cases = [(["--from-runs", str(empty)], "metrics.jsonl does not exist"),
-             (["--from-runs", good, "--dataset", "imagenet"], "--dataset expects one of"),
-             (["--from-runs", untrained], "holds no trained epoch"),
-             (["--from-runs", good, str(tmp_path)], "cannot tell the data set"),
-             (["--seeds", "1", "1", "--", *TINY_DIGITS], "--seeds expects distinct numbers"),
-             (["--seeds", "1", "--", "--seed", "3", *TINY_DIGITS], "leave --seed out"),
-             (["--seeds", "1", "--", "--dataset", "imagenet"], "not valid for scripts/train.py")]
+    cases = [
+        (["--from-runs", str(empty)], "metrics.jsonl does not exist"),
+        (["--from-runs", good, "--dataset", "imagenet"], "--dataset expects one of"),
+        (["--from-runs", untrained], "holds no trained epoch"),
+        (["--from-runs", good, str(tmp_path)], "cannot tell the data set"),
+        (["--seeds", "1", "1", "--", *TINY_DIGITS], "--seeds expects distinct numbers"),
+        (["--seeds", "1", "--", "--seed", "3", *TINY_DIGITS], "leave --seed out"),
+        (["--seeds", "1", "--", "--dataset", "imagenet"], "not valid for scripts/train.py"),
+    ]
     for argv, message in cases:
         assert run_guarded(reproduce_main, argv) == 2, argv
         err = capsys.readouterr().err
@@ -104,8 +132,21 @@ def test_a_failing_seed_is_reported_and_the_others_go_on(tmp_path, monkeypatch, 
     started = []
     real_start = reproduce._start
     monkeypatch.setattr(reproduce, "_start", lambda *a: started.append(a[-1]) or real_start(*a))
-    argv = ["--seeds", "1", "2", "3", *flags, "--out", str(tmp_path / "t"), "--", *TINY_DIGITS,
-            "--LOG_DIR", str(tmp_path / "logs"), "--remark", "_r"]
+    argv = [
+        "--seeds",
+        "1",
+        "2",
+        "3",
+        *flags,
+        "--out",
+        str(tmp_path / "t"),
+        "--",
+        *TINY_DIGITS,
+        "--LOG_DIR",
+        str(tmp_path / "logs"),
+        "--remark",
+        "_r",
+    ]
     with pytest.raises(SystemExit) as stop:
         run_guarded(reproduce_main, argv)
     assert stop.value.code == 1
@@ -113,8 +154,10 @@ def test_a_failing_seed_is_reported_and_the_others_go_on(tmp_path, monkeypatch, 
     assert "seed 2: scripts/train.py exited with code 3" in out and "[seed 3] trained seed 3" in out
     assert "1 of 3 seed runs failed: seed 2 (exit code 3)" in err
     result = json.load(open(tmp_path / "t.json"))
-    assert [(run["seed"], os.path.basename(run["dir"])) for run in result["runs"]] == [(1, "run_r_seed1"),
-                                                                                      (3, "run_r_seed3")]
+    assert [(run["seed"], os.path.basename(run["dir"])) for run in result["runs"]] == [
+        (1, "run_r_seed1"),
+        (3, "run_r_seed3"),
+    ]
     assert result["failed"] == [{"seed": 2, "exit_code": 3, "reason": "exit code 3"}]
     assert result["metrics"]["R@1"]["mean"] == pytest.approx(0.2)
     seen = [open(os.path.join(run["dir"], "gpu.txt")).read() for run in result["runs"]]
@@ -126,16 +169,33 @@ def test_a_failing_seed_is_reported_and_the_others_go_on(tmp_path, monkeypatch, 
 
 def test_two_digits_seeds_train_and_make_the_table(tmp_path):
     prefix = str(tmp_path / "table")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--seeds", "1", "2",
-                             "--out", prefix, "--", *TINY_DIGITS, "--LOG_DIR", str(tmp_path / "logs")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "reproduce.py"),
+            "--seeds",
+            "1",
+            "2",
+            "--out",
+            prefix,
+            "--",
+            *TINY_DIGITS,
+            "--LOG_DIR",
+            str(tmp_path / "logs"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = json.load(open(prefix + ".json"))
     folders = sorted(os.listdir(tmp_path / "logs" / "logs_digits"))
     assert [f[-6:] for f in folders] == ["_seed1", "_seed2"]
     assert [os.path.basename(run["dir"]) for run in table["runs"]] == folders
-    lines = [[json.loads(line) for line in open(tmp_path / "logs" / "logs_digits" / f / "metrics.jsonl")]
-             for f in folders]
+    lines = [
+        [json.loads(line) for line in open(tmp_path / "logs" / "logs_digits" / f / "metrics.jsonl")] for f in folders
+    ]
     assert lines[0][1]["loss"] != lines[1][1]["loss"]  # the seeds were used
     for name in KEYS:
         values = [run[1][name] for run in lines]  # one epoch: the best is epoch 1

@@ -2,6 +2,7 @@
 bad steps and names a checkpoint that really is good, checkpoints are checked on load, the
 run folder is locked, wandb honours WANDB_MODE, --help needs no torch. On a 4-class synthetic
 CUB (12 test images), so each run takes seconds."""
+
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 
 import pytest
 import torch
+from test_robustness import cub_args
 
 import idml.train
 from idml import distributed, tracking
@@ -19,7 +21,6 @@ from idml.errors import TrainingDiverged, UsageError
 from idml.evaluate import embed
 from idml.files import FolderLock
 from idml.train import Trainer
-from test_robustness import cub_args
 
 pytestmark = pytest.mark.slow  # trains tiny runs
 
@@ -47,8 +48,23 @@ def first_run(tmp_path, *extra):
 
 def test_resume_applies_changed_schedule_flags_and_records_them(data, capsys):
     last = first_run(data)
-    trainer = Trainer(cub_args(data, "--max-steps", "2", "--epochs", "3", "--resume", last, "--lr", "1e-3",
-                               "--weight-decay", "0.5", "--lr-decay-step", "1"))
+    trainer = Trainer(
+        cub_args(
+            data,
+            "--max-steps",
+            "2",
+            "--epochs",
+            "3",
+            "--resume",
+            last,
+            "--lr",
+            "1e-3",
+            "--weight-decay",
+            "0.5",
+            "--lr-decay-step",
+            "1",
+        )
+    )
     out = capsys.readouterr().out
     assert "--lr 0.0001 -> 0.001" in out and "--weight-decay 0.0001 -> 0.5" in out and "--lr-decay-step 10 -> 1" in out
     # one epoch done, StepLR(1, 0.5): 1e-3 * 0.5 now; proxies 100 x
@@ -64,8 +80,7 @@ def test_resume_applies_changed_schedule_flags_and_records_them(data, capsys):
 
 def test_resume_with_another_optimizer_starts_it_afresh(data, capsys):
     last = first_run(data)
-    state = Trainer(cub_args(data, "--max-steps", "2", "--epochs", "2", "--resume", last,
-                             "--optimizer", "sgd")).run()
+    state = Trainer(cub_args(data, "--max-steps", "2", "--epochs", "2", "--resume", last, "--optimizer", "sgd")).run()
     assert state.epoch == 2
     assert "--optimizer adamw -> sgd: the sgd state starts afresh" in capsys.readouterr().out
     assert load_checkpoint(last)["args"]["optimizer"] == "sgd"
@@ -93,8 +108,11 @@ def test_one_bad_step_is_skipped_and_ten_in_a_row_stop_with_a_checked_checkpoint
     calls.clear()
     bad_calls = set(range(3, 30))
     args = ["--max-steps", "20", "--checkpoint-every", "2", "--remark", "_nan"]
-    with pytest.raises(TrainingDiverged, match=r"NaN or infinite in 10 steps in a row \(up to epoch 1, step 12\); "
-                                               r".*checkpoint_last.pt is good .*resumes at epoch 1, step \d+\)") as stop:
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"NaN or infinite in 10 steps in a row \(up to epoch 1, step 12\); "
+        r".*checkpoint_last.pt is good .*resumes at epoch 1, step \d+\)",
+    ) as stop:
         Trainer(cub_args(data, *args)).run()
     path = str(stop.value).split("; ")[1].split(" is good")[0]
     model, _ = model_from_checkpoint(path)  # the message is true: finite test embeddings
@@ -108,9 +126,33 @@ def test_one_bad_step_is_skipped_and_ten_in_a_row_stop_with_a_checked_checkpoint
 
 def cub_args_list(tmp_path, *extra):
     args = cub_args(tmp_path, *extra)
-    return ["--dataset", "cub", "--data-root", args.data_root, "--model", "resnet18", "--pretrained", "none",
-            "--embedding-size", "8", "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--workers", "0",
-            "--wandb", "disabled", "--eval-clustering", "0", "--LOG_DIR", args.LOG_DIR, *extra]
+    return [
+        "--dataset",
+        "cub",
+        "--data-root",
+        args.data_root,
+        "--model",
+        "resnet18",
+        "--pretrained",
+        "none",
+        "--embedding-size",
+        "8",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--wandb",
+        "disabled",
+        "--eval-clustering",
+        "0",
+        "--LOG_DIR",
+        args.LOG_DIR,
+        *extra,
+    ]
 
 
 def test_a_huge_lr_never_names_a_checkpoint_with_nan_embeddings(more_data):
@@ -151,16 +193,22 @@ def test_a_full_disk_while_saving_is_one_sentence_and_keeps_the_previous_checkpo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(UsageError, match=r"cannot write .*checkpoint_last.pt \(No space left on device\); the "
-                                         r"previous file there is intact"):
+    with pytest.raises(
+        UsageError,
+        match=r"cannot write .*checkpoint_last.pt \(No space left on device\); the "
+        r"previous file there is intact",
+    ):
         save_checkpoint(path, {"epoch": 2, "model": {"w": torch.zeros(100)}})
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1 and os.listdir(tmp_path) == ["checkpoint_last.pt"]
 
 
 def test_non_finite_weights_are_never_written(tmp_path):
-    with pytest.raises(TrainingDiverged, match=r"1 weight tensors hold NaN or infinite values \(e.g. "
-                                               r"criterion.proxies\)"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"1 weight tensors hold NaN or infinite values \(e.g. "
+        r"criterion.proxies\)",
+    ):
         save_checkpoint(str(tmp_path / "c.pt"), {"model": {}, "criterion": {"proxies": torch.tensor([float("nan")])}})
     assert not os.listdir(tmp_path)
 
@@ -189,14 +237,17 @@ def test_a_failed_start_removes_the_run_folder_it_created(data, monkeypatch):
     assert not os.listdir(data / "logs" / "logs_cub")
 
 
-@pytest.mark.parametrize("flag, env, expected", [
-    ("auto", {"WANDB_MODE": "disabled"}, "disabled"),
-    ("online", {"WANDB_MODE": "offline"}, "offline"),
-    ("disabled", {"WANDB_MODE": "online"}, "disabled"),
-    ("auto", {"WANDB_MODE": "dryrun"}, "offline"),
-    ("offline", {"WANDB_DISABLED": "true"}, "disabled"),
-    ("auto", {}, "auto"),
-])
+@pytest.mark.parametrize(
+    "flag, env, expected",
+    [
+        ("auto", {"WANDB_MODE": "disabled"}, "disabled"),
+        ("online", {"WANDB_MODE": "offline"}, "offline"),
+        ("disabled", {"WANDB_MODE": "online"}, "disabled"),
+        ("auto", {"WANDB_MODE": "dryrun"}, "offline"),
+        ("offline", {"WANDB_DISABLED": "true"}, "disabled"),
+        ("auto", {}, "auto"),
+    ],
+)
 def test_the_stricter_of_flag_and_wandb_mode_wins(flag, env, expected):
     assert tracking.resolve_mode(flag, env) == expected
 
@@ -210,13 +261,16 @@ def test_wandb_mode_disabled_in_the_environment_writes_nothing(tmp_path, monkeyp
 
 def test_wandb_auto_with_credentials_and_no_server_falls_back_to_offline_fast(tmp_path):
     pytest.importorskip("wandb")
-    code = ("from idml import tracking; run = tracking.open_run('auto', 'p', '.', {}); "
-            "print(run.settings.mode); run.finish()")
+    code = (
+        "from idml import tracking; run = tracking.open_run('auto', 'p', '.', {}); "
+        "print(run.settings.mode); run.finish()"
+    )
     env = {name: value for name, value in os.environ.items() if name not in ("WANDB_MODE", "WANDB_DIR")}
     env.update(WANDB_API_KEY="x" * 40, WANDB_BASE_URL="http://127.0.0.1:9", PYTHONPATH=ROOT)
     start = time.time()
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert time.time() - start < 30 and "offline" in result.stdout.splitlines()[-1]
     assert "logging to wandb offline, as its server cannot be reached" in result.stdout
@@ -229,15 +283,29 @@ def test_amp_on_a_cpu_warns_that_it_is_slow(data, capsys):
 
 
 def test_the_command_lines_parse_and_answer_help_without_torch():
-    code = ("import sys; from idml.cli import train_parser, evaluate_parser, export_parser; "
-            "[p().parse_args([]) if p is train_parser else p() for p in (train_parser, evaluate_parser, "
-            "export_parser)]; print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PYTHONPATH": ROOT})
+    code = (
+        "import sys; from idml.cli import train_parser, evaluate_parser, export_parser; "
+        "[p().parse_args([]) if p is train_parser else p() for p in (train_parser, evaluate_parser, "
+        "export_parser)]; print('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert result.stdout.strip() == "False", result.stderr[-2000:]
     for script in ("train.py", "evaluate.py", "export.py"):
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), "--help"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "scripts", script), "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": ROOT},
+        )
         assert result.returncode == 0 and "usage:" in result.stdout
 
 
@@ -253,8 +321,7 @@ def test_ddp_is_built_without_torchs_broadcast_buffers_warning(tmp_path, recwarn
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        distributed.wrap(torch.nn.Linear(2, 2), torch.device("cpu"), find_unused_parameters=False,
-                         buffers_differ=False)
+        distributed.wrap(torch.nn.Linear(2, 2), torch.device("cpu"), find_unused_parameters=False, buffers_differ=False)
     finally:
         dist.destroy_process_group()
     assert not [w for w in recwarn if "broadcast_buffers" in str(w.message)]

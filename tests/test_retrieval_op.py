@@ -5,6 +5,7 @@ The exact comparisons use embeddings on a grid of multiples of 1/8 with few dime
 every dot product is then exact in float32 and float64 alike, so the op's float32 ranks
 must equal the float64 oracle's, and the grid makes many exact ties.
 """
+
 import os
 import subprocess
 import sys
@@ -17,7 +18,6 @@ import torch
 
 from idml import ops, reference
 from idml.errors import UsageError
-
 
 KS = (1, 2, 4, 8, 16)
 
@@ -97,17 +97,28 @@ def test_torch_compile_fullgraph():
     """idml.ops.retrieval_ranks traces as one graph (its output width depends on the data);
     aot_eager, as inductor's C++ compile takes minutes on CI's 2 cores."""
     x, labels = clustered(300, 20, dim=8, duplicates=10)
-    compiled = torch.compile(lambda x, labels: ops.retrieval_ranks(x, labels, max_k=4), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(
+        lambda x, labels: ops.retrieval_ranks(x, labels, max_k=4), fullgraph=True, backend="aot_eager"
+    )
     got, expected = compiled(x, labels), ops.retrieval_ranks(x, labels, max_k=4)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 @pytest.mark.parametrize("name,impl", implementations())
-@pytest.mark.parametrize("n,num_classes,max_r", [
-    (1, 1, 1023), (2, 1, 1023), (7, 3, 1023), (60, 5, 3), (300, 40, 1023), (300, 20, 3),
-    (1100, 300, 3), (1100, 30, 1023), (2300, 600, 5),
-])
+@pytest.mark.parametrize(
+    "n,num_classes,max_r",
+    [
+        (1, 1, 1023),
+        (2, 1, 1023),
+        (7, 3, 1023),
+        (60, 5, 3),
+        (300, 40, 1023),
+        (300, 20, 3),
+        (1100, 300, 3),
+        (1100, 30, 1023),
+        (2300, 600, 5),
+    ],
+)
 def test_equals_brute_force(name, impl, n, num_classes, max_r):
     x, labels = clustered(n, num_classes, duplicates=n // 10, singletons=min(3, n // 10))
     assert_same(metrics(impl, x, labels, max_r=max_r), brute_force(x, labels, KS, max_r))

@@ -1,5 +1,6 @@
 """Runs survive interruption and bad input: exact resume after SIGKILL and SIGTERM,
 atomic checkpoints under a failing write, a diverging loss, unreadable images."""
+
 import glob
 import os
 import signal
@@ -22,16 +23,48 @@ pytestmark = pytest.mark.slow  # trains in subprocesses and kills them
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Deterministic CPU mode: one thread, no loader processes; 2 epochs of 8 steps.
-RUN = ["--dataset", "digits", "--model", "resnet18", "--pretrained", "none", "--embedding-size", "16",
-       "--image-size", "24", "--batch-size", "24", "--max-steps", "8", "--epochs", "2", "--warm", "1",
-       "--bn-freeze", "0", "--workers", "0", "--wandb", "disabled", "--eval-clustering", "0", "--seed", "7"]
+RUN = [
+    "--dataset",
+    "digits",
+    "--model",
+    "resnet18",
+    "--pretrained",
+    "none",
+    "--embedding-size",
+    "16",
+    "--image-size",
+    "24",
+    "--batch-size",
+    "24",
+    "--max-steps",
+    "8",
+    "--epochs",
+    "2",
+    "--warm",
+    "1",
+    "--bn-freeze",
+    "0",
+    "--workers",
+    "0",
+    "--wandb",
+    "disabled",
+    "--eval-clustering",
+    "0",
+    "--seed",
+    "7",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def start(log_dir, *extra):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"), *RUN,
-                             "--LOG_DIR", str(log_dir), *extra],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "scripts", "train.py"), *RUN, "--LOG_DIR", str(log_dir), *extra],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process):
@@ -91,7 +124,7 @@ def test_sigterm_mid_epoch_saves_the_step_and_resume_matches(tmp_path, uninterru
     process.send_signal(signal.SIGTERM)
     code, out, err = finish(process)
     assert code == 128 + signal.SIGTERM, err[-2000:]
-    assert f"stopped by SIGTERM after epoch" in err and f"--resume {path}" in err
+    assert "stopped by SIGTERM after epoch" in err and f"--resume {path}" in err
     stopped = load_checkpoint(path)
     assert stopped["epoch"] < 2 and 0 < stopped["step"] < 8  # mid-epoch
     code, out, err = finish(start(tmp_path, "--resume", path))
@@ -150,9 +183,12 @@ def test_embeddings_turning_nan_stop_the_run_before_their_metrics_are_recorded(t
         return embeddings, labels, uncertainties
 
     monkeypatch.setattr(idml.train, "embed", embed_turning_nan)
-    with pytest.raises(TrainingDiverged, match=r"the embeddings of 3 of \d+ test images became NaN or infinite "
-                                               r"\(epoch 2/2\); .*checkpoint_last.pt is good \(its test embeddings are "
-                                               r"finite; it resumes at epoch 2, step 0\)"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"the embeddings of 3 of \d+ test images became NaN or infinite "
+        r"\(epoch 2/2\); .*checkpoint_last.pt is good \(its test embeddings are "
+        r"finite; it resumes at epoch 2, step 0\)",
+    ):
         trainer.run()
     assert load_checkpoint(os.path.join(trainer.run_dir, "checkpoint_last.pt"))["epoch"] == 1
     lines = open(os.path.join(trainer.run_dir, "metrics.jsonl")).read().splitlines()
@@ -169,11 +205,37 @@ def corrupt_some_images(root, count):
 
 
 def cub_args(tmp_path, *extra):
-    return train_parser().parse_args([
-        "--dataset", "cub", "--data-root", str(tmp_path / "data"), "--model", "resnet18", "--pretrained", "none",
-        "--embedding-size", "8", "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--max-steps", "4",
-        "--workers", "0", "--wandb", "disabled", "--eval-clustering", "0", "--LOG_DIR", str(tmp_path / "logs"),
-        *extra])
+    return train_parser().parse_args(
+        [
+            "--dataset",
+            "cub",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--model",
+            "resnet18",
+            "--pretrained",
+            "none",
+            "--embedding-size",
+            "8",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "4",
+            "--workers",
+            "0",
+            "--wandb",
+            "disabled",
+            "--eval-clustering",
+            "0",
+            "--LOG_DIR",
+            str(tmp_path / "logs"),
+            *extra,
+        ]
+    )
 
 
 def test_corrupt_images_are_skipped_with_a_warning_and_counted(tmp_path):

@@ -1,5 +1,6 @@
 """scripts/search.py on a generated gallery: the query's own image first, the cached index
 reused and rebuilt when the folder changes, the uncertainty flag."""
+
 import json
 import os
 import subprocess
@@ -8,11 +9,11 @@ import sys
 import pytest
 import torch
 
+from idml.cli import run_guarded, search_main
 from idml.data.synthetic import _class_image
 from idml.errors import UsageError
 from idml.export import build_exported, save_scripted
 from idml.models import IDMLNet
-from idml.cli import run_guarded, search_main
 from idml.search import INDEX_NAME, uncertainty_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +48,13 @@ def write_model(path, uncertainty):
 
 def search(*args):
     """scripts/search.py in a fresh process."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "search.py"), *args],
-                            capture_output=True, text=True, env=ENV, timeout=300)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "search.py"), *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -81,8 +87,7 @@ def test_query_from_the_gallery_comes_back_first(tmp_path, softplus_model, capsy
     assert os.path.isfile(os.path.join(gallery, INDEX_NAME))
 
     # Second search: the cached index; every query of the gallery finds itself first (JSON output).
-    again = search_here(capsys, "--model", softplus_model, "--gallery", gallery, "--query", *paths, "-k", "2",
-                        "--json")
+    again = search_here(capsys, "--model", softplus_model, "--gallery", gallery, "--query", *paths, "-k", "2", "--json")
     assert "cached index of 13 images" in again.err
     results = [json.loads(line) for line in again.out.splitlines()]
     assert [r["neighbours"][0]["path"] for r in results] == paths
@@ -118,15 +123,19 @@ def test_bad_arguments_exit_2(tmp_path, softplus_model, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     image = write_gallery(str(tmp_path / "gallery"), num_classes=1, per_class=1)[0]
-    for args, expected in [(["--gallery", str(empty), "--query", softplus_model], "is not a readable image"),
-                           (["--gallery", str(tmp_path / "none"), "--query", image], "is not a folder"),
-                           (["--gallery", str(empty), "--query", image], "holds no images")]:
+    for args, expected in [
+        (["--gallery", str(empty), "--query", softplus_model], "is not a readable image"),
+        (["--gallery", str(tmp_path / "none"), "--query", image], "is not a folder"),
+        (["--gallery", str(empty), "--query", image], "holds no images"),
+    ]:
         result = search_here(capsys, "--model", softplus_model, *args, code=2)
         assert expected in result.err
     foreign = str(tmp_path / "foreign.pt")
     torch.jit.script(torch.nn.Linear(3, 2)).save(foreign)
-    for model, expected in [(foreign, "is a TorchScript module, but not one written by scripts/export.py"),
-                            (str(empty), f"{empty} is a folder")]:
+    for model, expected in [
+        (foreign, "is a TorchScript module, but not one written by scripts/export.py"),
+        (str(empty), f"{empty} is a folder"),
+    ]:
         result = search_here(capsys, "--model", model, "--gallery", str(empty), "--query", image, code=2)
         assert expected in result.err
 

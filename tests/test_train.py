@@ -1,5 +1,6 @@
 """Training end to end: the step's three-term mixup loss, the run's outputs, resume,
 evaluation of a checkpoint, and every seed command line on its generated layout."""
+
 import glob
 import json
 import os
@@ -21,8 +22,22 @@ from idml.train import best_results_text, build_optimizer, claim_run_folder, idm
 pytestmark = pytest.mark.slow  # trains tiny runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "resnet18", "--pretrained", "none", "--embedding-size", "16", "--image-size", "32",
-        "--workers", "0", "--wandb", "disabled", "--warm", "0"]
+TINY = [
+    "--model",
+    "resnet18",
+    "--pretrained",
+    "none",
+    "--embedding-size",
+    "16",
+    "--image-size",
+    "32",
+    "--workers",
+    "0",
+    "--wandb",
+    "disabled",
+    "--warm",
+    "0",
+]
 
 
 def tiny_args(tmp_path, *extra):
@@ -30,8 +45,14 @@ def tiny_args(tmp_path, *extra):
 
 
 def run_script(script, *args, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "rmsprop"])
@@ -41,8 +62,13 @@ def test_optimizer_steps_as_the_plain_for_loop_update(optimizer):
     fp16 overflow made GradScaler skip (fused SGD fills its momentum there: torch 2.14)."""
     model, criterion = IDMLNet("resnet18", 8, "none"), ProxyAnchorISM(10, 8)
     fast = build_optimizer(train_parser().parse_args(["--optimizer", optimizer]), model, criterion)
-    groups = [{**{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
-               "params": [p.detach().clone().requires_grad_() for p in g["params"]]} for g in fast.param_groups]
+    groups = [
+        {
+            **{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
+            "params": [p.detach().clone().requires_grad_() for p in g["params"]],
+        }
+        for g in fast.param_groups
+    ]
     plain = type(fast)(groups, foreach=False)
     pairs = list(zip(*([p for g in o.param_groups for p in g["params"]] for o in (fast, plain))))
     scalers = [torch.amp.GradScaler("cpu") for _ in range(2)]
@@ -72,15 +98,18 @@ def test_step_loss_is_the_three_term_mixup_formula(bn_freeze):
     mixed = lam * images + (1 - lam) * images[permutation]
     (mu, sigma), (mu_mixed, sigma_mixed) = model(images), model(mixed)
     proxies = criterion.proxies
-    expected = (reference.pa_ism_loss(mu, sigma, labels, proxies)
-                + lam * reference.pa_ism_loss(mu_mixed, sigma_mixed, labels, proxies)
-                + (1 - lam) * reference.pa_ism_loss(mu_mixed, sigma_mixed, labels[permutation], proxies))
+    expected = (
+        reference.pa_ism_loss(mu, sigma, labels, proxies)
+        + lam * reference.pa_ism_loss(mu_mixed, sigma_mixed, labels, proxies)
+        + (1 - lam) * reference.pa_ism_loss(mu_mixed, sigma_mixed, labels[permutation], proxies)
+    )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_digits_run_writes_every_output(tmp_path):
-    args = tiny_args(tmp_path, "--dataset", "digits", "--epochs", "2", "--batch-size", "32", "--max-steps", "3",
-                     "--lr", "1e-4")
+    args = tiny_args(
+        tmp_path, "--dataset", "digits", "--epochs", "2", "--batch-size", "32", "--max-steps", "3", "--lr", "1e-4"
+    )
     state = train(args)
     run_dir = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))[0]
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -118,9 +147,20 @@ def test_resume_continues_after_the_last_epoch(tmp_path):
 
 
 def test_a_new_run_never_writes_into_an_earlier_runs_folder(tmp_path):
-    common = ["--dataset", "digits", "--batch-size", "32", "--max-steps", "1", "--epochs", "1", "--eval-clustering", "0"]
+    common = [
+        "--dataset",
+        "digits",
+        "--batch-size",
+        "32",
+        "--max-steps",
+        "1",
+        "--epochs",
+        "1",
+        "--eval-clustering",
+        "0",
+    ]
     train(tiny_args(tmp_path, *common))
-    first, = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))
+    (first,) = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))
     before = {name: open(os.path.join(first, name), "rb").read() for name in os.listdir(first)}
     train(tiny_args(tmp_path, *common))
     assert sorted(glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))) == [first, first + "_2"]
@@ -129,8 +169,7 @@ def test_a_new_run_never_writes_into_an_earlier_runs_folder(tmp_path):
 
 
 def test_evaluate_script_reproduces_the_final_metrics(tmp_path):
-    state = train(tiny_args(tmp_path, "--dataset", "digits", "--epochs", "1", "--batch-size", "32",
-                            "--max-steps", "2"))
+    state = train(tiny_args(tmp_path, "--dataset", "digits", "--epochs", "1", "--batch-size", "32", "--max-steps", "2"))
     run_dir = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))[0]
     expected = {k: v for k, v in state.history[-1].items() if k not in ("epoch", "loss")}
     for checkpoint in ("checkpoint_last.pt", "digits_resnet18_best.pth"):  # one epoch: the best is the last
@@ -144,8 +183,19 @@ def test_evaluate_script_reproduces_the_final_metrics(tmp_path):
 
 def test_wandb_offline_writes_its_run_folder(tmp_path):
     pytest.importorskip("wandb")
-    args = tiny_args(tmp_path, "--dataset", "digits", "--epochs", "1", "--batch-size", "32", "--max-steps", "1",
-                     "--eval-clustering", "0")
+    args = tiny_args(
+        tmp_path,
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--max-steps",
+        "1",
+        "--eval-clustering",
+        "0",
+    )
     args.wandb = "offline"
     train(args)
     assert glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "wandb" / "offline-run-*"))
@@ -153,11 +203,11 @@ def test_wandb_offline_writes_its_run_folder(tmp_path):
 
 SEED_COMMANDS = {
     "cub": "--gpu -1 --loss Proxy_Anchor --model resnet50 --embedding-size 512 --batch-size 120 --lr 6e-4 "
-           "--dataset cub --warm 5 --bn-freeze 1 --lr-decay-step 5",
+    "--dataset cub --warm 5 --bn-freeze 1 --lr-decay-step 5",
     "cars": "--gpu -1 --loss Proxy_Anchor --model resnet50 --embedding-size 512 --batch-size 120 --lr 2.5e-4 "
-            "--dataset cars --warm 5 --bn-freeze 1 --lr-decay-step 10",
+    "--dataset cars --warm 5 --bn-freeze 1 --lr-decay-step 10",
     "sop": "--gpu -1 --loss Proxy_Anchor --model resnet50 --embedding-size 512 --batch-size 120 --lr 6e-4 "
-           "--dataset SOP --warm 5 --bn-freeze 1 --lr-decay-step 10 --lr-decay-gamma 0.25",
+    "--dataset SOP --warm 5 --bn-freeze 1 --lr-decay-step 10 --lr-decay-gamma 0.25",
 }
 
 
@@ -166,17 +216,38 @@ def test_seed_command_runs_one_short_epoch_on_its_layout(tmp_path, layout):
     data = str(tmp_path / "data")
     WRITERS[layout](data, 20, 13)  # 10 train classes x 13 images >= the seed's batch of 120
     logs = str(tmp_path / "logs")
-    result = run_script("train.py", *SEED_COMMANDS[layout].split(), "--data-root", data, "--pretrained", "none",
-                        "--epochs", "1", "--image-size", "64", "--max-steps", "2", "--wandb", "disabled",
-                        "--workers", "2", "--LOG_DIR", logs)
+    result = run_script(
+        "train.py",
+        *SEED_COMMANDS[layout].split(),
+        "--data-root",
+        data,
+        "--pretrained",
+        "none",
+        "--epochs",
+        "1",
+        "--image-size",
+        "64",
+        "--max-steps",
+        "2",
+        "--wandb",
+        "disabled",
+        "--workers",
+        "2",
+        "--LOG_DIR",
+        logs,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     if not torch.cuda.is_available():
         assert "no GPU is visible: running on the CPU" in result.stderr
     assert "unseen-class metrics before training -> after training" in result.stdout
     dataset = {"sop": "SOP"}.get(layout, layout)
     run_dir = glob.glob(os.path.join(logs, f"logs_{dataset}", "resnet50_Proxy_Anchor_embedding512_*"))[0]
-    for name in ("checkpoint_last.pt", f"{dataset}_resnet50_best.pth", f"{dataset}_resnet50_best_results.txt",
-                 "metrics.jsonl"):
+    for name in (
+        "checkpoint_last.pt",
+        f"{dataset}_resnet50_best.pth",
+        f"{dataset}_resnet50_best_results.txt",
+        "metrics.jsonl",
+    ):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     expected_ks = ["R@1", "R@10", "R@100"] if layout == "sop" else ["R@1", "R@2", "R@4", "R@8"]

@@ -56,10 +56,9 @@ IDML_MULTIVERSION void scale_rows(const T* x, const T* factor, T* out, int64_t r
 // Per tile: columns' squared norms and both log-sum-exps; returns into `partial` the tile's
 // (sum of positive terms, number of columns with a positive, sum of negative terms).
 template <typename T, bool ISM>
-IDML_MULTIVERSION void forward_tile(const T* dots, const T* row_stats, const int64_t* labels,
-                                    const T* proxies, int64_t B, int64_t C, int64_t D,
-                                    const Params<T>& p, int64_t c0, int64_t c1, T* z, T* col_stats,
-                                    T* partial) {
+IDML_MULTIVERSION void forward_tile(const T* dots, const T* row_stats, const int64_t* labels, const T* proxies,
+                                    int64_t B, int64_t C, int64_t D, const Params<T>& p, int64_t c0, int64_t c1, T* z,
+                                    T* col_stats, T* partial) {
   const int64_t n = c1 - c0;
   T p_sq[kTile], inv_p[kTile], m[kTile], sum[kTile], m_pos[kTile], sum_pos[kTile];
   bool has_pos[kTile];
@@ -114,10 +113,9 @@ IDML_MULTIVERSION void forward_tile(const T* dots, const T* row_stats, const int
 // Per tile: the coefficient matrix columns, each row's (mu_sq, u) terms summed over the
 // tile into `row_partial` (2 x B), and grad_P's norm term 2 (sum_i p_sq term) p_c.
 template <typename T, bool ISM>
-IDML_MULTIVERSION void backward_tile(const T* dots, const T* row_stats, const T* col_stats,
-                                     const int64_t* labels, const T* proxies, int64_t B, int64_t C,
-                                     int64_t D, const Params<T>& p, T pos_weight, T neg_weight,
-                                     int64_t c0, int64_t c1, T* coeff, T* row_partial,
+IDML_MULTIVERSION void backward_tile(const T* dots, const T* row_stats, const T* col_stats, const int64_t* labels,
+                                     const T* proxies, int64_t B, int64_t C, int64_t D, const Params<T>& p,
+                                     T pos_weight, T neg_weight, int64_t c0, int64_t c1, T* coeff, T* row_partial,
                                      T* grad_proxies) {
   const int64_t n = c1 - c0;
   const T* p_sq = col_stats + c0;
@@ -137,9 +135,9 @@ IDML_MULTIVERSION void backward_tile(const T* dots, const T* row_stats, const T*
 #pragma omp simd reduction(+ : mu_term, u_term)
     for (int64_t j = 0; j < n; ++j) {
       const bool positive = j == label;
-      const pa_ism::Grad<T> g = pa_ism::element_grad<ISM>(
-          dots_i[j], row, Col<T>{p_sq[j], inv_p[j]}, positive, positive ? lse_pos[j] : lse_neg[j],
-          positive ? pos_weight : neg_weight, p);
+      const pa_ism::Grad<T> g =
+          pa_ism::element_grad<ISM>(dots_i[j], row, Col<T>{p_sq[j], inv_p[j]}, positive,
+                                    positive ? lse_pos[j] : lse_neg[j], positive ? pos_weight : neg_weight, p);
       coeff_i[j] = g.dots;
       col_term[j] += g.p_sq;
       mu_term += g.mu_sq;
@@ -166,11 +164,10 @@ Params<T> make_params(double margin, double alpha, double ism_offset, double ism
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_forward_cpu(
-    const at::Tensor& mu_in, const at::Tensor& sigma_in, const at::Tensor& labels_in,
-    const at::Tensor& proxies_in, double margin, double alpha, bool ism, double ism_offset,
-    double ism_scale) {
-  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in, margin, alpha,
-                                                   ism_offset, ism_scale, /*reduced_precision=*/false);
+    const at::Tensor& mu_in, const at::Tensor& sigma_in, const at::Tensor& labels_in, const at::Tensor& proxies_in,
+    double margin, double alpha, bool ism, double ism_offset, double ism_scale) {
+  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in, margin, alpha, ism_offset,
+                                                   ism_scale, /*reduced_precision=*/false);
   const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1);
   check_label_range(labels, C);
@@ -184,21 +181,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
     const Params<scalar_t> p = make_params<scalar_t>(margin, alpha, ism_offset, ism_scale);
     scalar_t* rows = row_stats.mutable_data_ptr<scalar_t>();
     // Serial below ATen's grain (B x D is small next to the B x C work).
-    at::parallel_for(0, B, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1)),
-                     [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        rows[i] = sum_of_squares(mu.const_data_ptr<scalar_t>() + i * D, D);
-        rows[B + i] = sum_of_squares(sigma.const_data_ptr<scalar_t>() + i * sigma.size(1), sigma.size(1));
-      }
-    });
+    at::parallel_for(
+        0, B, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(D, 1)), [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            rows[i] = sum_of_squares(mu.const_data_ptr<scalar_t>() + i * D, D);
+            rows[B + i] = sum_of_squares(sigma.const_data_ptr<scalar_t>() + i * sigma.size(1), sigma.size(1));
+          }
+        });
     at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
       std::vector<scalar_t> z(B * kTile);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = t * kTile, c1 = std::min(C, c0 + kTile);
         auto tile = ism ? forward_tile<scalar_t, true> : forward_tile<scalar_t, false>;
-        tile(dots.const_data_ptr<scalar_t>(), rows, label_ptr, proxies.const_data_ptr<scalar_t>(),
-             B, C, D, p, c0, c1, z.data(), col_stats.mutable_data_ptr<scalar_t>(),
-             partials.mutable_data_ptr<scalar_t>() + 3 * t);
+        tile(dots.const_data_ptr<scalar_t>(), rows, label_ptr, proxies.const_data_ptr<scalar_t>(), B, C, D, p, c0, c1,
+             z.data(), col_stats.mutable_data_ptr<scalar_t>(), partials.mutable_data_ptr<scalar_t>() + 3 * t);
       }
     });
   });
@@ -211,14 +207,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& mu_in, const at::Tensor& sigma_in,
-    const at::Tensor& labels_in, const at::Tensor& proxies_in, const at::Tensor& dots_in,
-    const at::Tensor& row_stats_in, const at::Tensor& col_stats_in,
-    const at::Tensor& num_positive_in, double margin, double alpha, bool ism, double ism_offset,
-    double ism_scale) {
+    const at::Tensor& grad_loss, const at::Tensor& mu_in, const at::Tensor& sigma_in, const at::Tensor& labels_in,
+    const at::Tensor& proxies_in, const at::Tensor& dots_in, const at::Tensor& row_stats_in,
+    const at::Tensor& col_stats_in, const at::Tensor& num_positive_in, double margin, double alpha, bool ism,
+    double ism_offset, double ism_scale) {
   const pa_ism::BackwardInputs checked = pa_ism::checked_backward_inputs(
-      grad_loss, mu_in, sigma_in, labels_in, proxies_in, dots_in, row_stats_in, col_stats_in, num_positive_in,
-      margin, alpha, ism_offset, ism_scale, /*reduced_precision=*/false);
+      grad_loss, mu_in, sigma_in, labels_in, proxies_in, dots_in, row_stats_in, col_stats_in, num_positive_in, margin,
+      alpha, ism_offset, ism_scale, /*reduced_precision=*/false);
   const at::Tensor &mu = checked.in.mu, &sigma = checked.in.sigma, &labels = checked.in.labels;
   const at::Tensor &proxies = checked.in.proxies, &dots = checked.dots, &row_stats = checked.row_stats;
   const at::Tensor &col_stats = checked.col_stats, &num_positive = checked.num_positive;
@@ -239,10 +234,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cpu(
         const int64_t c0 = t * kTile, c1 = std::min(C, c0 + kTile);
         auto tile = ism ? backward_tile<scalar_t, true> : backward_tile<scalar_t, false>;
         tile(dots.const_data_ptr<scalar_t>(), row_stats.const_data_ptr<scalar_t>(),
-             col_stats.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
-             proxies.const_data_ptr<scalar_t>(), B, C, D, p, pos_weight, neg_weight, c0, c1,
-             coeff.mutable_data_ptr<scalar_t>(), row_partials.mutable_data_ptr<scalar_t>() + t * 2 * B,
-             grad_proxies.mutable_data_ptr<scalar_t>());
+             col_stats.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), proxies.const_data_ptr<scalar_t>(),
+             B, C, D, p, pos_weight, neg_weight, c0, c1, coeff.mutable_data_ptr<scalar_t>(),
+             row_partials.mutable_data_ptr<scalar_t>() + t * 2 * B, grad_proxies.mutable_data_ptr<scalar_t>());
       }
     });
   });

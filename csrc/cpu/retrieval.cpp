@@ -19,8 +19,7 @@ struct Sorted {
   at::Tensor x, labels, order;  // order: original index of each sorted position (int64)
 };
 
-Sorted sort_by_label(const at::Tensor& x, const at::Tensor& labels, Precision precision,
-                     const Backend& backend) {
+Sorted sort_by_label(const at::Tensor& x, const at::Tensor& labels, Precision precision, const Backend& backend) {
   auto [sorted_labels, order] = at::sort(labels.to(at::kLong), /*stable=*/true, 0, false);
   auto rows = x.index_select(0, order).to(at::kFloat).contiguous();
   return {backend.prepare(rows, precision).contiguous(), sorted_labels.contiguous(), order};
@@ -59,10 +58,11 @@ std::vector<Tile> plan_tiles(int64_t nq, int64_t nr, bool symmetric, const Backe
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> compute_ranks(
-    const at::Tensor& queries, const at::Tensor& query_labels,
-    const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
-    int64_t max_r, int64_t max_k, const std::string& precision_name, const Backend& backend) {
+std::tuple<at::Tensor, at::Tensor> compute_ranks(const at::Tensor& queries, const at::Tensor& query_labels,
+                                                 const std::optional<at::Tensor>& references,
+                                                 const std::optional<at::Tensor>& reference_labels, int64_t max_r,
+                                                 int64_t max_k, const std::string& precision_name,
+                                                 const Backend& backend) {
   const Precision precision =
       checked_arguments(queries, query_labels, references, reference_labels, max_r, max_k, precision_name);
   const bool symmetric = !references.has_value();
@@ -150,19 +150,24 @@ std::tuple<at::Tensor, at::Tensor> compute_ranks(
   }
   auto length = num_relevant.to(at::kInt).contiguous();
   auto limit = num_relevant.clamp_min(std::min<int64_t>(max_k, nr)).to(at::kInt).contiguous();
-  auto threshold = at::where(num_relevant > 0,
-                             values.gather(1, (num_relevant - 1).clamp_min(0).unsqueeze(1)).squeeze(1),
-                             at::full({}, std::numeric_limits<float>::infinity(), float_opts))
-                       .contiguous();
+  auto threshold =
+      at::where(num_relevant > 0, values.gather(1, (num_relevant - 1).clamp_min(0).unsqueeze(1)).squeeze(1),
+                at::full({}, std::numeric_limits<float>::infinity(), float_opts))
+          .contiguous();
 
   // Phase 2: one pass over the similarity matrix in tiles (the upper triangle only in
   // symmetric mode); the epilogue counts the non-relevant items outranking each listed one.
   auto counts = at::zeros({nq, cap}, long_opts.dtype(at::kInt));
-  const Lists lists{values.data_ptr<float>(),      index.data_ptr<int32_t>(),
-                    limit.data_ptr<int32_t>(),     length.data_ptr<int32_t>(),
-                    threshold.data_ptr<float>(),   counts.data_ptr<int32_t>(),
-                    cap,                           q.labels.data_ptr<int64_t>(),
-                    r.labels.data_ptr<int64_t>(),  row_index.data_ptr<int32_t>(),
+  const Lists lists{values.data_ptr<float>(),
+                    index.data_ptr<int32_t>(),
+                    limit.data_ptr<int32_t>(),
+                    length.data_ptr<int32_t>(),
+                    threshold.data_ptr<float>(),
+                    counts.data_ptr<int32_t>(),
+                    cap,
+                    q.labels.data_ptr<int64_t>(),
+                    r.labels.data_ptr<int64_t>(),
+                    row_index.data_ptr<int32_t>(),
                     col_index.data_ptr<int32_t>()};
   const std::vector<Tile> tiles = plan_tiles(nq, nr, symmetric, backend);
   int64_t buffer_size = 0;
@@ -205,8 +210,7 @@ inline void count_candidate(const Lists& l, int64_t q, float s, int32_t i, int64
 // Calls visit(c) for every c in [begin, end) with sim[c] >= threshold[c]. Almost no
 // element passes, so blocks of 64 are first tested branch-free (this loop vectorises).
 template <typename Threshold, typename Visit>
-inline void for_each_passing(const float* sim, Threshold threshold, int64_t begin, int64_t end,
-                             Visit visit) {
+inline void for_each_passing(const float* sim, Threshold threshold, int64_t begin, int64_t end, Visit visit) {
   constexpr int64_t kBlock = 64;
   int64_t c = begin;
   for (; c + kBlock <= end; c += kBlock) {
@@ -236,11 +240,10 @@ void count_cpu(const Tile& tile, const Lists& l) {
       retrieval::shorten(l, q);
       if (l.length[q] == 0) continue;
       const int64_t c_begin = tile.symmetric ? std::max<int64_t>(0, q + 1 - tile.col0) : 0;
-      for_each_passing(tile.sim + r * tile.ld, Broadcast{l.threshold[q]}, c_begin, tile.cols,
-                       [&](int64_t c) {
-                         const int64_t i = tile.col0 + c;
-                         count_candidate(l, q, tile.sim[r * tile.ld + c], l.col_index[i], l.col_labels[i]);
-                       });
+      for_each_passing(tile.sim + r * tile.ld, Broadcast{l.threshold[q]}, c_begin, tile.cols, [&](int64_t c) {
+        const int64_t i = tile.col0 + c;
+        count_candidate(l, q, tile.sim[r * tile.ld + c], l.col_index[i], l.col_labels[i]);
+      });
     }
   });
   if (!tile.symmetric) return;
@@ -253,9 +256,7 @@ void count_cpu(const Tile& tile, const Lists& l) {
       const int64_t q = tile.row0 + r;
       const float* sim = tile.sim + r * tile.ld;
       for_each_passing(sim, l.threshold + tile.col0, std::max<int64_t>(c0, q + 1 - tile.col0), c1,
-                       [&](int64_t c) {
-                         count_candidate(l, tile.col0 + c, sim[c], l.row_index[q], l.row_labels[q]);
-                       });
+                       [&](int64_t c) { count_candidate(l, tile.col0 + c, sim[c], l.row_index[q], l.row_labels[q]); });
     }
   });
 }
@@ -283,10 +284,10 @@ retrieval::Backend cpu_backend() {
   return backend;
 }
 
-std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cpu(
-    const at::Tensor& queries, const at::Tensor& query_labels,
-    const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
-    int64_t max_r, int64_t max_k, c10::string_view precision) {
+std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cpu(const at::Tensor& queries, const at::Tensor& query_labels,
+                                                       const std::optional<at::Tensor>& references,
+                                                       const std::optional<at::Tensor>& reference_labels, int64_t max_r,
+                                                       int64_t max_k, c10::string_view precision) {
   static const retrieval::Backend backend = cpu_backend();
   return retrieval::compute_ranks(queries, query_labels, references, reference_labels, max_r, max_k,
                                   std::string(precision), backend);
@@ -295,6 +296,4 @@ std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cpu(
 }  // namespace
 }  // namespace idml
 
-TORCH_LIBRARY_IMPL(idml, CPU, m) {
-  m.impl("retrieval_ranks", &idml::retrieval_ranks_cpu);
-}
+TORCH_LIBRARY_IMPL(idml, CPU, m) { m.impl("retrieval_ranks", &idml::retrieval_ranks_cpu); }

@@ -37,11 +37,11 @@ using pa_ism::Col;
 using pa_ism::Params;
 using pa_ism::Row;
 
-constexpr int kWarp = 32;          // proxy columns per block of the column kernels
-constexpr int kMaxRowWarps = 32;   // 32 x 32 = 1024 threads, the CUDA block limit
+constexpr int kWarp = 32;         // proxy columns per block of the column kernels
+constexpr int kMaxRowWarps = 32;  // 32 x 32 = 1024 threads, the CUDA block limit
 constexpr int kReduceThreads = 256;
-constexpr int kRowChunk = 256;    // rows staged in shared memory at a time (RowTable)
-constexpr int kRowPrefetch = 4;   // rows of `dots` each warp loads before it uses the first
+constexpr int kRowChunk = 256;   // rows staged in shared memory at a time (RowTable)
+constexpr int kRowPrefetch = 4;  // rows of `dots` each warp loads before it uses the first
 
 // The column kernels' rows, staged in shared memory a chunk at a time: each row's values
 // (pa_ism::make_row) and label are computed once per block instead of by every lane for
@@ -87,9 +87,9 @@ __device__ int stage_rows(RowTable<acc_t>& table, const acc_t* __restrict__ row_
 // warp, so every lane calls body for every row and body may sum over the warp.
 template <typename acc_t, typename Body>
 __device__ __forceinline__ void for_each_row(RowTable<acc_t>& table, const acc_t* __restrict__ row_stats,
-                                             const int64_t* __restrict__ labels,
-                                             const acc_t* __restrict__ dots, int64_t B, int64_t C, int64_t c,
-                                             bool valid, const Params<acc_t>& p, Body body) {
+                                             const int64_t* __restrict__ labels, const acc_t* __restrict__ dots,
+                                             int64_t B, int64_t C, int64_t c, bool valid, const Params<acc_t>& p,
+                                             Body body) {
   const int warp = threadIdx.y, warps = blockDim.y;
   for (int64_t r0 = 0; r0 < B; r0 += row_chunk(warps)) {
     const int n = stage_rows(table, row_stats, labels, B, r0, warps, p);
@@ -179,8 +179,8 @@ dim3 column_block(Kernel kernel, int64_t B, int64_t blocks) {
 // row_stats = [|mu_i|^2; |sigma_i|^2], one block per row.
 template <typename scalar_t, typename acc_t>
 __global__ void row_norms_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ sigma,
-                                 const int64_t* __restrict__ labels, int64_t B, int64_t C, int64_t D,
-                                 int64_t D_sigma, acc_t* __restrict__ row_stats) {
+                                 const int64_t* __restrict__ labels, int64_t B, int64_t C, int64_t D, int64_t D_sigma,
+                                 acc_t* __restrict__ row_stats) {
   __shared__ acc_t shared[kWarp];
   const int64_t i = blockIdx.x;
   acc_t mu_sq = 0, sigma_sq = 0;
@@ -206,10 +206,10 @@ __global__ void row_norms_kernel(const scalar_t* __restrict__ mu, const scalar_t
 // Writes col_stats (3 x C) and block_partials[block] = (sum of positive terms, number of
 // columns with a positive, sum of negative terms) of the block's 32 columns.
 template <typename scalar_t, typename acc_t, bool ISM>
-__global__ void __launch_bounds__(1024) forward_kernel(
-    const acc_t* __restrict__ dots, const acc_t* __restrict__ row_stats,
-    const int64_t* __restrict__ labels, const scalar_t* __restrict__ proxies, int64_t B, int64_t C,
-    int64_t D, Params<acc_t> p, acc_t* __restrict__ col_stats, acc_t* __restrict__ block_partials) {
+__global__ void __launch_bounds__(1024)
+    forward_kernel(const acc_t* __restrict__ dots, const acc_t* __restrict__ row_stats,
+                   const int64_t* __restrict__ labels, const scalar_t* __restrict__ proxies, int64_t B, int64_t C,
+                   int64_t D, Params<acc_t> p, acc_t* __restrict__ col_stats, acc_t* __restrict__ block_partials) {
   __shared__ acc_t s_p_sq[kWarp];
   __shared__ acc_t s_m[2][kMaxRowWarps][kWarp];
   __shared__ acc_t s_sum[2][kMaxRowWarps][kWarp];
@@ -280,8 +280,8 @@ __global__ void __launch_bounds__(1024) forward_kernel(
 
 // loss = sum(positive terms) / max(|P+|, 1) + sum(negative terms) / C; one block.
 template <typename acc_t>
-__global__ void forward_finish_kernel(const acc_t* __restrict__ block_partials, int64_t num_blocks,
-                                      int64_t C, acc_t* __restrict__ loss, acc_t* __restrict__ num_positive) {
+__global__ void forward_finish_kernel(const acc_t* __restrict__ block_partials, int64_t num_blocks, int64_t C,
+                                      acc_t* __restrict__ loss, acc_t* __restrict__ num_positive) {
   __shared__ acc_t shared[kWarp];
   acc_t pos = 0, count = 0, neg = 0;
   for (int64_t b = threadIdx.x; b < num_blocks; b += blockDim.x) {
@@ -302,13 +302,13 @@ __global__ void forward_finish_kernel(const acc_t* __restrict__ block_partials, 
 // (per-row sums of the |mu|^2 and |sigma|^2 terms over the block's columns, 2 x B) and
 // grad_proxies rows of the block's columns = 2 (sum_i |p|^2 terms) p_c.
 template <typename scalar_t, typename acc_t, bool ISM>
-__global__ void __launch_bounds__(1024) backward_kernel(
-    const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ dots,
-    const acc_t* __restrict__ row_stats, const acc_t* __restrict__ col_stats,
-    const acc_t* __restrict__ num_positive, const int64_t* __restrict__ labels,
-    const scalar_t* __restrict__ proxies, int64_t B, int64_t C, int64_t D, Params<acc_t> p,
-    acc_t coeff_scale, scalar_t* __restrict__ coeff, acc_t* __restrict__ row_partials,
-    scalar_t* __restrict__ grad_proxies) {
+__global__ void __launch_bounds__(1024)
+    backward_kernel(const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ dots,
+                    const acc_t* __restrict__ row_stats, const acc_t* __restrict__ col_stats,
+                    const acc_t* __restrict__ num_positive, const int64_t* __restrict__ labels,
+                    const scalar_t* __restrict__ proxies, int64_t B, int64_t C, int64_t D, Params<acc_t> p,
+                    acc_t coeff_scale, scalar_t* __restrict__ coeff, acc_t* __restrict__ row_partials,
+                    scalar_t* __restrict__ grad_proxies) {
   __shared__ acc_t s_col[kMaxRowWarps][kWarp];
   __shared__ acc_t s_scale[kWarp];
   __shared__ RowTable<acc_t> s_rows;
@@ -361,9 +361,9 @@ __global__ void __launch_bounds__(1024) backward_kernel(
 // grad_sigma = 2 (sum of the |sigma|^2 terms) sigma_i; one block per row.
 template <typename scalar_t, typename acc_t>
 __global__ void backward_rows_kernel(const acc_t* __restrict__ row_partials, int64_t num_blocks,
-                                     const scalar_t* __restrict__ mu, const scalar_t* __restrict__ sigma,
-                                     int64_t B, int64_t D, int64_t D_sigma, bool ism,
-                                     scalar_t* __restrict__ grad_mu, scalar_t* __restrict__ grad_sigma) {
+                                     const scalar_t* __restrict__ mu, const scalar_t* __restrict__ sigma, int64_t B,
+                                     int64_t D, int64_t D_sigma, bool ism, scalar_t* __restrict__ grad_mu,
+                                     scalar_t* __restrict__ grad_sigma) {
   __shared__ acc_t shared[kWarp];
   const int64_t i = blockIdx.x;
   acc_t mu_term = 0, u_term = 0;
@@ -398,20 +398,18 @@ double coeff_scale_for(at::ScalarType dtype, double alpha) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_forward_cuda(
-    const at::Tensor& mu_in, const at::Tensor& sigma_in, const at::Tensor& labels_in,
-    const at::Tensor& proxies_in, double margin, double alpha, bool ism, double ism_offset,
-    double ism_scale) {
+    const at::Tensor& mu_in, const at::Tensor& sigma_in, const at::Tensor& labels_in, const at::Tensor& proxies_in,
+    double margin, double alpha, bool ism, double ism_offset, double ism_scale) {
   // Checked before the guard: a CPU tensor among CUDA ones gets the inputs' own message.
-  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in, margin, alpha,
-                                                   ism_offset, ism_scale, /*reduced_precision=*/true);
+  const pa_ism::Inputs in = pa_ism::checked_inputs(mu_in, sigma_in, labels_in, proxies_in, margin, alpha, ism_offset,
+                                                   ism_scale, /*reduced_precision=*/true);
   const c10::cuda::CUDAGuard device_guard(in.mu.device());
   const at::Tensor &mu = in.mu, &sigma = in.sigma, &labels = in.labels, &proxies = in.proxies;
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1), D_sigma = sigma.size(1);
   const at::ScalarType acc_type = at::toOpMathType(mu.scalar_type());
   const at::TensorOptions acc = mu.options().dtype(acc_type);
   // Half inputs: cuBLAS accumulates in float32 and, with out_dtype, also returns float32.
-  const at::Tensor dots = acc_type == mu.scalar_type() ? at::mm(mu, proxies.t())
-                                                       : at::mm(mu, proxies.t(), acc_type);
+  const at::Tensor dots = acc_type == mu.scalar_type() ? at::mm(mu, proxies.t()) : at::mm(mu, proxies.t(), acc_type);
   const at::Tensor row_stats = at::empty({2, B}, acc);
   const at::Tensor col_stats = at::empty({3, C}, acc);
   const at::Tensor loss = at::empty({}, acc);
@@ -424,8 +422,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
     const Params<acc_t> p = make_params<acc_t>(margin, alpha, ism_offset, ism_scale);
     if (B > 0) {
       row_norms_kernel<scalar_t, acc_t><<<B, kReduceThreads, 0, stream>>>(
-          mu.const_data_ptr<scalar_t>(), sigma.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), B, C,
-          D, D_sigma, row_stats.mutable_data_ptr<acc_t>());
+          mu.const_data_ptr<scalar_t>(), sigma.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), B, C, D,
+          D_sigma, row_stats.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     auto kernel = ism ? forward_kernel<scalar_t, acc_t, true> : forward_kernel<scalar_t, acc_t, false>;
@@ -434,31 +432,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_ism_fo
         proxies.const_data_ptr<scalar_t>(), B, C, D, p, col_stats.mutable_data_ptr<acc_t>(),
         block_partials.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    forward_finish_kernel<acc_t><<<1, kReduceThreads, 0, stream>>>(
-        block_partials.const_data_ptr<acc_t>(), blocks, C, loss.mutable_data_ptr<acc_t>(),
-        num_positive.mutable_data_ptr<acc_t>());
+    forward_finish_kernel<acc_t><<<1, kReduceThreads, 0, stream>>>(block_partials.const_data_ptr<acc_t>(), blocks, C,
+                                                                   loss.mutable_data_ptr<acc_t>(),
+                                                                   num_positive.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, dots, row_stats, col_stats, num_positive};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& mu_in, const at::Tensor& sigma_in,
-    const at::Tensor& labels_in, const at::Tensor& proxies_in, const at::Tensor& dots_in,
-    const at::Tensor& row_stats_in, const at::Tensor& col_stats_in,
-    const at::Tensor& num_positive_in, double margin, double alpha, bool ism, double ism_offset,
-    double ism_scale) {
+    const at::Tensor& grad_loss, const at::Tensor& mu_in, const at::Tensor& sigma_in, const at::Tensor& labels_in,
+    const at::Tensor& proxies_in, const at::Tensor& dots_in, const at::Tensor& row_stats_in,
+    const at::Tensor& col_stats_in, const at::Tensor& num_positive_in, double margin, double alpha, bool ism,
+    double ism_offset, double ism_scale) {
   // Checked before the guard, as in the forward.
   const pa_ism::BackwardInputs checked = pa_ism::checked_backward_inputs(
-      grad_loss, mu_in, sigma_in, labels_in, proxies_in, dots_in, row_stats_in, col_stats_in, num_positive_in,
-      margin, alpha, ism_offset, ism_scale, /*reduced_precision=*/true);
+      grad_loss, mu_in, sigma_in, labels_in, proxies_in, dots_in, row_stats_in, col_stats_in, num_positive_in, margin,
+      alpha, ism_offset, ism_scale, /*reduced_precision=*/true);
   const c10::cuda::CUDAGuard device_guard(checked.in.mu.device());
   const at::Tensor &mu = checked.in.mu, &sigma = checked.in.sigma, &labels = checked.in.labels;
   const at::Tensor &proxies = checked.in.proxies, &dots = checked.dots, &row_stats = checked.row_stats;
   const at::Tensor &col_stats = checked.col_stats, &num_positive = checked.num_positive;
   const at::ScalarType acc_type = at::toOpMathType(mu.scalar_type());
   const at::Tensor grad = grad_loss.to(mu.device(), acc_type).contiguous();  // a CPU scalar is fine
-  const bool unit_grad = mu.scalar_type() == at::kHalf;  // see coeff_scale_for
+  const bool unit_grad = mu.scalar_type() == at::kHalf;                      // see coeff_scale_for
   const at::Tensor kernel_grad = unit_grad ? at::ones({}, grad.options()) : grad;
   const int64_t B = mu.size(0), C = proxies.size(0), D = mu.size(1), D_sigma = sigma.size(1);
   const int64_t blocks = column_blocks(C);
@@ -474,16 +471,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_ism_backward_cuda(
     auto kernel = ism ? backward_kernel<scalar_t, acc_t, true> : backward_kernel<scalar_t, acc_t, false>;
     kernel<<<static_cast<unsigned>(blocks), column_block(kernel, B, blocks), 0, stream>>>(
         kernel_grad.const_data_ptr<acc_t>(), dots.const_data_ptr<acc_t>(), row_stats.const_data_ptr<acc_t>(),
-        col_stats.const_data_ptr<acc_t>(), num_positive.const_data_ptr<acc_t>(),
-        labels.const_data_ptr<int64_t>(), proxies.const_data_ptr<scalar_t>(), B, C, D, p,
-        acc_t(coeff_scale), coeff.mutable_data_ptr<scalar_t>(), row_partials.mutable_data_ptr<acc_t>(),
-        grad_proxies.mutable_data_ptr<scalar_t>());
+        col_stats.const_data_ptr<acc_t>(), num_positive.const_data_ptr<acc_t>(), labels.const_data_ptr<int64_t>(),
+        proxies.const_data_ptr<scalar_t>(), B, C, D, p, acc_t(coeff_scale), coeff.mutable_data_ptr<scalar_t>(),
+        row_partials.mutable_data_ptr<acc_t>(), grad_proxies.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (B > 0) {
       backward_rows_kernel<scalar_t, acc_t><<<B, kReduceThreads, 0, stream>>>(
-          row_partials.const_data_ptr<acc_t>(), blocks, mu.const_data_ptr<scalar_t>(),
-          sigma.const_data_ptr<scalar_t>(), B, D, D_sigma, ism, grad_mu.mutable_data_ptr<scalar_t>(),
-          grad_sigma.mutable_data_ptr<scalar_t>());
+          row_partials.const_data_ptr<acc_t>(), blocks, mu.const_data_ptr<scalar_t>(), sigma.const_data_ptr<scalar_t>(),
+          B, D, D_sigma, ism, grad_mu.mutable_data_ptr<scalar_t>(), grad_sigma.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

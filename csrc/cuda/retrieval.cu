@@ -15,7 +15,7 @@ using retrieval::Lists;
 using retrieval::Precision;
 using retrieval::Tile;
 
-constexpr int kThreads = 256;     // one thread per tile column
+constexpr int kThreads = 256;      // one thread per tile column
 constexpr int kRowsPerBlock = 16;  // rows each thread walks down
 static_assert(kRowsPerBlock <= 32, "count_kernel keeps one bit per row in a uint32_t");
 
@@ -148,9 +148,7 @@ retrieval::Backend cuda_backend() {
   backend.tile_rows = 2048;
   backend.tile_elements = int64_t{1} << 26;
   backend.diagonal_cols = 0;
-  backend.prepare = [](const at::Tensor& x, Precision p) {
-    return p == Precision::BF16 ? x.to(at::kBFloat16) : x;
-  };
+  backend.prepare = [](const at::Tensor& x, Precision p) { return p == Precision::BF16 ? x.to(at::kBFloat16) : x; };
   backend.gemm = [](const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Precision p) {
     const bool batched = a.dim() == 3;
     const at::Tensor bt = batched ? b.transpose(1, 2) : b.t();
@@ -165,10 +163,10 @@ retrieval::Backend cuda_backend() {
   return backend;
 }
 
-std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cuda(
-    const at::Tensor& queries, const at::Tensor& query_labels,
-    const std::optional<at::Tensor>& references, const std::optional<at::Tensor>& reference_labels,
-    int64_t max_r, int64_t max_k, c10::string_view precision) {
+std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cuda(const at::Tensor& queries, const at::Tensor& query_labels,
+                                                        const std::optional<at::Tensor>& references,
+                                                        const std::optional<at::Tensor>& reference_labels,
+                                                        int64_t max_r, int64_t max_k, c10::string_view precision) {
   // Optional: a CPU tensor among CUDA ones (dispatched here) reaches compute_ranks's
   // device checks and their message instead of the guard's.
   const c10::OptionalDeviceGuard device_guard(queries.device());
@@ -180,6 +178,4 @@ std::tuple<at::Tensor, at::Tensor> retrieval_ranks_cuda(
 }  // namespace
 }  // namespace idml
 
-TORCH_LIBRARY_IMPL(idml, CUDA, m) {
-  m.impl("retrieval_ranks", &idml::retrieval_ranks_cuda);
-}
+TORCH_LIBRARY_IMPL(idml, CUDA, m) { m.impl("retrieval_ranks", &idml::retrieval_ranks_cuda); }

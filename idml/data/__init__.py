@@ -1,4 +1,5 @@
 """Datasets by name: the embedded digits and the three image-retrieval benchmarks."""
+
 from idml.data.datasets import SPLITS, ImageFileDataset
 from idml.data.digits import DigitsDataset
 from idml.data.transforms import eval_transform, train_transform
@@ -19,7 +20,9 @@ def build_dataset(dataset: str, root: str, train: bool, image_size: int, augment
     items = SPLITS[dataset](root, train)
     classes = len({label for _, label in items})
     if classes < 2:  # one class: no loss to learn from, and every neighbour would be a hit
-        raise UsageError(f"the {'training' if train else 'test'} split of {dataset} under {root} holds "
-                         f"{classes} class; training and retrieval need at least 2")
+        raise UsageError(
+            f"the {'training' if train else 'test'} split of {dataset} under {root} holds "
+            f"{classes} class; training and retrieval need at least 2"
+        )
     transform = train_transform(image_size) if augment else eval_transform(image_size)
     return ImageFileDataset(items, transform)

@@ -27,13 +27,14 @@ truncated JPEG, say), the batch's files are decoded with PIL instead: PIL skips 
 the unreadable ones, the others keep their crop boxes and flips. Each of these is decided
 once per file and remembered: later batches hand the file to PIL, or drop it, directly.
 """
+
 import collections
 import contextlib
 import io
 import types
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -58,8 +59,9 @@ def import_dali() -> types.SimpleNamespace:
         from nvidia.dali import types as dali_types
         from nvidia.dali.plugin.pytorch import feed_ndarray
     except ImportError:
-        raise UsageError(f"--loader dali needs NVIDIA DALI, which is not installed: pip install {DALI_PACKAGE} "
-                         f"(or use --loader pil)") from None
+        raise UsageError(
+            f"--loader dali needs NVIDIA DALI, which is not installed: pip install {DALI_PACKAGE} (or use --loader pil)"
+        ) from None
     return types.SimpleNamespace(Pipeline=Pipeline, fn=fn, types=dali_types, feed_ndarray=feed_ndarray)
 
 
@@ -69,14 +71,16 @@ def image_files(dataset: Dataset) -> Items:
         items = image_files(dataset.dataset)
         return [items[i] for i in dataset.indices]
     if not isinstance(dataset, ImageFileDataset):
-        raise UsageError("--loader dali decodes image files, and --dataset digits is embedded in memory: "
-                         "use --loader pil for it")
+        raise UsageError(
+            "--loader dali decodes image files, and --dataset digits is embedded in memory: use --loader pil for it"
+        )
     return dataset.items
 
 
 @dataclass(frozen=True)
 class NotForDali:
     """What EncodedImages gives for an image in a format DALI does not decode."""
+
     path: str
     format: str
 
@@ -108,10 +112,12 @@ class EncodedImages(Dataset):
         return label, np.frombuffer(encoded, dtype=np.uint8), geometry
 
 
-def crop_boxes(geometries: List[tuple]) -> List[List[np.ndarray]]:
+def crop_boxes(geometries: list[tuple]) -> list[list[np.ndarray]]:
     """DALI's image_slice arguments for TrainDraws' boxes: anchors (x, y), shapes (width, height)."""
-    return [[np.array([left, top], np.int32) for top, left, *_ in geometries],
-            [np.array([width, height], np.int32) for _, _, height, width, _ in geometries]]
+    return [
+        [np.array([left, top], np.int32) for top, left, *_ in geometries],
+        [np.array([width, height], np.int32) for _, _, height, width, _ in geometries],
+    ]
 
 
 class DaliResampling:
@@ -124,23 +130,29 @@ class DaliResampling:
     def __init__(self, dali, train: bool, image_size: int, device: torch.device):
         self.dali, self.train, self.image_size, self.device = dali, train, image_size, device
 
-    def inputs(self, geometries: List[tuple]) -> List[list]:
+    def inputs(self, geometries: list[tuple]) -> list[list]:
         """DALI's per-image arguments besides the file bytes."""
         if self.train:
             return crop_boxes(geometries) + [[np.int32(flip) for *_, flip in geometries]]
         size = self.image_size
-        return [[np.array(resized, np.float32) for resized, _ in geometries],
-                # crop_mirror_normalize places the crop by its relative position (y, x)
-                [np.float32(top / max(height - size, 1)) for (height, _), (top, _) in geometries],
-                [np.float32(left / max(width - size, 1)) for (_, width), (_, left) in geometries]]
+        return [
+            [np.array(resized, np.float32) for resized, _ in geometries],
+            # crop_mirror_normalize places the crop by its relative position (y, x)
+            [np.float32(top / max(height - size, 1)) for (height, _), (top, _) in geometries],
+            [np.float32(left / max(width - size, 1)) for (_, width), (_, left) in geometries],
+        ]
 
     def graph(self, encoded, inputs):
         fn, dali_types = self.dali.fn, self.dali.types
         # Pillow's antialiased bilinear filter; subpixel_scale=False maps the whole source onto
         # the whole output, as Pillow does.
         resample = dict(interp_type=dali_types.INTERP_LINEAR, antialias=True, subpixel_scale=False)
-        normalise = dict(mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
-                         output_layout="CHW", dtype=dali_types.FLOAT)
+        normalise = dict(
+            mean=[255 * m for m in IMAGENET_MEAN],
+            std=[255 * s for s in IMAGENET_STD],
+            output_layout="CHW",
+            dtype=dali_types.FLOAT,
+        )
         size, decoder = self.image_size, "mixed" if self.device.type == "cuda" else "cpu"
         if self.train:
             anchor, shape, mirror = inputs
@@ -150,7 +162,7 @@ class DaliResampling:
         images = fn.resize(decode(self.dali, decoder, encoded), size=resized, **resample)
         return fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_y=crop_y, crop_pos_x=crop_x, **normalise)
 
-    def to_torch(self, images, geometries: List[tuple]) -> torch.Tensor:
+    def to_torch(self, images, geometries: list[tuple]) -> torch.Tensor:
         out = torch.empty((len(geometries), 3, self.image_size, self.image_size), device=self.device)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self.dali.feed_ndarray(images.as_tensor(), out, cuda_stream=stream)
@@ -168,17 +180,17 @@ class TorchResampling:
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
 
-    def inputs(self, geometries: List[tuple]) -> List[list]:
+    def inputs(self, geometries: list[tuple]) -> list[list]:
         return crop_boxes(geometries) if self.train else []
 
     def graph(self, encoded, inputs):
         return decode(self.dali, "cpu", encoded, *inputs)
 
-    def to_torch(self, images, geometries: List[tuple]) -> torch.Tensor:
+    def to_torch(self, images, geometries: list[tuple]) -> torch.Tensor:
         with one_torch_thread():
             return self._resample(images, geometries)
 
-    def _resample(self, images, geometries: List[tuple]) -> torch.Tensor:
+    def _resample(self, images, geometries: list[tuple]) -> torch.Tensor:
         size = self.image_size
         out = torch.empty((len(geometries), 3, size, size))
         for i, geometry in enumerate(geometries):
@@ -189,7 +201,7 @@ class TorchResampling:
                     image = image.flip(-1)
             else:
                 resized, (top, left) = geometry
-                image = resize(pixels, resized)[:, top:top + size, left:left + size]
+                image = resize(pixels, resized)[:, top : top + size, left : left + size]
             torch.sub(image, self.mean, out=out[i]).div_(self.std)
         return out
 
@@ -209,8 +221,9 @@ def one_torch_thread():
 
 def resize(pixels: torch.Tensor, size: tuple) -> torch.Tensor:
     """Pillow's bilinear resize (antialiased when shrinking) of 1CHW uint8 pixels, as CHW uint8."""
-    return torch.nn.functional.interpolate(pixels, size=tuple(size), mode="bilinear", antialias=True,
-                                           align_corners=False)[0]
+    return torch.nn.functional.interpolate(
+        pixels, size=tuple(size), mode="bilinear", antialias=True, align_corners=False
+    )[0]
 
 
 def decode(dali, device: str, encoded, anchor=None, shape=None):
@@ -227,6 +240,7 @@ class Batch:
     """One batch of indices split between DALI and PIL: DALI's share (its positions in the
     batch, labels, file bytes, geometries), PIL's decoded (position, image, label) and the
     paths of the unreadable files dropped."""
+
     items: list
     positions: list = field(default_factory=list)
     labels: list = field(default_factory=list)
@@ -247,8 +261,16 @@ class DaliLoader:
     least one). Each iteration builds its own pipeline, so an epoch left early (--max-steps)
     leaves nothing queued for the next."""
 
-    def __init__(self, dataset: Dataset, batches: Iterable[List], batch_size: int, image_size: int,
-                 device: torch.device, workers: int, seed: Optional[int] = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batches: Iterable[list],
+        batch_size: int,
+        image_size: int,
+        device: torch.device,
+        workers: int,
+        seed: int | None = None,
+    ):
         items = image_files(dataset)
         dali = import_dali()
         self.dali, self.batches, self.batch_size, self.device = dali, batches, batch_size, device
@@ -303,7 +325,7 @@ class DaliLoader:
             else:
                 yield self._assemble(batch, self.resampling.to_torch(outcome, batch.geometries))
 
-    def _split(self, items: List) -> Batch:
+    def _split(self, items: list) -> Batch:
         """The batch's files for DALI, those PIL decodes now, and the unreadable ones."""
         batch = Batch(items)
         for position, item in enumerate(items):
@@ -317,8 +339,11 @@ class DaliLoader:
             sample = self.samples[item]
             if isinstance(sample, NotForDali):
                 self.for_pil.add(index)
-                warnings.warn(f"decoding {sample.path} with PIL: it is a {sample.format} file, which DALI does not "
-                              f"decode (whatever its name says)", stacklevel=4)
+                warnings.warn(
+                    f"decoding {sample.path} with PIL: it is a {sample.format} file, which DALI does not "
+                    f"decode (whatever its name says)",
+                    stacklevel=4,
+                )
                 self._add_pil(batch, position, item)
             elif isinstance(sample, Unreadable):
                 self.unreadable.add(index)
@@ -340,7 +365,7 @@ class DaliLoader:
         else:
             batch.pil.append((position, *sample))
 
-    def _assemble(self, batch: Batch, images: Optional[torch.Tensor]):
+    def _assemble(self, batch: Batch, images: torch.Tensor | None):
         """(images, labels, dropped) of a batch in its order: DALI's `images` (None when it
         was not given the batch) and PIL's."""
         dropped = tuple(batch.dropped)
@@ -355,19 +380,23 @@ class DaliLoader:
         """source's file bytes and arguments -> DALI's graph (the resampling's) -> the images."""
         gpu = self.device.type == "cuda"
         device_id = (torch.cuda.current_device() if self.device.index is None else self.device.index) if gpu else None
-        pipe = self.dali.Pipeline(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
-                                  prefetch_queue_depth=PREFETCH)
+        pipe = self.dali.Pipeline(
+            batch_size=self.batch_size, num_threads=self.threads, device_id=device_id, prefetch_queue_depth=PREFETCH
+        )
         with pipe:
-            encoded, *inputs = self.dali.fn.external_source(source, num_outputs=1 + self.resampling.arguments,
-                                                            batch=True)
+            encoded, *inputs = self.dali.fn.external_source(
+                source, num_outputs=1 + self.resampling.arguments, batch=True
+            )
             pipe.set_outputs(self.resampling.graph(encoded, inputs))
         return pipe
 
     def _decode_with_pil(self, batch: Batch) -> None:
         """DALI failed on `batch`: PIL decodes its share; a file PIL cannot decode either is
         what failed, and is dropped from now on."""
-        warnings.warn(f"DALI could not decode an image of a batch of {len(batch.items)}: decoding that batch with "
-                      f"PIL", stacklevel=4)
+        warnings.warn(
+            f"DALI could not decode an image of a batch of {len(batch.items)}: decoding that batch with PIL",
+            stacklevel=4,
+        )
         for position in batch.positions:
             self._add_pil(batch, position, batch.items[position])
         batch.positions, batch.labels, batch.encoded, batch.geometries = [], [], [], []

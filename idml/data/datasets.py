@@ -5,19 +5,20 @@ section 6) and returns the (path, label) list of one split, labels renumbered 0.
 the order of the original class ids. Bad layouts raise UsageError naming what was
 expected where.
 """
+
 import os
 import re
 import stat
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
 
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from idml.errors import UsageError
 
-Items = List[Tuple[str, int]]
+Items = list[tuple[str, int]]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 CUB_LAYOUT = "CUB_200_2011/images/<NNN.Name>/<file>.jpg"
@@ -43,7 +44,7 @@ def _require(path: str, layout: str, dataset: str, kind: str = "folder") -> None
         raise UsageError(f"{dataset} {kind} not found: expected {path} (layout: <data-root>/{layout})")
 
 
-def _listdir(folder: str, dataset: str) -> List[str]:
+def _listdir(folder: str, dataset: str) -> list[str]:
     """The names in `folder`, hidden ones left out; UsageError when it cannot be read."""
     try:
         return [name for name in os.listdir(folder) if not _is_hidden(name)]
@@ -57,14 +58,16 @@ def _is_class_folder(path: str) -> bool:
     try:
         return stat.S_ISDIR(os.stat(path).st_mode)
     except OSError as error:
-        raise UsageError(f"CUB-200-2011: {path} cannot be opened ({error.strerror}): expected a class folder "
-                         f"(remove it or repair the link)") from None
+        raise UsageError(
+            f"CUB-200-2011: {path} cannot be opened ({error.strerror}): expected a class folder "
+            f"(remove it or repair the link)"
+        ) from None
 
 
 CLASS_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: int() also takes '\u0663' and str.isdigit() '\u00b2'
 
 
-def _text_lines(list_file: str, dataset: str = "") -> Iterator[Tuple[int, str]]:
+def _text_lines(list_file: str, dataset: str = "") -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 list file; UsageError naming the first line that is not UTF-8."""
     with open(list_file, "rb") as f:
         lines = f.read().splitlines()
@@ -72,8 +75,10 @@ def _text_lines(list_file: str, dataset: str = "") -> Iterator[Tuple[int, str]]:
         try:
             yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")  # the BOM some editors write
         except UnicodeDecodeError as error:
-            raise UsageError(f"{dataset}line {number} of {list_file} is not UTF-8 text (byte {raw[error.start]:#04x} "
-                             f"at column {error.start + 1})") from None
+            raise UsageError(
+                f"{dataset}line {number} of {list_file} is not UTF-8 text (byte {raw[error.start]:#04x} "
+                f"at column {error.start + 1})"
+            ) from None
 
 
 def cub_split(root: str, train: bool) -> Items:
@@ -82,8 +87,9 @@ def cub_split(root: str, train: bool) -> Items:
     _require(images, CUB_LAYOUT, "CUB-200-2011")
     classes = sorted(d for d in _listdir(images, "CUB-200-2011") if _is_class_folder(os.path.join(images, d)))
     if len(classes) < 2:
-        raise UsageError(f"CUB-200-2011: expected class folders like 001.Black_footed_Albatross in {images}, "
-                         f"found {len(classes)}")
+        raise UsageError(
+            f"CUB-200-2011: expected class folders like 001.Black_footed_Albatross in {images}, found {len(classes)}"
+        )
     half = len(classes) // 2
     chosen = classes[:half] if train else classes[half:]
     items = []
@@ -108,8 +114,10 @@ def cars_split(root: str, train: bool) -> Items:
         annotations = scipy.io.loadmat(annotations_file)["annotations"][0]
         entries = [(str(a["relative_im_path"][0]), int(a["class"][0][0])) for a in annotations]
     except Exception as error:
-        raise UsageError(f"Cars196: {annotations_file} is not a readable cars_annos.mat "
-                         f"(expected an 'annotations' struct with relative_im_path and class): {error}") from None
+        raise UsageError(
+            f"Cars196: {annotations_file} is not a readable cars_annos.mat "
+            f"(expected an 'annotations' struct with relative_im_path and class): {error}"
+        ) from None
     num_classes = max(c for _, c in entries)
     half = num_classes // 2
     items = [(os.path.join(folder, path), c) for path, c in entries if (c <= half) == train]
@@ -117,8 +125,10 @@ def cars_split(root: str, train: bool) -> Items:
         raise UsageError(f"Cars196: {annotations_file} lists no images of the {'train' if train else 'test'} classes")
     missing = [path for path, _ in items if not os.path.isfile(path)]
     if missing:
-        raise UsageError(f"Cars196: {len(missing)} images listed in {annotations_file} are missing, "
-                         f"e.g. {missing[0]} (layout: <data-root>/{CARS_LAYOUT})")
+        raise UsageError(
+            f"Cars196: {len(missing)} images listed in {annotations_file} are missing, "
+            f"e.g. {missing[0]} (layout: <data-root>/{CARS_LAYOUT})"
+        )
     return _renumber(items)
 
 
@@ -131,8 +141,10 @@ def sop_split(root: str, train: bool) -> Items:
     folders = [os.path.join(root, name) for name in SOP_FOLDERS]
     folder = next((f for f in folders if os.path.isdir(f)), None)
     if folder is None:
-        raise UsageError(f"Stanford Online Products folder not found: expected {folders[0]} "
-                         f"(or {folders[1]}) with Ebay_train.txt and Ebay_test.txt")
+        raise UsageError(
+            f"Stanford Online Products folder not found: expected {folders[0]} "
+            f"(or {folders[1]}) with Ebay_train.txt and Ebay_test.txt"
+        )
     list_file = os.path.join(folder, "Ebay_train.txt" if train else "Ebay_test.txt")
     _require(list_file, SOP_LAYOUT, "Stanford Online Products", kind="file")
     items = []
@@ -141,8 +153,10 @@ def sop_split(root: str, train: bool) -> Items:
             continue
         fields = line.split()
         if len(fields) != 4 or not CLASS_ID.fullmatch(fields[1]):
-            raise UsageError(f"Stanford Online Products: line {number} of {list_file} should read "
-                             f"'image_id class_id super_class_id path', got {line!r}")
+            raise UsageError(
+                f"Stanford Online Products: line {number} of {list_file} should read "
+                f"'image_id class_id super_class_id path', got {line!r}"
+            )
         items.append((os.path.join(folder, fields[3]), int(fields[1])))
     if not items:
         raise UsageError(f"Stanford Online Products: {list_file} lists no images")
@@ -165,8 +179,11 @@ def custom_split(root: str, train: bool) -> Items:
         trained = {label for _, label in _custom_list(root, os.path.join(root, "train.txt"))}
         seen = trained & {label for _, label in items}
         if seen:
-            warnings.warn(f"{len(seen)} class ids of {list_file} also occur in train.txt "
-                          f"(e.g. {min(seen)}): the test metrics are then not on unseen classes", stacklevel=2)
+            warnings.warn(
+                f"{len(seen)} class ids of {list_file} also occur in train.txt "
+                f"(e.g. {min(seen)}): the test metrics are then not on unseen classes",
+                stacklevel=2,
+            )
     return _renumber(items)
 
 
@@ -180,11 +197,14 @@ def _custom_list(root: str, list_file: str) -> Items:
             continue
         path, _, label = line.rpartition(" ")
         if not path.strip() or not CLASS_ID.fullmatch(label):
-            raise UsageError(f"line {number} of {list_file} should read 'relative/path.jpg class_id' "
-                             f"(class_id in digits 0-9), got {line!r}")
+            raise UsageError(
+                f"line {number} of {list_file} should read 'relative/path.jpg class_id' "
+                f"(class_id in digits 0-9), got {line!r}"
+            )
         if int(label) < 0:
-            raise UsageError(f"class id {label} on line {number} of {list_file} is out of range: "
-                             f"expected an integer >= 0")
+            raise UsageError(
+                f"class id {label} on line {number} of {list_file} is out of range: expected an integer >= 0"
+            )
         items.append((_under_root(root, path, list_file, number), int(label)))
     if not items:
         raise UsageError(f"{list_file} lists no images (expected {CUSTOM_LAYOUT})")
@@ -196,8 +216,10 @@ def _under_root(root: str, path: str, list_file: str, number: int) -> str:
     on the names, not through links: a data root may link to the disk its images are on."""
     joined = os.path.normpath(os.path.join(root, path))
     if os.path.isabs(path) or os.path.relpath(joined, os.path.normpath(root)).split(os.sep)[0] == os.pardir:
-        raise UsageError(f"line {number} of {list_file} names {path}, which lies outside --data-root {root}: "
-                         f"expected a path relative to it")
+        raise UsageError(
+            f"line {number} of {list_file} names {path}, which lies outside --data-root {root}: "
+            f"expected a path relative to it"
+        )
     return os.path.join(root, path)
 
 
@@ -240,10 +262,11 @@ class ImageFileDataset(Dataset):
 @dataclass(frozen=True)
 class Unreadable:
     """What a dataset gives for an image it could not decode."""
+
     path: str
 
 
-def drop_unreadable(samples) -> Tuple[list, Tuple[str, ...]]:
+def drop_unreadable(samples) -> tuple[list, tuple[str, ...]]:
     """(the readable samples, the paths of the unreadable ones)."""
     valid = [sample for sample in samples if not isinstance(sample, Unreadable)]
     return valid, tuple(sample.path for sample in samples if isinstance(sample, Unreadable))
@@ -268,6 +291,8 @@ class BadImageBudget:
     def add(self, dropped: Sequence[str]) -> None:
         self.paths.update(dropped)
         if len(self.paths) > self.limit:
-            raise UsageError(f"{len(self.paths)} images could not be decoded, more than --max-bad-images "
-                             f"{self.limit} (their paths are in the warnings above): repair or remove them, or "
-                             f"raise the limit")
+            raise UsageError(
+                f"{len(self.paths)} images could not be decoded, more than --max-bad-images "
+                f"{self.limit} (their paths are in the warnings above): repair or remove them, or "
+                f"raise the limit"
+            )

@@ -13,6 +13,7 @@ each (digit, symmetry) pair is its own class: 5 x 8 = 40 training classes of 899
 each. Only images of 0-4 are used; the test split (5-9, upright) is untouched.
 `symmetry_classes=False` gives the plain 5-class training split.
 """
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset

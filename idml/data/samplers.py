@@ -6,7 +6,8 @@ For exact resumption, even mid-epoch and whatever the number of loader processes
 draw carries its own augmentation seed: the samplers yield (index, draw) pairs and
 SeededSamples seeds torch's generator from (seed, draw) before loading that image.
 """
-from typing import Iterator, List, Sequence, Tuple
+
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,8 +21,10 @@ class EpochBatchSampler(Sampler):
 
     def __init__(self, labels: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
-            raise UsageError(f"--batch-size {batch_size} (the global batch) must be divisible by "
-                             f"the number of processes, {world_size}")
+            raise UsageError(
+                f"--batch-size {batch_size} (the global batch) must be divisible by "
+                f"the number of processes, {world_size}"
+            )
         if batch_size > len(labels):
             raise UsageError(f"--batch-size {batch_size} is larger than the training set ({len(labels)} images)")
         self.labels = np.asarray(labels)
@@ -45,7 +48,7 @@ class EpochBatchSampler(Sampler):
         """The size of this rank's share of every global batch."""
         return self.batch_size // self.world_size
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         per_rank = self.rank_batch_size
         mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
@@ -65,7 +68,7 @@ class RandomBatchSampler(EpochBatchSampler):
     def global_batches(self, rng):
         order = rng.permutation(len(self.labels))
         for b in range(self.num_batches):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
 
 
 class BalancedBatchSampler(EpochBatchSampler):
@@ -79,8 +82,10 @@ class BalancedBatchSampler(EpochBatchSampler):
             raise UsageError(f"--batch-size {batch_size} must be a multiple of --IPC {images_per_class}")
         self.classes_per_batch = batch_size // images_per_class
         if self.classes_per_batch > len(classes):
-            raise UsageError(f"--batch-size {batch_size} / --IPC {images_per_class} = {self.classes_per_batch} "
-                             f"classes per batch, but the training set has only {len(classes)}")
+            raise UsageError(
+                f"--batch-size {batch_size} / --IPC {images_per_class} = {self.classes_per_batch} "
+                f"classes per batch, but the training set has only {len(classes)}"
+            )
         self.images_per_class = images_per_class
         self.members = [np.flatnonzero(self.labels == c) for c in classes]
 
@@ -101,7 +106,7 @@ class SeededSamples(Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, item: Tuple[int, int]):
+    def __getitem__(self, item: tuple[int, int]):
         index, draw = item
         with torch.random.fork_rng(devices=[]):
             # Only the CPU generator, the one fork_rng restores (torch.manual_seed would also

@@ -10,6 +10,7 @@ cars_annos.mat written with scipy in the real file's structure, SOP the Ebay_*.t
 .idml-synthetic file listing what it wrote; --force writes again only into such a folder,
 and only when every file in it is one it wrote: it never writes over or beside real data.
 """
+
 import json
 import os
 
@@ -61,29 +62,47 @@ def write_cars(out: str, num_classes: int, per_class: int, seed: int = 0) -> Non
     import scipy.io
 
     folder = os.path.join(out, "cars196")
-    fields = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"),
-              ("bbox_y2", "O"), ("class", "O"), ("test", "O")]
+    fields = [
+        ("relative_im_path", "O"),
+        ("bbox_x1", "O"),
+        ("bbox_y1", "O"),
+        ("bbox_x2", "O"),
+        ("bbox_y2", "O"),
+        ("class", "O"),
+        ("test", "O"),
+    ]
     records = []
     for index, label, image, grey in _images(num_classes, per_class, seed):
         relative = f"car_ims/{index + 1:06d}.jpg"
         _save(image, os.path.join(folder, relative), grey)
         w, h = image.size
         # loadmat gives every MATLAB scalar back as a 1x1 array and a string as a 1-element array.
-        records.append((np.array([relative]), np.array([[1]], np.uint8), np.array([[1]], np.uint8),
-                        np.array([[w]], np.uint16), np.array([[h]], np.uint16),
-                        np.array([[label + 1]], np.uint8), np.array([[index % 2]], np.uint8)))
+        records.append(
+            (
+                np.array([relative]),
+                np.array([[1]], np.uint8),
+                np.array([[1]], np.uint8),
+                np.array([[w]], np.uint16),
+                np.array([[h]], np.uint16),
+                np.array([[label + 1]], np.uint8),
+                np.array([[index % 2]], np.uint8),
+            )
+        )
     annotations = np.empty((1, len(records)), dtype=fields)
     for i, record in enumerate(records):
         annotations[0, i] = record
     class_names = np.empty((1, num_classes), dtype=object)
     for c in range(num_classes):
         class_names[0, c] = np.array([f"Synthetic Car {c + 1}"])
-    atomic_write(os.path.join(folder, "cars_annos.mat"),
-                 lambda f: scipy.io.savemat(f, {"annotations": annotations, "class_names": class_names}))
+    atomic_write(
+        os.path.join(folder, "cars_annos.mat"),
+        lambda f: scipy.io.savemat(f, {"annotations": annotations, "class_names": class_names}),
+    )
 
 
-def write_sop(out: str, num_classes: int, per_class: int, seed: int = 0,
-              folder_name: str = "Stanford_Online_Products") -> None:
+def write_sop(
+    out: str, num_classes: int, per_class: int, seed: int = 0, folder_name: str = "Stanford_Online_Products"
+) -> None:
     folder = os.path.join(out, folder_name)
     super_classes = ("bicycle", "chair")
     rows = []
@@ -125,8 +144,11 @@ def _files_under(folder: str) -> list:
     for root, dirs, files in os.walk(folder):
         found += [os.path.relpath(os.path.join(root, name), folder) for name in files]
         # A link to a folder is not descended into; it is something the folder holds all the same.
-        found += [os.path.relpath(os.path.join(root, name), folder) for name in dirs
-                  if os.path.islink(os.path.join(root, name))]
+        found += [
+            os.path.relpath(os.path.join(root, name), folder)
+            for name in dirs
+            if os.path.islink(os.path.join(root, name))
+        ]
     return sorted(found)
 
 
@@ -134,23 +156,31 @@ def _claim_for_rewrite(out: str, existing: list, force: bool) -> None:
     """Removes the files of a previous synthetic data set in `out`, or refuses."""
     marker = os.path.join(out, MARKER)
     if not force:
-        raise UsageError(f"--out {out} is not empty: synthetic.py writes only into a new or empty folder "
-                         f"(--force rewrites a synthetic data set it wrote there before)")
+        raise UsageError(
+            f"--out {out} is not empty: synthetic.py writes only into a new or empty folder "
+            f"(--force rewrites a synthetic data set it wrote there before)"
+        )
     if not os.path.isfile(marker):
-        raise UsageError(f"--out {out} holds files synthetic.py did not write (it has no {MARKER} file), so "
-                         f"even --force does not write there: choose a new or empty folder")
+        raise UsageError(
+            f"--out {out} holds files synthetic.py did not write (it has no {MARKER} file), so "
+            f"even --force does not write there: choose a new or empty folder"
+        )
     try:
         with open(marker) as f:
             record = json.load(f)
         owned = set(record["files"]) if record["complete"] else None
     except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"--out {out}: {marker} is damaged, so which files synthetic.py wrote is unknown: "
-                         f"choose a new or empty folder") from None
+        raise UsageError(
+            f"--out {out}: {marker} is damaged, so which files synthetic.py wrote is unknown: "
+            f"choose a new or empty folder"
+        ) from None
     # After an interrupted run the list is missing; the folder held only synthetic files when it began.
     foreign = [name for name in existing if name != MARKER and owned is not None and name not in owned]
     if foreign:
-        raise UsageError(f"--out {out} holds {len(foreign)} files synthetic.py did not write (e.g. {foreign[0]}), "
-                         f"so even --force does not write there: move them, or choose a new or empty folder")
+        raise UsageError(
+            f"--out {out} holds {len(foreign)} files synthetic.py did not write (e.g. {foreign[0]}), "
+            f"so even --force does not write there: move them, or choose a new or empty folder"
+        )
     for name in existing:
         os.unlink(os.path.join(out, name))
     for root, dirs, _ in os.walk(out, topdown=False):  # the folders the files were in, now empty

@@ -1,7 +1,6 @@
 """Image transforms of the published recipe (docs/method.md, section 4.2), sized by
 --image-size: train RandomResizedCrop + horizontal flip, eval Resize(size * 256/224) +
 CenterCrop(size); ImageNet mean/std normalisation."""
-from typing import Tuple
 
 import torch
 from torchvision import transforms
@@ -16,12 +15,14 @@ def resize_size(image_size: int) -> int:
 
 
 def train_transform(image_size: int):
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 class TrainDraws:
@@ -33,13 +34,13 @@ class TrainDraws:
     def __init__(self, image_size: int):
         self.crop, self.flip = train_transform(image_size).transforms[:2]
 
-    def __call__(self, image) -> Tuple[int, int, int, int, bool]:
+    def __call__(self, image) -> tuple[int, int, int, int, bool]:
         """(top, left, height, width, flip)."""
         top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
         return top, left, height, width, bool(torch.rand(1) < self.flip.p)
 
 
-def eval_geometry(width: int, height: int, image_size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+def eval_geometry(width: int, height: int, image_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """What eval_transform(image_size) does to a width x height image, computed as torchvision
     does: the (height, width) after Resize (the longer side truncated) and the (top, left)
     corner of the CenterCrop (Python's round, halves to even)."""
@@ -51,9 +52,11 @@ def eval_geometry(width: int, height: int, image_size: int) -> Tuple[Tuple[int, 
 
 
 def eval_transform(image_size: int):
-    return transforms.Compose([
-        transforms.Resize(resize_size(image_size)),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(resize_size(image_size)),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )

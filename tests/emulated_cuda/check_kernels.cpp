@@ -33,9 +33,10 @@ double error(const at::Tensor& a, const at::Tensor& b, bool normwise) {
 
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, bool, double, double);
-using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, bool, double, double);
+using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                double, double, bool, double, double);
 
 // Inputs as tests/test_pa_ism_op.py makes them: row norms spread over [0.1, 3], relu-like
 // sigma, a proxy with many positives and one sample exactly on its proxy.
@@ -60,17 +61,15 @@ void check_pa_ism(int64_t B, int64_t C, int64_t D, at::ScalarType dtype, bool is
   auto [grad_mu, grad_sigma, grad_proxies] = idml::pa_ism_backward_cuda(
       grad_loss, mu, sigma, labels, proxies, dots, rows, cols, positives, margin, alpha, ism, offset, scale);
 
-  static auto cpu_forward =
-      c10::Dispatcher::singleton().findSchemaOrThrow("idml::pa_ism_forward", "").typed<Forward>();
+  static auto cpu_forward = c10::Dispatcher::singleton().findSchemaOrThrow("idml::pa_ism_forward", "").typed<Forward>();
   static auto cpu_backward =
       c10::Dispatcher::singleton().findSchemaOrThrow("idml::pa_ism_backward", "").typed<Backward>();
   const at::ScalarType cpu_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor m = mu.to(cpu_type), s = sigma.to(cpu_type), p = proxies.to(cpu_type);
   auto [r_loss, r_dots, r_rows, r_cols, r_positives] =
       cpu_forward.call(m, s, labels, p, margin, alpha, ism, offset, scale);
-  auto [r_mu, r_sigma, r_proxies] = cpu_backward.call(at::scalar_tensor(0.7, r_loss.options()), m, s, labels, p,
-                                                      r_dots, r_rows, r_cols, r_positives, margin, alpha, ism,
-                                                      offset, scale);
+  auto [r_mu, r_sigma, r_proxies] = cpu_backward.call(at::scalar_tensor(0.7, r_loss.options()), m, s, labels, p, r_dots,
+                                                      r_rows, r_cols, r_positives, margin, alpha, ism, offset, scale);
 
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
   // The same tolerances as the CUDA tests (tests/test_pa_ism_op.py).
@@ -87,7 +86,8 @@ void check_pa_ism(int64_t B, int64_t C, int64_t D, at::ScalarType dtype, bool is
   const at::Tensor grads[] = {grad_mu, grad_sigma, grad_proxies}, expected[] = {r_mu, r_sigma, r_proxies};
   const char* names[] = {"grad mu", "grad sigma", "grad proxies"};
   for (int k = 0; k < 3; ++k) {
-    expect(grads[k].scalar_type() == dtype && at::isfinite(grads[k]).all().item<bool>(), where + names[k] + " dtype, finite");
+    expect(grads[k].scalar_type() == dtype && at::isfinite(grads[k]).all().item<bool>(),
+           where + names[k] + " dtype, finite");
     if (!tiny) expect(error(grads[k], expected[k], half) <= grad_tol, where + names[k]);
   }
 }
@@ -120,13 +120,14 @@ void check_pa_ism_loss_scale() {
   };
   const std::vector<at::Tensor> plain = backward(1.0), scaled = backward(65536.0);
   for (int k = 0; k < 3; ++k) {
-    expect(at::isfinite(scaled[k]).all().item<bool>() && at::equal(scaled[k].to(at::kFloat) / 65536.0, plain[k].to(at::kFloat)),
+    expect(at::isfinite(scaled[k]).all().item<bool>() &&
+               at::equal(scaled[k].to(at::kFloat) / 65536.0, plain[k].to(at::kFloat)),
            "pa_ism float16 gradient " + std::to_string(k) + " under a 2^16 loss scale");
   }
 }
 
 using Ranks = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                                  const std::optional<at::Tensor>&, int64_t, int64_t, c10::string_view);
+                                                 const std::optional<at::Tensor>&, int64_t, int64_t, c10::string_view);
 
 // Rows near their class centre on a 1/8 grid (exact products: every tie is a true tie),
 // exact duplicate rows and classes of one image, as tests/test_retrieval_op.py makes them.
@@ -135,7 +136,8 @@ std::pair<at::Tensor, at::Tensor> clustered(int64_t n, int64_t classes, int64_t 
   if (singletons > 0) labels.slice(0, 0, singletons).copy_(at::arange(classes, classes + singletons, at::kLong));
   const at::Tensor centres = at::randn({classes + singletons, 5}) * 2;
   at::Tensor x = at::round((centres.index_select(0, labels) + at::randn({n, 5})) * 8) / 8;
-  for (int64_t k = 0; k < n / 10; ++k) x[at::randint(0, n, {1}).item<int64_t>()] = x[at::randint(0, n, {1}).item<int64_t>()];
+  for (int64_t k = 0; k < n / 10; ++k)
+    x[at::randint(0, n, {1}).item<int64_t>()] = x[at::randint(0, n, {1}).item<int64_t>()];
   return {x.contiguous(), labels};
 }
 
@@ -156,9 +158,9 @@ void check_retrieval(int64_t n, int64_t classes, bool gallery, int64_t max_r, in
   auto [r_ranks, r_relevant] = cpu.call(x, labels, references, reference_labels, max_r, max_k, precision);
   expect(ranks.sizes() == r_ranks.sizes() && at::equal(ranks, r_ranks) && at::equal(relevant, r_relevant),
          std::string("retrieval ") + precision + " n=" + std::to_string(n) + " classes=" + std::to_string(classes) +
-             (gallery ? " gallery" : " symmetric") + " max_r=" + std::to_string(max_r) + " max_k=" +
-             std::to_string(max_k) + " tiles " + std::to_string(band_rows) + "/" + std::to_string(tile_rows) + "/" +
-             std::to_string(tile_elements) + "/" + std::to_string(diagonal_cols));
+             (gallery ? " gallery" : " symmetric") + " max_r=" + std::to_string(max_r) +
+             " max_k=" + std::to_string(max_k) + " tiles " + std::to_string(band_rows) + "/" +
+             std::to_string(tile_rows) + "/" + std::to_string(tile_elements) + "/" + std::to_string(diagonal_cols));
 }
 
 }  // namespace
@@ -174,7 +176,7 @@ int main() {
     }
   check_pa_ism_refuses_an_empty_batch();
   check_pa_ism(64, 200, 64, at::kFloat, true, 4);
-  check_pa_ism(40, 3000, 16, at::kFloat, true, 1);  // more blocks than one wave holds
+  check_pa_ism(40, 3000, 16, at::kFloat, true, 1);     // more blocks than one wave holds
   check_pa_ism(120, 11318, 8, at::kFloat, true, 132);  // SOP's classes: more blocks than a reduction's threads
   // More rows than one staged chunk (kRowChunk): the row loop runs over several chunks.
   for (bool ism : {true, false}) check_pa_ism(300, 70, 8, at::kFloat, ism, 132);
@@ -185,10 +187,12 @@ int main() {
     for (bool gallery : {false, true})
       for (auto [n, classes] : {std::pair<int64_t, int64_t>{7, 3}, {300, 20}, {700, 5}})
         for (auto [max_r, max_k] : {std::pair<int64_t, int64_t>{1023, 1 << 20}, {3, 4}, {5, 1}})
-          for (auto [band, rows, elements, diagonal] : {
-                   std::tuple<int64_t, int64_t, int64_t, int64_t>{cuda.band_rows, cuda.tile_rows, cuda.tile_elements,
-                                                                  cuda.diagonal_cols},
-                   {7, 40, 40 * 33, 0}, {16, 90, 5000, 0}, {7, 40, 40 * 33, 16}})
+          for (auto [band, rows, elements, diagonal] :
+               {std::tuple<int64_t, int64_t, int64_t, int64_t>{cuda.band_rows, cuda.tile_rows, cuda.tile_elements,
+                                                               cuda.diagonal_cols},
+                {7, 40, 40 * 33, 0},
+                {16, 90, 5000, 0},
+                {7, 40, 40 * 33, 16}})
             check_retrieval(n, classes, gallery, max_r, max_k, precision, band, rows, elements, diagonal);
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;

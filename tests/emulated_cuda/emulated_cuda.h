@@ -72,12 +72,12 @@ inline void wait_at(Barrier& barrier) {
 #define __launch_bounds__(n)
 #define __shared__ static
 #undef CUDA_KERNEL_ASSERT  // ATen defines it for the host
-#define CUDA_KERNEL_ASSERT(condition)                                 \
-  do {                                                                \
-    if (!(condition)) {                                               \
+#define CUDA_KERNEL_ASSERT(condition)                               \
+  do {                                                              \
+    if (!(condition)) {                                             \
       std::fprintf(stderr, "device-side assert: %s\n", #condition); \
-      std::abort();                                                   \
-    }                                                                 \
+      std::abort();                                                 \
+    }                                                               \
   } while (0)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() \
   do {                                 \
@@ -175,8 +175,8 @@ inline dim3 as_dim3(int64_t n) { return dim3(static_cast<unsigned>(n)); }
 
 inline void check_launch(dim3 grid, dim3 block) {
   if (block.x * block.y * block.z > 1024 || block.z > 64 || grid.y > 65535 || grid.z > 65535) {
-    std::fprintf(stderr, "launch beyond CUDA's limits: grid (%u, %u, %u), block (%u, %u, %u)\n", grid.x, grid.y,
-                 grid.z, block.x, block.y, block.z);
+    std::fprintf(stderr, "launch beyond CUDA's limits: grid (%u, %u, %u), block (%u, %u, %u)\n", grid.x, grid.y, grid.z,
+                 block.x, block.y, block.z);
     std::abort();
   }
 }
@@ -233,8 +233,10 @@ void launch_threads(Kernel kernel, Grid grid_size, Size block_size, Args... args
             swapcontext(&block.scheduler, &block.fibers[t].context);
           }
           if (finished < n && block.progress == before) {
-            std::fprintf(stderr, "deadlock in block (%u, %u, %u): %u of %u threads finished, the others wait at a "
-                         "barrier or shuffle that some threads skipped\n", bx, by, bz, finished, n);
+            std::fprintf(stderr,
+                         "deadlock in block (%u, %u, %u): %u of %u threads finished, the others wait at a "
+                         "barrier or shuffle that some threads skipped\n",
+                         bx, by, bz, finished, n);
             std::exit(3);
           }
         }
