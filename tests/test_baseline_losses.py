@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
+from idml.choices import BASELINE_LOSSES
 from idml.cli import run_guarded, train_main, train_parser
 from idml.errors import UsageError
-from idml.losses import BASELINE_LOSSES, baseline_loss
+from idml.losses import baseline_loss
 from idml.train import PROXY_LR_FACTOR, Trainer
 
 pytestmark = pytest.mark.slow  # trains tiny runs
