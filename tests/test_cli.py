@@ -39,7 +39,7 @@ def test_missing_dataset_root(tmp_path):
 
 
 def test_unknown_dataset_and_bad_number():
-    assert_refused(run("train.py", "--dataset", "imagenet"), "expected one of cub, cars, SOP, digits")
+    assert_refused(run("train.py", "--dataset", "imagenet"), "expected one of digits, cub, cars, SOP, custom")
     assert_refused(run("train.py", "--batch-size", "0"), "expected a positive number")
 
 

@@ -29,7 +29,8 @@ REWRITES = [
     (re.compile(r"^#include <(c10/cuda/[^>]+|cuda_runtime\.h)>\n", re.M), ""),  # emulated_cuda.h stands in
     (re.compile(r'#include "\.\./'), '#include "'),  # csrc/ is on the include path
     (re.compile(r"\bat::(b?mm(?:_out)?)\("), r"emulated_\1("),
-    (re.compile(r"^TORCH_LIBRARY_IMPL\(idml, CUDA, m\) \{\n.*?^\}\n", re.M | re.S), ""),  # no CUDA dispatch key
+    # no CUDA dispatch key; the block on one line or several
+    (re.compile(r"^TORCH_LIBRARY_IMPL\(idml, CUDA, m\) \{(?:[^\n]*\}\n|\n.*?^\}\n)", re.M | re.S), ""),
 ]
 LAUNCH = re.compile(r"([\w:]+(?:<[^<>()]*>)?)<<<(.+?), 0, stream>>>\(")
 
