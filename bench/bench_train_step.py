@@ -21,7 +21,7 @@ from published import published_formula
 from timing import benchmarked_time, best_time, check_target, record_ratio
 
 from idml import ops
-from idml.cli import train_parser
+from idml.config import OptimConfig
 from idml.losses import ProxyAnchorISM
 from idml.models import IDMLNet
 from idml.precision import configure_cudnn, place_model, resolve_amp
@@ -43,7 +43,7 @@ class Step:
         parameters = list(self.model.parameters()) + list(self.criterion.parameters())
         self.parameters = [p for p in parameters if p.requires_grad]
         self.optimizer = (
-            build_optimizer(train_parser().parse_args([]), self.model, self.criterion)
+            build_optimizer(OptimConfig(), self.model, self.criterion)
             if fast
             else torch.optim.AdamW(self.parameters, lr=1e-5)
         )

@@ -2,7 +2,7 @@
 
 A checkpoint is a dict of tensors and plain Python values (no pickled objects), so it
 loads safely and without idml's classes. checkpoint_last.pt, the state a run resumes from:
-  format, version, args (the run's arguments), model, criterion, optimizer, scheduler,
+  format, version, args (the run's flags: TrainConfig.flat()), model, criterion, optimizer, scheduler,
   epoch (epochs completed), best ({"epoch", "metrics"}), rng, wandb_run_id.
 <dataset>_<model>_best.pth, the best epoch's weights: format, version, args, model,
   criterion, epoch, metrics.
@@ -16,10 +16,12 @@ import io
 import os
 import random
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from idml.config import TrainConfig
 from idml.errors import TrainingDiverged, UsageError, torch_load_failure
 from idml.files import atomic_write
 
@@ -124,21 +126,19 @@ def require(state: dict, path: str, keys) -> None:
 
 
 def model_from_checkpoint(path: str):
-    """(IDMLNet in eval mode on the CPU, the run's args dict) of a training checkpoint;
+    """(IDMLNet in eval mode on the CPU, the run's TrainConfig) of a training checkpoint;
     UsageError when its weights do not fit or are not finite."""
-    from argparse import Namespace
-
     from idml.runtime import build_model
 
     checkpoint = load_checkpoint(path, required=("args", "model"))
-    args = checkpoint["args"]
-    model = build_model(Namespace(**args), pretrained="none")
+    config = TrainConfig.from_dict(checkpoint["args"])
+    model = build_model(replace(config.model, pretrained="none"))  # the checkpoint's weights replace them
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
         raise UsageError(
-            f"{path}: the weights do not fit a {args['model']} with embedding size "
-            f"{args['embedding_size']} ({str(error).splitlines()[0]})"
+            f"{path}: the weights do not fit a {config.model.model} with embedding size "
+            f"{config.model.embedding_size} ({str(error).splitlines()[0]})"
         ) from None
     broken = non_finite_weights({"model": checkpoint["model"]})
     if broken:
@@ -146,7 +146,7 @@ def model_from_checkpoint(path: str):
             f"{path}: {len(broken)} weight tensors hold NaN or infinite values (e.g. {broken[0]}): "
             f"the run diverged before this checkpoint; use an earlier one"
         )
-    return model.eval(), args
+    return model.eval(), config
 
 
 def rng_state(mixup_generator: torch.Generator) -> dict:

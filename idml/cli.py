@@ -17,6 +17,7 @@ import signal
 import sys
 
 from idml.choices import AMP_CHOICES, ARCHITECTURES, DATASETS, LOSSES, SYNTHETIC_LAYOUTS, UNCERTAINTY_MODES
+from idml.config import EvaluateConfig, TrainConfig
 from idml.errors import Interrupted, TrainingDiverged, UsageError
 
 DIVERGED = 3  # exit code of a run whose loss or weights stopped being finite
@@ -302,14 +303,20 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def train_config(argv=None) -> TrainConfig:
+    """The configuration of scripts/train.py's command line `argv` (default: sys.argv's)."""
+    return TrainConfig.from_args(train_parser().parse_args(argv))
+
+
 def train_main(argv=None) -> None:
-    args = train_parser().parse_args(argv)  # before torch is imported: --help and bad flags answer at once
+    config = train_config(argv)  # before torch is imported: --help and bad flags answer at once
     from idml.distributed import relaunch_command
     from idml.train import train
 
     # --gpu -1 with several GPUs: start the DDP run itself, one process per GPU, as
     # `torchrun --standalone --nproc_per_node=<GPUs> scripts/train.py ...` would.
-    command = relaunch_command([sys.argv[0], *(sys.argv[1:] if argv is None else argv)], args.gpu, args.device)
+    argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    command = relaunch_command(argv, config.run.gpu, config.run.device)
     if command is not None:
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import main as torchrun
@@ -320,14 +327,14 @@ def train_main(argv=None) -> None:
         except ChildFailedError as failure:  # the processes have said what went wrong: their exit code
             raise SystemExit(failure.get_first_failure()[1].exitcode) from None
         return
-    train(args)
+    train(config)
 
 
 def evaluate_main(argv=None) -> None:
     args = evaluate_parser().parse_args(argv)
     from idml.evaluate import evaluate_checkpoint
 
-    metrics, plots = evaluate_checkpoint(args)
+    metrics, plots = evaluate_checkpoint(EvaluateConfig.from_args(args))
     for path in plots:
         print(f"wrote {path}", file=sys.stderr)
     if args.json:

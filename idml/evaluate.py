@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from idml.config import EvaluateConfig
 from idml.data.datasets import BadImageBudget
 from idml.metrics import compute_metrics
 from idml.precision import autocast, configure_cudnn, place_model, resolve_amp
@@ -63,43 +64,42 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return "  ".join(f"{name} {value * 100:.2f}" for name, value in metrics.items())
 
 
-def evaluate_checkpoint(args) -> tuple[dict[str, float], list[str]]:
+def evaluate_checkpoint(config: EvaluateConfig) -> tuple[dict[str, float], list[str]]:
     """scripts/evaluate.py: the test-split metrics of a checkpoint written by training, and
     the plot files written (--plots DIR: recall_at_k.png and query_grid.png)."""
-    from argparse import Namespace
-
     from idml.checkpoint import model_from_checkpoint
     from idml.data import build_dataset, default_image_size
     from idml.runtime import eval_loader, resolve_device
 
-    model, saved_args = model_from_checkpoint(args.resume)
-    saved = Namespace(**saved_args)
-    dataset = args.dataset or saved.dataset
-    image_size = args.image_size or saved.image_size or default_image_size(dataset)
-    device = resolve_device(args.device, args.gpu)
-    amp = resolve_amp(args.amp, device)
+    model, trained = model_from_checkpoint(config.resume)
+    saved = trained.data
+    dataset = config.dataset or saved.dataset
+    image_size = config.image_size or saved.image_size or default_image_size(dataset)
+    device = resolve_device(config.device, config.gpu)
+    amp = resolve_amp(config.amp, device)
     configure_cudnn(device, amp)
     model = place_model(model, device, amp)
-    test_set = build_dataset(dataset, args.data_root or saved.data_root, train=False, image_size=image_size)
+    test_set = build_dataset(dataset, config.data_root or saved.data_root, train=False, image_size=image_size)
     # The training's evaluation batch by default: a convolution's rounding can depend on the
     # batch, so that is what reproduces metrics.jsonl to the last digit.
-    loader = eval_loader(test_set, args.batch_size or saved.batch_size, args.workers, device, args.loader, image_size)
-    embeddings, labels, _ = embed(model, loader, device, amp, progress=not args.json)
+    batch_size = config.batch_size or saved.batch_size
+    loader = eval_loader(test_set, batch_size, config.workers, device, config.loader, image_size)
+    embeddings, labels, _ = embed(model, loader, device, amp, progress=config.progress)
     # Metrics first: a test set they are undefined on is refused before any plot of it is written.
     metrics = compute_metrics(
         embeddings,
         labels,
         ks=recall_ks(dataset),
-        progress=not args.json,
-        kmeans_runs=kmeans_runs(dataset, args.kmeans_runs),
+        progress=config.progress,
+        kmeans_runs=kmeans_runs(dataset, config.kmeans_runs),
     )
-    if getattr(args, "published_protocol", False):
+    if config.published_protocol:
         from idml.published_protocol import beside
 
         metrics = beside(metrics, embeddings, labels, recall_ks(dataset))
     plots = []
-    if getattr(args, "plots", None):
+    if config.plots:
         from idml.plots import evaluation_plots
 
-        plots = evaluation_plots(args.plots, test_set, embeddings, labels, f"{dataset}: {args.resume}")
+        plots = evaluation_plots(config.plots, test_set, embeddings, labels, f"{dataset}: {config.resume}")
     return metrics, plots

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from idml.config import DataConfig
 from idml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size
 from idml.errors import UsageError
 from idml.files import atomic_write
@@ -143,12 +144,12 @@ class ExportedEmbedder(nn.Module):
         ]
 
 
-def preprocessing_of(args) -> dict:
-    """The eval preprocessing of a run's arguments (a checkpoint's 'args')."""
+def preprocessing_of(data: DataConfig) -> dict:
+    """The eval preprocessing of a run's data configuration."""
     from idml.data import default_image_size
 
-    size = args.get("image_size") or default_image_size(args["dataset"])
-    if args["dataset"] == "digits":
+    size = data.image_size or default_image_size(data.dataset)
+    if data.dataset == "digits":
         return dict(resize=size, crop=size, mean=DIGITS_MEAN, std=DIGITS_STD)
     return dict(resize=resize_size(size), crop=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
@@ -162,9 +163,9 @@ def quiet_jit():
         yield
 
 
-def build_exported(model, args: dict):
+def build_exported(model, data: DataConfig):
     """(eager ExportedEmbedder, its torch.jit.script-ed module)."""
-    wrapper = ExportedEmbedder(model, **preprocessing_of(args))
+    wrapper = ExportedEmbedder(model, **preprocessing_of(data))
     with quiet_jit():
         return wrapper, torch.jit.script(wrapper)
 
@@ -181,10 +182,10 @@ def export_checkpoint(checkpoint: str, out: str) -> dict:
     model on a random batch. Returns a summary (the max abs differences included)."""
     from idml.checkpoint import model_from_checkpoint
 
-    model, args = model_from_checkpoint(checkpoint)  # refuses non-finite weights
-    wrapper, scripted = build_exported(model, args)
+    model, config = model_from_checkpoint(checkpoint)  # refuses non-finite weights
+    wrapper, scripted = build_exported(model, config.data)
     generator = torch.Generator().manual_seed(0)
-    size = preprocessing_of(args)["resize"]
+    size = preprocessing_of(config.data)["resize"]
     images = torch.randint(0, 256, (2, 3, size + 7, size), dtype=torch.uint8, generator=generator)
     with torch.no_grad():
         eager_embedding, eager_uncertainty = eager_reference(model, wrapper, images)
@@ -204,8 +205,8 @@ def export_checkpoint(checkpoint: str, out: str) -> dict:
     return {
         "out": out,
         "embedding_size": int(embedding.shape[1]),
-        "input_size": preprocessing_of(args)["crop"],
-        "uncertainty": args["uncertainty"],
+        "input_size": preprocessing_of(config.data)["crop"],
+        "uncertainty": config.model.uncertainty,
         "max_embedding_diff": float((embedding - eager_embedding).abs().max()),
         "max_uncertainty_diff": float((uncertainty - eager_uncertainty).abs().max()),
     }

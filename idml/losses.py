@@ -5,6 +5,7 @@ from torch import nn
 
 from idml import ops
 from idml.choices import LOSSES
+from idml.config import LossConfig
 
 
 class ProxyAnchorISM(nn.Module):
@@ -115,18 +116,19 @@ def baseline_loss(name: str, num_classes: int, embedding_size: int) -> BaselineL
     raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
 
 
-def build_criterion(args, num_classes: int, device: "torch.device | None" = None) -> nn.Module:
+def build_criterion(
+    config: LossConfig, embedding_size: int, num_classes: int, device: "torch.device | None" = None
+) -> nn.Module:
     """The training criterion of --loss on `device`: Proxy Anchor (+ ISM) or a published baseline."""
-    loss = getattr(args, "loss", "Proxy_Anchor")
-    if loss == "Proxy_Anchor":
+    if config.loss == "Proxy_Anchor":
         return ProxyAnchorISM(
             num_classes,
-            args.embedding_size,
-            margin=args.mrg,
-            alpha=args.alpha,
-            ism=bool(args.ism),
-            ism_offset=args.ism_offset,
-            ism_scale=args.ism_scale,
+            embedding_size,
+            margin=config.mrg,
+            alpha=config.alpha,
+            ism=bool(config.ism),
+            ism_offset=config.ism_offset,
+            ism_scale=config.ism_scale,
             device=device,
         )
-    return baseline_loss(loss, num_classes, args.embedding_size).to(device)
+    return baseline_loss(config.loss, num_classes, embedding_size).to(device)

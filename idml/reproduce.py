@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from idml.config import TrainConfig
 from idml.errors import UsageError
 from idml.files import atomic_write_text
 
@@ -125,9 +126,9 @@ def write_outputs(result: dict, prefix: str | None) -> None:
 # --- running the seeds -----------------------------------------------------------------------
 
 
-def training_arguments(command: Sequence[str]) -> argparse.Namespace:
-    """The published command line after --, parsed as scripts/train.py will; bad ones are refused here,
-    before any run starts."""
+def training_config(command: Sequence[str]) -> TrainConfig:
+    """The configuration of the published command line after --, parsed as scripts/train.py will;
+    bad ones are refused here, before any run starts."""
     from idml.cli import train_parser
 
     if any(token == "--seed" or token.startswith("--seed=") for token in command):
@@ -138,7 +139,7 @@ def training_arguments(command: Sequence[str]) -> argparse.Namespace:
 
     parser = train_parser()
     parser.error = refuse
-    return parser.parse_args(list(command))
+    return TrainConfig.from_args(parser.parse_args(list(command)))
 
 
 def visible_gpus() -> list[str]:
@@ -289,19 +290,19 @@ def reproduce_main(argv=None) -> None:
         raise UsageError("expected the training command after -- (or --from-runs DIR...)")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise UsageError(f"--seeds expects distinct numbers >= 0, got {' '.join(map(str, args.seeds))}")
-    train_args = training_arguments(command)
-    dataset = train_args.dataset
+    training = training_config(command)
+    dataset = training.data.dataset
     if args.dataset and canonical_dataset(args.dataset) != dataset:
         raise UsageError(f"--dataset {args.dataset} differs from the training command's {dataset}")
     gpus = [] if args.sequential else visible_gpus()
     parallel = args.parallel or len(gpus) > 1
     slots = (gpus or [None] * len(args.seeds)) if parallel else [None]
-    log_root = os.path.join(train_args.LOG_DIR, f"logs_{dataset}")
+    log_root = os.path.join(training.run.LOG_DIR, f"logs_{dataset}")
     before = set(os.listdir(log_root)) if os.path.isdir(log_root) else set()
-    codes = run_seeds(args.seeds, command, train_args.remark, slots)
+    codes = run_seeds(args.seeds, command, training.run.remark, slots)
     runs, failed = [], []
     for seed in args.seeds:
-        folder = run_folder(log_root, f"{train_args.remark}_seed{seed}", before) if codes[seed] == 0 else None
+        folder = run_folder(log_root, f"{training.run.remark}_seed{seed}", before) if codes[seed] == 0 else None
         if folder is None:
             reason = f"exit code {codes[seed]}" if codes[seed] else f"no run folder under {log_root}"
             failed.append({"seed": seed, "exit_code": codes[seed], "reason": reason})

@@ -1,5 +1,5 @@
 """What training and evaluation share: the device, the seeds, the data loaders (--loader pil
-or dali), the model built from a run's arguments."""
+or dali), the model built from a run's configuration."""
 
 import random
 import warnings
@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
+from idml.config import ModelConfig
 from idml.data.datasets import collate_valid
 from idml.data.samplers import EpochBatchSampler, SeededSamples
 from idml.distributed import launched_by_torchrun, local_rank
@@ -69,12 +70,12 @@ def eval_loader(
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(workers, device))
 
 
-def build_model(args, pretrained: str) -> IDMLNet:
+def build_model(config: ModelConfig) -> IDMLNet:
     return IDMLNet(
-        arch=args.model,
-        embedding_size=args.embedding_size,
-        pretrained=pretrained,
-        l2_norm=bool(args.l2_norm),
-        uncertainty=args.uncertainty,
-        bn_freeze=bool(args.bn_freeze),
+        arch=config.model,
+        embedding_size=config.embedding_size,
+        pretrained=config.pretrained,
+        l2_norm=bool(config.l2_norm),
+        uncertainty=config.uncertainty,
+        bn_freeze=bool(config.bn_freeze),
     )

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import types
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from idml import distributed, plots, tracking
 from idml.checkpoint import load_checkpoint, non_finite_weights, require, restore_rng_state, rng_state, save_checkpoint
+from idml.config import OptimConfig, TrainConfig
 from idml.data import build_dataset, default_image_size
 from idml.data.datasets import BadImageBudget
 from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler
@@ -47,7 +48,6 @@ PROGRESS_EVERY = 10  # steps between progress updates (each one synchronises wit
 MAX_SKIPPED_IN_A_ROW = 10  # steps skipped for a non-finite loss in a row that stop the run as diverged
 LOSS_MEAN_DECAY = 0.9  # of the running mean of finite losses that --max-loss-jump compares with
 SCHEDULE_FLAGS = ("lr", "weight_decay", "lr_decay_step", "lr_decay_gamma")  # a resumed run applies them
-RESUME_KEYS = ("scheduler", "scaler", "epoch", "step", "epoch_loss_sum", "best", "history", "rng", "wandb_run_id")
 
 
 @contextlib.contextmanager
@@ -70,15 +70,16 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def claim_run_folder(args) -> str:
+def claim_run_folder(config: TrainConfig) -> str:
     """Creates and returns the run folder: the published name, so logs line up with the
     published code's, or when another run has it, the first free one of <name>_2, <name>_3,
     ... (created with mkdir, which only one of two runs started together can win)."""
+    model, loss, optim = config.model, config.loss, config.optim
     name = (
-        f"{args.model}_{args.loss}_embedding{args.embedding_size}_alpha{args.alpha:g}_mrg{args.mrg:g}"
-        f"_{args.optimizer}_lr{args.lr:g}_batch{args.batch_size}{args.remark}"
+        f"{model.model}_{loss.loss}_embedding{model.embedding_size}_alpha{loss.alpha:g}_mrg{loss.mrg:g}"
+        f"_{optim.optimizer}_lr{optim.lr:g}_batch{config.data.batch_size}{config.run.remark}"
     )
-    path = os.path.join(args.LOG_DIR, f"logs_{args.dataset}", name)
+    path = os.path.join(config.run.LOG_DIR, f"logs_{config.data.dataset}", name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     for number in itertools.count(1):
         candidate = path if number == 1 else f"{path}_{number}"
@@ -89,36 +90,36 @@ def claim_run_folder(args) -> str:
             continue
 
 
-def group_learning_rates(args) -> list[float]:
+def group_learning_rates(optim: OptimConfig) -> list[float]:
     """The initial lr of each parameter group of build_optimizer."""
-    return [args.lr, args.lr, args.lr * PROXY_LR_FACTOR]
+    return [optim.lr, optim.lr, optim.lr * PROXY_LR_FACTOR]
 
 
-def build_optimizer(args, model, criterion) -> torch.optim.Optimizer:
+def build_optimizer(optim: OptimConfig, model, criterion) -> torch.optim.Optimizer:
     """Backbone and heads at lr, proxies at 100 x lr (as published)."""
     head_parameters = list(model.semantic.parameters()) + list(model.uncertainty_head.parameters())
     parts = [list(model.backbone.parameters()), head_parameters, list(criterion.parameters())]
-    groups = [{"params": params, "lr": lr} for params, lr in zip(parts, group_learning_rates(args))]
+    groups = [{"params": params, "lr": lr} for params, lr in zip(parts, group_learning_rates(optim))]
     # Adam(W) fused: one kernel per parameter group instead of a chain of foreach operators,
     # the same update to rounding and several times faster on the CPU.
     # Not SGD: its fused kernel fills the momentum buffers on a step GradScaler skips (torch 2.14).
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    if args.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, weight_decay=args.weight_decay, momentum=0.9, nesterov=True)
-    return torch.optim.RMSprop(groups, lr=args.lr, alpha=0.9, weight_decay=args.weight_decay, momentum=0.9)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, weight_decay=optim.weight_decay, momentum=0.9, nesterov=True)
+    return torch.optim.RMSprop(groups, lr=optim.lr, alpha=0.9, weight_decay=optim.weight_decay, momentum=0.9)
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, scheduler, args, epochs_done: int) -> None:
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler, optim: OptimConfig, epochs_done: int) -> None:
     """Sets the groups' lr and weight decay and the StepLR of --lr, --weight-decay,
     --lr-decay-step and --lr-decay-gamma as they stand after `epochs_done` epochs."""
-    bases = group_learning_rates(args)
-    factor = args.lr_decay_gamma ** (epochs_done // args.lr_decay_step)
+    bases = group_learning_rates(optim)
+    factor = optim.lr_decay_gamma ** (epochs_done // optim.lr_decay_step)
     for group, base in zip(optimizer.param_groups, bases):
-        group.update(initial_lr=base, lr=base * factor, weight_decay=args.weight_decay)
-    scheduler.step_size, scheduler.gamma, scheduler.base_lrs = args.lr_decay_step, args.lr_decay_gamma, bases
+        group.update(initial_lr=base, lr=base * factor, weight_decay=optim.weight_decay)
+    scheduler.step_size, scheduler.gamma, scheduler.base_lrs = optim.lr_decay_step, optim.lr_decay_gamma, bases
     scheduler.last_epoch = epochs_done
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
@@ -276,31 +277,49 @@ class RunState:
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
     wandb_run_id: str | None = None
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "RunState":
+        """The state a checkpoint holds, one key per field (as `**asdict(state)` wrote it)."""
+        return cls(**{name.name: checkpoint[name.name] for name in fields(cls)})
+
+
+RUN_STATE_KEYS = tuple(name.name for name in fields(RunState))  # a checkpoint holds each one
+
 
 class Trainer:
-    def __init__(self, args, device: torch.device | None = None):
-        self.args = args
-        self.device = device or resolve_device(args.device, args.gpu)
-        self.image_size = args.image_size or default_image_size(args.dataset)
-        seed_everything(args.seed)
-        self.train_set = build_dataset(args.dataset, args.data_root, train=True, image_size=self.image_size)
-        test_set = build_dataset(args.dataset, args.data_root, train=False, image_size=self.image_size)
+    def __init__(self, config: TrainConfig, device: torch.device | None = None):
+        self.config = config
+        self.device = device or resolve_device(config.run.device, config.run.gpu)
+        self.image_size = config.data.image_size or default_image_size(config.data.dataset)
+        seed_everything(config.run.seed)
+        self.train_set = build_dataset(
+            config.data.dataset, config.data.data_root, train=True, image_size=self.image_size
+        )
+        test_set = build_dataset(config.data.dataset, config.data.data_root, train=False, image_size=self.image_size)
         self.num_classes = max(self.train_set.labels) + 1
         shard = dict(rank=distributed.rank(), world_size=distributed.world_size())  # of every global batch
-        if args.IPC:
-            self.sampler = BalancedBatchSampler(self.train_set.labels, args.batch_size, args.IPC, args.seed, **shard)
+        if config.data.IPC:
+            self.sampler = BalancedBatchSampler(
+                self.train_set.labels, config.data.batch_size, config.data.IPC, config.run.seed, **shard
+            )
         else:
-            self.sampler = RandomBatchSampler(self.train_set.labels, args.batch_size, args.seed, **shard)
+            self.sampler = RandomBatchSampler(self.train_set.labels, config.data.batch_size, config.run.seed, **shard)
         self.train_loader = train_loader(
-            args.loader, self.train_set, self.sampler, args.seed, args.workers, self.device, self.image_size
+            config.data.loader,
+            self.train_set,
+            self.sampler,
+            config.run.seed,
+            config.data.workers,
+            self.device,
+            self.image_size,
         )
         if distributed.world_size() > 1:  # each rank embeds its contiguous share, gathered in order
-            test_set = Subset(test_set, range(*distributed.shard(len(test_set), granule=args.batch_size)))
+            test_set = Subset(test_set, range(*distributed.shard(len(test_set), granule=config.data.batch_size)))
         self.test_loader = eval_loader(
-            test_set, args.batch_size, args.workers, self.device, args.loader, self.image_size
+            test_set, config.data.batch_size, config.data.workers, self.device, config.data.loader, self.image_size
         )
 
-        self.amp = resolve_amp(args.amp, self.device)
+        self.amp = resolve_amp(config.run.amp, self.device)
         if self.device.type == "cpu" and self.amp in ("fp16", "bf16"):
             print_main(
                 f"warning: --amp {self.amp} on a CPU is much slower than float32 (tens of times on a ResNet): "
@@ -308,36 +327,44 @@ class Trainer:
                 file=sys.stderr,
             )
         configure_cudnn(self.device, self.amp)
-        self.model = place_model(self._sync_batch_norm(build_model(args, args.pretrained)), self.device, self.amp)
-        self.criterion = build_criterion(args, self.num_classes, self.device)
-        if args.compile:  # in place: the state_dict keys (checkpoints) stay those of the plain modules
+        self.model = place_model(self._sync_batch_norm(build_model(config.model)), self.device, self.amp)
+        self.criterion = build_criterion(config.loss, config.model.embedding_size, self.num_classes, self.device)
+        if config.model.compile:  # in place: the state_dict keys (checkpoints) stay those of the plain modules
             self.model.compile()
             self.criterion.compile()
-        self.optimizer = build_optimizer(args, self.model, self.criterion)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, args.lr_decay_step, args.lr_decay_gamma)
+        self.optimizer = build_optimizer(config.optim, self.model, self.criterion)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, config.optim.lr_decay_step, config.optim.lr_decay_gamma
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
-        self.guard = StepGuard(self.device, args.max_loss_jump, overflow_is_normal=self.scaler.is_enabled())
+        self.guard = StepGuard(self.device, config.optim.max_loss_jump, overflow_is_normal=self.scaler.is_enabled())
         self.reported_skips = 0  # skipped steps already reported in a warning
-        self.mixup_generator = torch.Generator().manual_seed(args.seed)
+        self.mixup_generator = torch.Generator().manual_seed(config.run.seed)
         self.stop_request = types.SimpleNamespace(signal=None)  # set by SIGTERM/SIGINT inside run()
         self.forward_pair, self._wrapped_for = None, None  # the (DDP-wrapped) model, built by train_epoch
-        self.bad_images = BadImageBudget(args.max_bad_images)
+        self.bad_images = BadImageBudget(config.data.max_bad_images)
         self.state = RunState()
         self.lock, self.created_run_dir = None, False
         try:
-            if args.resume:
-                self._resume(args.resume)  # sets run_dir: the checkpoint's folder
+            if config.run.resume:
+                self._resume(config.run.resume)  # sets run_dir: the checkpoint's folder
             else:  # rank 0 claims a folder, the others write into it
-                self.run_dir = distributed.broadcast_object(claim_run_folder(args) if distributed.is_main() else None)
+                self.run_dir = distributed.broadcast_object(claim_run_folder(config) if distributed.is_main() else None)
                 self.created_run_dir = True
         except OSError as error:
-            raise UsageError(f"cannot create a run folder under --LOG_DIR {args.LOG_DIR} ({error.strerror})") from None
+            raise UsageError(
+                f"cannot create a run folder under --LOG_DIR {config.run.LOG_DIR} ({error.strerror})"
+            ) from None
         self.wandb = None
         try:
             self._lock_run_folder()
             if distributed.is_main():
                 self.wandb = tracking.open_run(
-                    args.wandb, f"{args.dataset}_ProxyAnchor", self.run_dir, vars(args), self.state.wandb_run_id
+                    config.run.wandb,
+                    f"{config.data.dataset}_ProxyAnchor",
+                    self.run_dir,
+                    config.flat(),
+                    self.state.wandb_run_id,
                 )
         except BaseException:
             self._release(failed=True)
@@ -381,7 +408,7 @@ class Trainer:
     def _per_rank_batch_norm(self) -> bool:
         """BatchNorm statistics that differ between ranks: trained (--bn-freeze 0) on several
         CPU processes, where SyncBatchNorm is not available."""
-        return not self.args.bn_freeze and distributed.is_distributed() and self.device.type != "cuda"
+        return not self.config.model.bn_freeze and distributed.is_distributed() and self.device.type != "cuda"
 
     def _sync_batch_norm(self, model: IDMLNet) -> IDMLNet:
         """Training BatchNorm (--bn-freeze 0) on several ranks: statistics of the global batch."""
@@ -407,19 +434,19 @@ class Trainer:
         return state
 
     def _run(self) -> RunState:
-        args = self.args
+        config = self.config
         print_main(
-            f"training IDML on {args.dataset} ({len(self.train_set)} images, {self.num_classes} classes) "
-            f"on {self.device} ({describe(self.device, self.amp)}{', compiled' if args.compile else ''}"
+            f"training IDML on {config.data.dataset} ({len(self.train_set)} images, {self.num_classes} classes) "
+            f"on {self.device} ({describe(self.device, self.amp)}{', compiled' if config.model.compile else ''}"
             f"{distributed.describe()}); run folder {self.run_dir}"
         )
         with stop_requests() as self.stop_request:
             if self.state.epoch == 0 and self.state.step == 0:
                 self._record(0, None, self._evaluate("before training"))
-            for epoch in range(self.state.epoch, args.epochs):
+            for epoch in range(self.state.epoch, config.optim.epochs):
                 loss = self.train_epoch(epoch)
                 self.scheduler.step()
-                metrics = self._evaluate(f"epoch {epoch + 1}/{args.epochs}")
+                metrics = self._evaluate(f"epoch {epoch + 1}/{config.optim.epochs}")
                 self.state.epoch, self.state.step, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
                 self._record(epoch + 1, loss, metrics)
         if distributed.is_main():
@@ -431,19 +458,19 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> float:
         """Trains epoch `epoch` from step state.step on; returns its mean loss."""
-        args = self.args
+        config = self.config
         self.model.train()
-        self.model.set_warmup(epoch < args.warm)
+        self.model.set_warmup(epoch < config.optim.warm)
         trainable = tuple(p.requires_grad for p in self.model.parameters())
         if trainable != self._wrapped_for:  # DDP registers the trainable parameters when built
             self.forward_pair = distributed.wrap(
                 CleanAndMixed(self.model),
                 self.device,
-                find_unused_parameters=args.loss != "Proxy_Anchor",
+                find_unused_parameters=config.loss.loss != "Proxy_Anchor",
                 buffers_differ=self._per_rank_batch_norm(),
             )
             self._wrapped_for = trainable
-        steps = min(self.sampler.num_batches, args.max_steps or self.sampler.num_batches)
+        steps = min(self.sampler.num_batches, config.optim.max_steps or self.sampler.num_batches)
         self.sampler.set_epoch(epoch, start_step=self.state.step)
         loss_sum = torch.tensor(self.state.epoch_loss_sum, device=self.device)
         if self.state.step == 0:
@@ -451,7 +478,7 @@ class Trainer:
         progress = tqdm(
             total=steps,
             initial=self.state.step,
-            desc=f"epoch {epoch + 1}/{args.epochs}",
+            desc=f"epoch {epoch + 1}/{config.optim.epochs}",
             leave=False,
             disable=not distributed.is_main(),
         )
@@ -469,7 +496,7 @@ class Trainer:
             loss_sum += torch.where(skipped, torch.zeros_like(loss), loss)
             progress.update()
             done = step + 1
-            save_now = bool(args.checkpoint_every) and done % args.checkpoint_every == 0
+            save_now = bool(config.run.checkpoint_every) and done % config.run.checkpoint_every == 0
             sync_now = done % PROGRESS_EVERY == 0 or save_now or done == steps
             # Under torchrun every rank must stop at the same step: the ranks compare their stop
             # requests only at steps that synchronise anyway, so no other step waits for them.
@@ -524,14 +551,14 @@ class Trainer:
             print_main(
                 f"warning: {counts['skipped'] - self.reported_skips} step(s) up to epoch {epoch + 1}, step "
                 f"{done} did not update the weights: their loss or gradient was NaN or infinite"
-                f"{' (or the loss jumped past --max-loss-jump)' if self.args.max_loss_jump else ''}",
+                f"{' (or the loss jumped past --max-loss-jump)' if self.config.optim.max_loss_jump else ''}",
                 file=sys.stderr,
                 flush=True,
             )
             self.reported_skips = counts["skipped"]
         if counts["most_in_a_row"] >= MAX_SKIPPED_IN_A_ROW:
             raise self._diverged(
-                f"the loss was NaN or infinite{' or jumped' if self.args.max_loss_jump else ''} "
+                f"the loss was NaN or infinite{' or jumped' if self.config.optim.max_loss_jump else ''} "
                 f"in {counts['most_in_a_row']} steps in a row (up to epoch {epoch + 1}, step {done})"
             )
 
@@ -569,7 +596,7 @@ class Trainer:
         )
 
     def _evaluate(self, when: str) -> dict:
-        args = self.args
+        config = self.config
         if self._per_rank_batch_norm():
             distributed.share_buffers(self.model)
         shares = embed(
@@ -597,10 +624,10 @@ class Trainer:
             metrics = compute_metrics(
                 embeddings,
                 labels,
-                ks=recall_ks(args.dataset),
-                clustering=bool(args.eval_clustering),
+                ks=recall_ks(config.data.dataset),
+                clustering=bool(config.run.eval_clustering),
                 progress=True,
-                kmeans_runs=kmeans_runs(args.dataset, args.kmeans_runs),
+                kmeans_runs=kmeans_runs(config.data.dataset, config.run.kmeans_runs),
             )
             print(f"[{when}] unseen classes: {format_metrics(metrics)}", flush=True)
         return distributed.broadcast_object(metrics)
@@ -624,7 +651,7 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in entry.items() if v is not None}, step=epoch)
         if is_best:
-            prefix = os.path.join(self.run_dir, f"{self.args.dataset}_{self.args.model}_best")
+            prefix = os.path.join(self.run_dir, f"{self.config.data.dataset}_{self.config.model.model}_best")
             save_checkpoint(prefix + ".pth", self._weights(epoch, metrics))
             atomic_write_text(prefix + "_results.txt", best_results_text(epoch, metrics))
         if epoch > 0:
@@ -638,7 +665,7 @@ class Trainer:
         """The best epoch's file: what evaluation, export and search read, without the optimiser
         state that only resuming needs (it would double the file)."""
         return {
-            "args": vars(self.args),
+            "args": self.config.flat(),
             "model": self.model.state_dict(),
             "criterion": self.criterion.state_dict(),
             "epoch": epoch,
@@ -647,25 +674,20 @@ class Trainer:
 
     def _checkpoint(self) -> dict:
         return {
-            "args": vars(self.args),
+            "args": self.config.flat(),
             "model": self.model.state_dict(),
             "criterion": self.criterion.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "epoch": self.state.epoch,
-            "step": self.state.step,
-            "epoch_loss_sum": self.state.epoch_loss_sum,
-            "best": self.state.best,
-            "history": self.state.history,
+            **asdict(self.state),
             "rng": rng_state(self.mixup_generator),
-            "wandb_run_id": self.state.wandb_run_id,
             "step_guard": self.guard.state_dict(),
         }
 
     def _resume(self, path: str) -> None:
         checkpoint = load_checkpoint(path, required=("args",))  # the others once the args fit (a clearer message)
-        saved = checkpoint["args"]
+        saved, asked = checkpoint["args"], self.config.flat()
         for name in (
             "model",
             "embedding_size",
@@ -682,22 +704,22 @@ class Trainer:
                     f"--resume {path}: its args lack --{name.replace('_', '-')}, which scripts/train.py "
                     f"always records: the file is incomplete or was written by another program"
                 )
-            if saved[name] != getattr(self.args, name):
+            if saved[name] != asked[name]:
                 raise UsageError(
                     f"--resume {path} was trained with --{name.replace('_', '-')} {saved[name]}, "
-                    f"this run asks for {getattr(self.args, name)}"
+                    f"this run asks for {asked[name]}"
                 )
         if "optimizer" not in checkpoint:
             raise UsageError(
                 f"--resume {path} holds only the best epoch's weights; resume from "
                 f"checkpoint_last.pt in the same folder"
             )
-        if checkpoint["epoch"] >= self.args.epochs:
+        if checkpoint["epoch"] >= self.config.optim.epochs:
             raise UsageError(
                 f"--resume {path}: that run has trained all {checkpoint['epoch']} of its epochs; "
                 f"pass a larger --epochs to train it further"
             )
-        require(checkpoint, path, ("model", "criterion") + RESUME_KEYS)
+        require(checkpoint, path, ("model", "criterion", "scheduler", "scaler", "rng") + RUN_STATE_KEYS)
         self.model.load_state_dict(checkpoint["model"])
         self.criterion.load_state_dict(checkpoint["criterion"])
         self._restore_schedule(checkpoint, saved)
@@ -706,14 +728,7 @@ class Trainer:
             self.guard.load_state_dict(checkpoint["step_guard"])
             self.reported_skips = int(self.guard.skipped)
         restore_rng_state(checkpoint["rng"], self.mixup_generator)
-        self.state = RunState(
-            epoch=checkpoint["epoch"],
-            step=checkpoint["step"],
-            epoch_loss_sum=checkpoint["epoch_loss_sum"],
-            best=checkpoint["best"],
-            history=checkpoint["history"],
-            wandb_run_id=checkpoint["wandb_run_id"],
-        )
+        self.state = RunState.from_checkpoint(checkpoint)
         self.run_dir = os.path.dirname(os.path.abspath(path))
         print_main(f"resumed from {path} at epoch {self.state.epoch + 1}, step {self.state.step}")
 
@@ -721,21 +736,22 @@ class Trainer:
         """The optimizer's and StepLR's state of the checkpoint, with the schedule of this
         run's flags where they differ (one line each): so the checkpoint's args always say
         what the run uses. Another --optimizer starts from a fresh state."""
-        args = self.args
-        same_optimizer = saved.get("optimizer", args.optimizer) == args.optimizer
+        asked = self.config.flat()
+        optimizer = asked["optimizer"]
+        same_optimizer = saved.get("optimizer", optimizer) == optimizer
         if same_optimizer:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         else:
             print_main(
-                f"--optimizer {saved['optimizer']} -> {args.optimizer}: the {args.optimizer} state starts "
+                f"--optimizer {saved['optimizer']} -> {optimizer}: the {optimizer} state starts "
                 f"afresh (the {saved['optimizer']} state of the checkpoint does not apply)"
             )
         self.scheduler.load_state_dict(checkpoint["scheduler"])  # the epoch count
-        changed = [name for name in SCHEDULE_FLAGS if saved.get(name) != getattr(args, name)]
+        changed = [name for name in SCHEDULE_FLAGS if saved.get(name) != asked[name]]
         for name in changed:
-            print_main(f"--{name.replace('_', '-')} {saved.get(name)} -> {getattr(args, name)}")
+            print_main(f"--{name.replace('_', '-')} {saved.get(name)} -> {asked[name]}")
         if changed or not same_optimizer:  # else exactly the saved state, so that the run continues bit for bit
-            apply_schedule(self.optimizer, self.scheduler, args, self.scheduler.last_epoch)
+            apply_schedule(self.optimizer, self.scheduler, self.config.optim, self.scheduler.last_epoch)
 
     def _summary(self) -> None:
         first, last = self.state.history[0], self.state.history[-1]
@@ -764,7 +780,7 @@ def print_main(*values, **options) -> None:
         print(*values, **options)
 
 
-def train(args) -> RunState:
-    device = resolve_device(args.device, args.gpu)
+def train(config: TrainConfig) -> RunState:
+    device = resolve_device(config.run.device, config.run.gpu)
     with distributed.session(device):
-        return Trainer(args, device).run()
+        return Trainer(config, device).run()

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from idml.cli import export_main, run_guarded, search_main, synthetic_main
+from idml.config import TrainConfig
 from idml.data.datasets import cub_split, custom_split
 from idml.errors import UsageError
 from idml.metrics import compute_metrics
@@ -71,7 +72,7 @@ def exported_model(path, nan_outputs=False):
     """An exported module written directly (as an older export would have, unchecked)."""
     from idml.export import build_exported, save_scripted
 
-    _, scripted = build_exported(tiny_model(nan_outputs), MODEL_ARGS)
+    _, scripted = build_exported(tiny_model(nan_outputs), TrainConfig.from_dict(MODEL_ARGS).data)
     save_scripted(scripted, str(path))
     return str(path)
 

@@ -10,7 +10,7 @@ network."""
 
 import pytest
 
-from idml.cli import train_parser
+from idml.cli import train_config
 from idml.train import train
 
 pytestmark = pytest.mark.slow  # trains the demo for a few steps
@@ -46,7 +46,7 @@ MARGIN = 0.015
 
 
 def test_short_digits_demo_improves_unseen_classes(tmp_path):
-    state = train(train_parser().parse_args(SHORT_DEMO + ["--LOG_DIR", str(tmp_path / "logs")]))
+    state = train(train_config(SHORT_DEMO + ["--LOG_DIR", str(tmp_path / "logs")]))
     before, after = state.history[0], state.history[-1]
     for name in ("MAP@R", "RP"):
         assert after[name] >= before[name] + MARGIN, (name, before[name], after[name])

@@ -21,7 +21,7 @@ from test_train import run_script
 from idml import distributed
 from idml import train as train_module
 from idml.checkpoint import load_checkpoint
-from idml.cli import train_parser
+from idml.cli import train_config
 from idml.data.synthetic import write_cub
 from idml.errors import UsageError
 from idml.train import Trainer
@@ -106,7 +106,7 @@ def runs(module_tmp_path):
     single, _ = train(module_tmp_path / "single")
     ddp, result = train(module_tmp_path / "ddp", processes=2)
     one_process, one_process_result = train(module_tmp_path / "ddp1", processes=1)
-    initial = Trainer(train_parser().parse_args(RUN + ["--LOG_DIR", str(module_tmp_path / "init")]))
+    initial = Trainer(train_config(RUN + ["--LOG_DIR", str(module_tmp_path / "init")]))
     return types.SimpleNamespace(
         single=single,
         ddp=ddp,

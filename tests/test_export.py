@@ -7,12 +7,13 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from idml.checkpoint import load_checkpoint, model_from_checkpoint
-from idml.cli import train_parser
+from idml.cli import train_config
 from idml.errors import UsageError
 from idml.export import ExportedEmbedder, build_exported, eager_reference, preprocessing_of, quiet_jit
 from idml.train import train
@@ -77,7 +78,7 @@ torch.save({"embedding": embedding, "uncertainty": uncertainty,
 @pytest.fixture(scope="module")
 def checkpoint(module_tmp_path):
     logs = module_tmp_path / "export_run"
-    train(train_parser().parse_args(TINY + ["--uncertainty", "softplus", "--LOG_DIR", str(logs)]))
+    train(train_config(TINY + ["--uncertainty", "softplus", "--LOG_DIR", str(logs)]))
     return glob.glob(str(logs / "logs_digits" / "*" / "checkpoint_last.pt"))[0]
 
 
@@ -117,8 +118,8 @@ def test_export_loads_without_idml_and_matches_the_eager_model(checkpoint, expor
     assert loaded["modules"] == []
 
     # Eager: the wrapper's preprocessing run eagerly, then the IDMLNet of the checkpoint.
-    model, args = model_from_checkpoint(checkpoint)
-    wrapper = ExportedEmbedder(model, **preprocessing_of(args))
+    model, config = model_from_checkpoint(checkpoint)
+    wrapper = ExportedEmbedder(model, **preprocessing_of(config.data))
     expected_embedding, expected_uncertainty = eager_reference(model, wrapper, images)
     assert loaded["embedding"].shape == (5, 16) and loaded["uncertainty"].shape == (5,)
     torch.testing.assert_close(loaded["embedding"], expected_embedding, rtol=0, atol=1e-5)
@@ -131,8 +132,8 @@ def test_preprocessing_matches_the_digits_pipeline(checkpoint):
     """For a digits model the wrapper feeds the network what the digits dataset feeds it."""
     import torch.nn.functional as F
 
-    model, args = model_from_checkpoint(checkpoint)
-    wrapper = ExportedEmbedder(model, **preprocessing_of(args))
+    model, config = model_from_checkpoint(checkpoint)
+    wrapper = ExportedEmbedder(model, **preprocessing_of(config.data))
     grey = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
     expected = F.interpolate(grey.float() / 255, size=(32, 32), mode="bilinear", align_corners=False)
     expected = ((expected - 0.5) / 0.5).expand(-1, 3, -1, -1)
@@ -140,9 +141,9 @@ def test_preprocessing_matches_the_digits_pipeline(checkpoint):
 
 
 def test_photo_preprocessing_scripted_equals_eager_and_ignores_train_mode(checkpoint):
-    model, args = model_from_checkpoint(checkpoint)
-    photo_args = {**args, "dataset": "cub", "image_size": 40}  # resize 46, crop 40, ImageNet mean/std
-    wrapper, scripted = build_exported(model, photo_args)
+    model, config = model_from_checkpoint(checkpoint)
+    photo = replace(config.data, dataset="cub", image_size=40)  # resize 46, crop 40, ImageNet mean/std
+    wrapper, scripted = build_exported(model, photo)
     images = torch.randint(0, 256, (3, 3, 61, 77), dtype=torch.uint8)
     assert wrapper.preprocess(images).shape == (3, 3, 40, 40)
     embedding, uncertainty = scripted(images)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from idml.cli import train_parser
+from idml.cli import train_config
 from idml.plots import nearest_neighbours, query_grid_plot, recall_curve_ks
 from idml.train import train
 
@@ -58,7 +58,7 @@ def assert_png(path, min_size=(200, 150)):
 
 def test_run_and_evaluation_plots_are_valid_pngs(tmp_path):
     pytest.importorskip("matplotlib")
-    train(train_parser().parse_args(TINY + ["--uncertainty", "relu", "--LOG_DIR", str(tmp_path / "logs")]))
+    train(train_config(TINY + ["--uncertainty", "relu", "--LOG_DIR", str(tmp_path / "logs")]))
     run_dir = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))[0]
     assert_png(os.path.join(run_dir, "loss_recall.png"))
     assert_png(os.path.join(run_dir, "uncertainty_histogram.png"))

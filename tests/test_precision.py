@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from idml.cli import train_parser
+from idml.cli import train_config
 from idml.precision import configure_cudnn, describe, memory_format, resolve_amp
 from idml.train import Trainer
 
@@ -63,7 +63,7 @@ def test_cudnn_autotunes_with_the_fast_path_only(monkeypatch):
 
 
 def trainer(tmp_path, *extra):
-    args = train_parser().parse_args(TINY + ["--LOG_DIR", str(tmp_path), "--optimizer", "sgd", "--lr", "0.1", *extra])
+    args = train_config(TINY + ["--LOG_DIR", str(tmp_path), "--optimizer", "sgd", "--lr", "0.1", *extra])
     return Trainer(args)
 
 

@@ -115,11 +115,11 @@ def test_evaluate_gives_both_sets_named_apart(tmp_path, capsys):
     import glob
     import json
 
-    from idml.cli import evaluate_main, train_parser
+    from idml.cli import evaluate_main, train_config
     from idml.train import train
 
     state = train(
-        train_parser().parse_args(
+        train_config(
             [
                 "--dataset",
                 "digits",

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from test_robustness import cub_args
+from test_robustness import cub_config
 
 import idml.train
 from idml import distributed, tracking
@@ -41,7 +41,7 @@ def more_data(tmp_path):
 
 
 def first_run(tmp_path, *extra):
-    trainer = Trainer(cub_args(tmp_path, "--max-steps", "2", *extra))
+    trainer = Trainer(cub_config(tmp_path, "--max-steps", "2", *extra))
     trainer.run()
     return os.path.join(trainer.run_dir, "checkpoint_last.pt")
 
@@ -49,7 +49,7 @@ def first_run(tmp_path, *extra):
 def test_resume_applies_changed_schedule_flags_and_records_them(data, capsys):
     last = first_run(data)
     trainer = Trainer(
-        cub_args(
+        cub_config(
             data,
             "--max-steps",
             "2",
@@ -80,7 +80,7 @@ def test_resume_applies_changed_schedule_flags_and_records_them(data, capsys):
 
 def test_resume_with_another_optimizer_starts_it_afresh(data, capsys):
     last = first_run(data)
-    state = Trainer(cub_args(data, "--max-steps", "2", "--epochs", "2", "--resume", last, "--optimizer", "sgd")).run()
+    state = Trainer(cub_config(data, "--max-steps", "2", "--epochs", "2", "--resume", last, "--optimizer", "sgd")).run()
     assert state.epoch == 2
     assert "--optimizer adamw -> sgd: the sgd state starts afresh" in capsys.readouterr().out
     assert load_checkpoint(last)["args"]["optimizer"] == "sgd"
@@ -100,7 +100,7 @@ def test_one_bad_step_is_skipped_and_ten_in_a_row_stop_with_a_checked_checkpoint
     monkeypatch.setattr(idml.train, "idml_loss", loss_turning_nan)
     data = more_data
     bad_calls = {2}
-    trainer = Trainer(cub_args(data, "--max-steps", "3", "--checkpoint-every", "1"))
+    trainer = Trainer(cub_config(data, "--max-steps", "3", "--checkpoint-every", "1"))
     trainer.run()
     assert "1 step(s) up to epoch 1, step 2 did not update the weights" in capsys.readouterr().err
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
@@ -113,10 +113,10 @@ def test_one_bad_step_is_skipped_and_ten_in_a_row_stop_with_a_checked_checkpoint
         match=r"NaN or infinite in 10 steps in a row \(up to epoch 1, step 12\); "
         r".*checkpoint_last.pt is good .*resumes at epoch 1, step \d+\)",
     ) as stop:
-        Trainer(cub_args(data, *args)).run()
+        Trainer(cub_config(data, *args)).run()
     path = str(stop.value).split("; ")[1].split(" is good")[0]
     model, _ = model_from_checkpoint(path)  # the message is true: finite test embeddings
-    trainer = Trainer(cub_args(data, "--resume", path, "--epochs", "2"))
+    trainer = Trainer(cub_config(data, "--resume", path, "--epochs", "2"))
     assert torch.isfinite(embed(model, trainer.test_loader, torch.device("cpu"), progress=False)[0]).all()
     trainer._release(failed=False)
     calls.clear()
@@ -125,12 +125,12 @@ def test_one_bad_step_is_skipped_and_ten_in_a_row_stop_with_a_checked_checkpoint
 
 
 def cub_args_list(tmp_path, *extra):
-    args = cub_args(tmp_path, *extra)
+    args = cub_config(tmp_path, *extra)
     return [
         "--dataset",
         "cub",
         "--data-root",
-        args.data_root,
+        args.data.data_root,
         "--model",
         "resnet18",
         "--pretrained",
@@ -150,7 +150,7 @@ def cub_args_list(tmp_path, *extra):
         "--eval-clustering",
         "0",
         "--LOG_DIR",
-        args.LOG_DIR,
+        args.run.LOG_DIR,
         *extra,
     ]
 
@@ -160,12 +160,12 @@ def test_a_huge_lr_never_names_a_checkpoint_with_nan_embeddings(more_data):
     """--lr 1e6: every weight moves by ~1e6 on the first step. The stop message may name a
     checkpoint only if its test embeddings are finite."""
     with pytest.raises(TrainingDiverged) as stop:
-        Trainer(cub_args(data, "--lr", "1e6", "--checkpoint-every", "1", "--max-steps", "20")).run()
+        Trainer(cub_config(data, "--lr", "1e6", "--checkpoint-every", "1", "--max-steps", "20")).run()
     message = str(stop.value)
     if " is good " in message:
         path = message.split("; ")[1].split(" is good")[0]
         model, _ = model_from_checkpoint(path)
-        trainer = Trainer(cub_args(data, "--resume", path, "--epochs", "2"))
+        trainer = Trainer(cub_config(data, "--resume", path, "--epochs", "2"))
         assert torch.isfinite(embed(model, trainer.test_loader, torch.device("cpu"), progress=False)[0]).all()
     else:
         assert "start again with a lower --lr" in message
@@ -220,10 +220,10 @@ def test_a_locked_run_folder_refuses_a_second_run_and_stale_temporaries_go(data)
     open(stale, "wb").write(b"half a checkpoint")
     lock = FolderLock(folder)  # as a run writing there holds it
     with pytest.raises(UsageError, match=f"{folder} is in use by another run"):
-        Trainer(cub_args(data, "--max-steps", "2", "--epochs", "2", "--resume", last))
+        Trainer(cub_config(data, "--max-steps", "2", "--epochs", "2", "--resume", last))
     lock.release()
     assert os.path.isfile(stale)
-    Trainer(cub_args(data, "--max-steps", "2", "--epochs", "2", "--resume", last)).run()
+    Trainer(cub_config(data, "--max-steps", "2", "--epochs", "2", "--resume", last)).run()
     assert not os.path.exists(stale)
 
 
@@ -233,7 +233,7 @@ def test_a_failed_start_removes_the_run_folder_it_created(data, monkeypatch):
 
     monkeypatch.setattr(idml.train, "embed", unreadable)
     with pytest.raises(UsageError, match="could not be decoded"):
-        Trainer(cub_args(data)).run()
+        Trainer(cub_config(data)).run()
     assert not os.listdir(data / "logs" / "logs_cub")
 
 
@@ -278,7 +278,7 @@ def test_wandb_auto_with_credentials_and_no_server_falls_back_to_offline_fast(tm
 
 
 def test_amp_on_a_cpu_warns_that_it_is_slow(data, capsys):
-    Trainer(cub_args(data, "--amp", "bf16", "--device", "cpu"))._release(failed=True)
+    Trainer(cub_config(data, "--amp", "bf16", "--device", "cpu"))._release(failed=True)
     assert "warning: --amp bf16 on a CPU is much slower than float32" in capsys.readouterr().err
 
 

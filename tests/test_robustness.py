@@ -14,7 +14,7 @@ from PIL import Image
 
 import idml.train
 from idml.checkpoint import load_checkpoint, save_checkpoint
-from idml.cli import train_parser
+from idml.cli import train_config
 from idml.data.synthetic import write_cub
 from idml.errors import TrainingDiverged, UsageError
 from idml.train import Trainer
@@ -152,7 +152,7 @@ def test_a_nan_loss_skips_its_update_and_the_run_goes_on(tmp_path, monkeypatch):
     """One NaN loss used to stop the run; now that step leaves the weights unchanged (decided
     on the device) and the checkpoints stay finite (tests/test_resume_and_divergence.py: ten
     in a row stop it)."""
-    args = train_parser().parse_args(RUN + ["--LOG_DIR", str(tmp_path), "--checkpoint-every", "2", "--epochs", "1"])
+    args = train_config(RUN + ["--LOG_DIR", str(tmp_path), "--checkpoint-every", "2", "--epochs", "1"])
     trainer = Trainer(args)
     calls = []
     real_loss = idml.train.idml_loss
@@ -171,7 +171,7 @@ def test_a_nan_loss_skips_its_update_and_the_run_goes_on(tmp_path, monkeypatch):
 
 def test_embeddings_turning_nan_stop_the_run_before_their_metrics_are_recorded(tmp_path, monkeypatch):
     """NaN similarities compare false with everything, so unchecked they would score R@1 = 100."""
-    trainer = Trainer(train_parser().parse_args(RUN + ["--LOG_DIR", str(tmp_path), "--max-steps", "2"]))
+    trainer = Trainer(train_config(RUN + ["--LOG_DIR", str(tmp_path), "--max-steps", "2"]))
     calls = []
     real_embed = idml.train.embed
 
@@ -204,8 +204,8 @@ def corrupt_some_images(root, count):
     return files
 
 
-def cub_args(tmp_path, *extra):
-    return train_parser().parse_args(
+def cub_config(tmp_path, *extra):
+    return train_config(
         [
             "--dataset",
             "cub",
@@ -242,10 +242,10 @@ def test_corrupt_images_are_skipped_with_a_warning_and_counted(tmp_path):
     write_cub(str(tmp_path / "data"), 4, 6)
     bad = corrupt_some_images(str(tmp_path / "data"), 2)
     with pytest.warns(UserWarning, match="skipping unreadable image"):
-        state = Trainer(cub_args(tmp_path)).run()
+        state = Trainer(cub_config(tmp_path)).run()
     assert state.epoch == 1
     with pytest.raises(UsageError, match=r"could not be decoded, more than --max-bad-images 1"):
-        Trainer(cub_args(tmp_path, "--max-bad-images", "1")).run()
+        Trainer(cub_config(tmp_path, "--max-bad-images", "1")).run()
     assert all(os.path.isfile(path) for path in bad)
 
 
@@ -258,4 +258,4 @@ def test_grey_cmyk_and_rgba_images_train(tmp_path, mode):
             os.remove(path)
             path = path[:-4] + ".png"
         image.save(path)
-    assert Trainer(cub_args(tmp_path)).run().epoch == 1
+    assert Trainer(cub_config(tmp_path)).run().epoch == 1

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from idml.cli import run_guarded, search_main
+from idml.config import DataConfig
 from idml.data.synthetic import _class_image
 from idml.errors import UsageError
 from idml.export import build_exported, save_scripted
@@ -42,7 +43,7 @@ def write_gallery(folder, num_classes=3, per_class=4, seed=0):
 def write_model(path, uncertainty):
     torch.manual_seed(0)
     model = IDMLNet("resnet18", 16, "none", uncertainty=uncertainty).eval()
-    _, scripted = build_exported(model, {"dataset": "cub", "image_size": 32})
+    _, scripted = build_exported(model, DataConfig(dataset="cub", image_size=32))
     save_scripted(scripted, path)
 
 

@@ -12,7 +12,8 @@ import torch
 
 from idml import reference
 from idml.checkpoint import load_checkpoint
-from idml.cli import train_parser
+from idml.cli import train_config
+from idml.config import OptimConfig
 from idml.data.synthetic import WRITERS
 from idml.errors import UsageError
 from idml.losses import ProxyAnchorISM
@@ -40,8 +41,8 @@ TINY = [
 ]
 
 
-def tiny_args(tmp_path, *extra):
-    return train_parser().parse_args(TINY + ["--LOG_DIR", str(tmp_path / "logs"), *extra])
+def tiny_config(tmp_path, *extra):
+    return train_config(TINY + ["--LOG_DIR", str(tmp_path / "logs"), *extra])
 
 
 def run_script(script, *args, env=None):
@@ -61,7 +62,7 @@ def test_optimizer_steps_as_the_plain_for_loop_update(optimizer):
     implementation with the same groups, to float32 rounding, also after a step that an
     fp16 overflow made GradScaler skip (fused SGD fills its momentum there: torch 2.14)."""
     model, criterion = IDMLNet("resnet18", 8, "none"), ProxyAnchorISM(10, 8)
-    fast = build_optimizer(train_parser().parse_args(["--optimizer", optimizer]), model, criterion)
+    fast = build_optimizer(OptimConfig(optimizer=optimizer), model, criterion)
     groups = [
         {
             **{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
@@ -107,7 +108,7 @@ def test_step_loss_is_the_three_term_mixup_formula(bn_freeze):
 
 
 def test_digits_run_writes_every_output(tmp_path):
-    args = tiny_args(
+    args = tiny_config(
         tmp_path, "--dataset", "digits", "--epochs", "2", "--batch-size", "32", "--max-steps", "3", "--lr", "1e-4"
     )
     state = train(args)
@@ -131,16 +132,16 @@ def test_digits_run_writes_every_output(tmp_path):
 
 def test_resume_continues_after_the_last_epoch(tmp_path):
     common = ["--dataset", "digits", "--batch-size", "32", "--max-steps", "2", "--eval-clustering", "0"]
-    train(tiny_args(tmp_path, *common, "--epochs", "1"))
+    train(tiny_config(tmp_path, *common, "--epochs", "1"))
     last = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "checkpoint_last.pt"))[0]
     best = os.path.join(os.path.dirname(last), "digits_resnet18_best.pth")
     with pytest.raises(UsageError, match="only the best epoch's weights; resume from checkpoint_last.pt"):
-        train(tiny_args(tmp_path, *common, "--epochs", "2", "--resume", best))
+        train(tiny_config(tmp_path, *common, "--epochs", "2", "--resume", best))
     with pytest.raises(UsageError, match="that run has trained all 1 of its epochs; pass a larger --epochs"):
-        train(tiny_args(tmp_path, *common, "--epochs", "1", "--resume", last))
+        train(tiny_config(tmp_path, *common, "--epochs", "1", "--resume", last))
     with pytest.raises(UsageError, match="was trained with --batch-size 32, this run asks for 16"):
-        train(tiny_args(tmp_path, *common, "--epochs", "2", "--batch-size", "16", "--resume", last))
-    state = train(tiny_args(tmp_path, *common, "--epochs", "2", "--resume", last))
+        train(tiny_config(tmp_path, *common, "--epochs", "2", "--batch-size", "16", "--resume", last))
+    state = train(tiny_config(tmp_path, *common, "--epochs", "2", "--resume", last))
     assert state.epoch == 2
     assert [entry["epoch"] for entry in state.history] == [0, 1, 2]
     assert load_checkpoint(last)["epoch"] == 2
@@ -159,17 +160,19 @@ def test_a_new_run_never_writes_into_an_earlier_runs_folder(tmp_path):
         "--eval-clustering",
         "0",
     ]
-    train(tiny_args(tmp_path, *common))
+    train(tiny_config(tmp_path, *common))
     (first,) = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))
     before = {name: open(os.path.join(first, name), "rb").read() for name in os.listdir(first)}
-    train(tiny_args(tmp_path, *common))
+    train(tiny_config(tmp_path, *common))
     assert sorted(glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))) == [first, first + "_2"]
     assert {name: open(os.path.join(first, name), "rb").read() for name in os.listdir(first)} == before
     assert os.path.isfile(os.path.join(first + "_2", "checkpoint_last.pt"))
 
 
 def test_evaluate_script_reproduces_the_final_metrics(tmp_path):
-    state = train(tiny_args(tmp_path, "--dataset", "digits", "--epochs", "1", "--batch-size", "32", "--max-steps", "2"))
+    state = train(
+        tiny_config(tmp_path, "--dataset", "digits", "--epochs", "1", "--batch-size", "32", "--max-steps", "2")
+    )
     run_dir = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))[0]
     expected = {k: v for k, v in state.history[-1].items() if k not in ("epoch", "loss")}
     for checkpoint in ("checkpoint_last.pt", "digits_resnet18_best.pth"):  # one epoch: the best is the last
@@ -183,7 +186,7 @@ def test_evaluate_script_reproduces_the_final_metrics(tmp_path):
 
 def test_wandb_offline_writes_its_run_folder(tmp_path):
     pytest.importorskip("wandb")
-    args = tiny_args(
+    args = tiny_config(
         tmp_path,
         "--dataset",
         "digits",
@@ -196,7 +199,7 @@ def test_wandb_offline_writes_its_run_folder(tmp_path):
         "--eval-clustering",
         "0",
     )
-    args.wandb = "offline"
+    args.run.wandb = "offline"
     train(args)
     assert glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "wandb" / "offline-run-*"))
 
@@ -255,6 +258,6 @@ def test_seed_command_runs_one_short_epoch_on_its_layout(tmp_path, layout):
 
 
 def test_two_runs_started_together_claim_different_folders(tmp_path):
-    args = tiny_args(tmp_path, "--dataset", "digits")
+    args = tiny_config(tmp_path, "--dataset", "digits")
     first, second = claim_run_folder(args), claim_run_folder(args)
     assert second == first + "_2" and os.path.isdir(first) and os.path.isdir(second)
