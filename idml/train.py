@@ -6,16 +6,16 @@ clipping by value, an optimizer step (skipped, on the device, when the loss or t
 not finite or the loss jumps past --max-loss-jump). After every epoch: StepLR, evaluation on the unseen
 classes, metrics.jsonl, checkpoint_last.pt, and the best checkpoint by R@1.
 
+build_parts makes what a run trains with from its TrainConfig and writes nothing; Trainer runs
+the loop on those parts; its Recorder (idml/recorder.py) owns the run folder and its files.
+
 Under torchrun every rank runs this same loop on its slice of each global batch; the loss
 is that of the global batch (idml/distributed.py says how). Only rank 0 prints, shows
 progress and writes files; evaluation is sharded over the ranks.
 """
 
 import contextlib
-import itertools
-import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -27,19 +27,19 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from idml import distributed, plots, tracking
-from idml.checkpoint import load_checkpoint, non_finite_weights, require, restore_rng_state, rng_state, save_checkpoint
+from idml import distributed
+from idml.checkpoint import load_checkpoint, non_finite_weights, require, restore_rng_state, rng_state
 from idml.config import OptimConfig, TrainConfig
 from idml.data import build_dataset, default_image_size
 from idml.data.datasets import BadImageBudget
 from idml.data.samplers import BalancedBatchSampler, RandomBatchSampler
 from idml.errors import Interrupted, TrainingDiverged, UsageError
 from idml.evaluate import embed, format_metrics, kmeans_runs, recall_ks
-from idml.files import LOCK_NAME, FolderLock, atomic_write_text, remove_stale_temporaries
 from idml.losses import build_criterion
 from idml.metrics import compute_metrics, non_finite_rows
 from idml.models import IDMLNet
 from idml.precision import autocast, configure_cudnn, describe, place_model, resolve_amp
+from idml.recorder import Recorder
 from idml.runtime import build_model, eval_loader, resolve_device, seed_everything, train_loader
 
 GRADIENT_CLIP = 10.0
@@ -68,26 +68,6 @@ def stop_requests():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def claim_run_folder(config: TrainConfig) -> str:
-    """Creates and returns the run folder: the published name, so logs line up with the
-    published code's, or when another run has it, the first free one of <name>_2, <name>_3,
-    ... (created with mkdir, which only one of two runs started together can win)."""
-    model, loss, optim = config.model, config.loss, config.optim
-    name = (
-        f"{model.model}_{loss.loss}_embedding{model.embedding_size}_alpha{loss.alpha:g}_mrg{loss.mrg:g}"
-        f"_{optim.optimizer}_lr{optim.lr:g}_batch{config.data.batch_size}{config.run.remark}"
-    )
-    path = os.path.join(config.run.LOG_DIR, f"logs_{config.data.dataset}", name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    for number in itertools.count(1):
-        candidate = path if number == 1 else f"{path}_{number}"
-        try:
-            os.mkdir(candidate)
-            return candidate
-        except FileExistsError:
-            continue
 
 
 def group_learning_rates(optim: OptimConfig) -> list[float]:
@@ -286,141 +266,118 @@ class RunState:
 RUN_STATE_KEYS = tuple(name.name for name in fields(RunState))  # a checkpoint holds each one
 
 
+def per_rank_batch_norm(config: TrainConfig, device: torch.device) -> bool:
+    """BatchNorm statistics that differ between ranks: trained (--bn-freeze 0) on several
+    CPU processes, where SyncBatchNorm is not available."""
+    return not config.model.bn_freeze and distributed.is_distributed() and device.type != "cuda"
+
+
+def sync_batch_norm(model: IDMLNet, config: TrainConfig, device: torch.device) -> IDMLNet:
+    """Training BatchNorm (--bn-freeze 0) on several ranks: statistics of the global batch."""
+    if model.bn_freeze or not distributed.is_distributed():
+        return model
+    if not per_rank_batch_norm(config, device):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    print_main(
+        "note: --bn-freeze 0 on several CPU processes: BatchNorm statistics are per process "
+        "(SyncBatchNorm needs GPUs), so steps differ slightly from a single process"
+    )
+    return model
+
+
+@dataclass
+class TrainingParts:
+    """What a run trains and evaluates with, as build_parts makes it from the configuration."""
+
+    device: torch.device
+    amp: str  # a resolved --amp (idml.precision)
+    train_set: object
+    num_classes: int
+    sampler: BalancedBatchSampler | RandomBatchSampler
+    train_loader: object
+    test_loader: object
+    model: IDMLNet
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    scaler: torch.amp.GradScaler
+    guard: StepGuard
+    mixup_generator: torch.Generator
+    bad_images: BadImageBudget
+
+
+def build_parts(config: TrainConfig, device: torch.device) -> TrainingParts:
+    """The data, model, loss, optimiser and schedule of `config` on `device`, freshly
+    initialised from --seed; reads the data set, writes nothing."""
+    data = config.data
+    image_size = data.image_size or default_image_size(data.dataset)
+    seed_everything(config.run.seed)
+    train_set = build_dataset(data.dataset, data.data_root, train=True, image_size=image_size)
+    test_set = build_dataset(data.dataset, data.data_root, train=False, image_size=image_size)
+    num_classes = max(train_set.labels) + 1
+    shard = dict(rank=distributed.rank(), world_size=distributed.world_size())  # of every global batch
+    if data.IPC:
+        sampler = BalancedBatchSampler(train_set.labels, data.batch_size, data.IPC, config.run.seed, **shard)
+    else:
+        sampler = RandomBatchSampler(train_set.labels, data.batch_size, config.run.seed, **shard)
+    training_batches = train_loader(data.loader, train_set, sampler, config.run.seed, data.workers, device, image_size)
+    if distributed.world_size() > 1:  # each rank embeds its contiguous share, gathered in order
+        test_set = Subset(test_set, range(*distributed.shard(len(test_set), granule=data.batch_size)))
+    test_batches = eval_loader(test_set, data.batch_size, data.workers, device, data.loader, image_size)
+
+    amp = resolve_amp(config.run.amp, device)
+    if device.type == "cpu" and amp in ("fp16", "bf16"):
+        print_main(
+            f"warning: --amp {amp} on a CPU is much slower than float32 (tens of times on a ResNet): "
+            f"pass --amp off (or auto) unless you mean to test the mixed-precision path",
+            file=sys.stderr,
+        )
+    configure_cudnn(device, amp)
+    model = place_model(sync_batch_norm(build_model(config.model), config, device), device, amp)
+    criterion = build_criterion(config.loss, config.model.embedding_size, num_classes, device)
+    if config.model.compile:  # in place: the state_dict keys (checkpoints) stay those of the plain modules
+        model.compile()
+        criterion.compile()
+    optimizer = build_optimizer(config.optim, model, criterion)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    return TrainingParts(
+        device=device,
+        amp=amp,
+        train_set=train_set,
+        num_classes=num_classes,
+        sampler=sampler,
+        train_loader=training_batches,
+        test_loader=test_batches,
+        model=model,
+        criterion=criterion,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, config.optim.lr_decay_step, config.optim.lr_decay_gamma),
+        scaler=scaler,
+        guard=StepGuard(device, config.optim.max_loss_jump, overflow_is_normal=scaler.is_enabled()),
+        mixup_generator=torch.Generator().manual_seed(config.run.seed),
+        bad_images=BadImageBudget(data.max_bad_images),
+    )
+
+
 class Trainer:
+    """The loop of a run: trains the parts build_parts makes of `config` (from a checkpoint
+    with --resume), evaluates after every epoch, and hands what it computes to its Recorder."""
+
     def __init__(self, config: TrainConfig, device: torch.device | None = None):
         self.config = config
-        self.device = device or resolve_device(config.run.device, config.run.gpu)
-        self.image_size = config.data.image_size or default_image_size(config.data.dataset)
-        seed_everything(config.run.seed)
-        self.train_set = build_dataset(
-            config.data.dataset, config.data.data_root, train=True, image_size=self.image_size
-        )
-        test_set = build_dataset(config.data.dataset, config.data.data_root, train=False, image_size=self.image_size)
-        self.num_classes = max(self.train_set.labels) + 1
-        shard = dict(rank=distributed.rank(), world_size=distributed.world_size())  # of every global batch
-        if config.data.IPC:
-            self.sampler = BalancedBatchSampler(
-                self.train_set.labels, config.data.batch_size, config.data.IPC, config.run.seed, **shard
-            )
-        else:
-            self.sampler = RandomBatchSampler(self.train_set.labels, config.data.batch_size, config.run.seed, **shard)
-        self.train_loader = train_loader(
-            config.data.loader,
-            self.train_set,
-            self.sampler,
-            config.run.seed,
-            config.data.workers,
-            self.device,
-            self.image_size,
-        )
-        if distributed.world_size() > 1:  # each rank embeds its contiguous share, gathered in order
-            test_set = Subset(test_set, range(*distributed.shard(len(test_set), granule=config.data.batch_size)))
-        self.test_loader = eval_loader(
-            test_set, config.data.batch_size, config.data.workers, self.device, config.data.loader, self.image_size
-        )
-
-        self.amp = resolve_amp(config.run.amp, self.device)
-        if self.device.type == "cpu" and self.amp in ("fp16", "bf16"):
-            print_main(
-                f"warning: --amp {self.amp} on a CPU is much slower than float32 (tens of times on a ResNet): "
-                f"pass --amp off (or auto) unless you mean to test the mixed-precision path",
-                file=sys.stderr,
-            )
-        configure_cudnn(self.device, self.amp)
-        self.model = place_model(self._sync_batch_norm(build_model(config.model)), self.device, self.amp)
-        self.criterion = build_criterion(config.loss, config.model.embedding_size, self.num_classes, self.device)
-        if config.model.compile:  # in place: the state_dict keys (checkpoints) stay those of the plain modules
-            self.model.compile()
-            self.criterion.compile()
-        self.optimizer = build_optimizer(config.optim, self.model, self.criterion)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(
-            self.optimizer, config.optim.lr_decay_step, config.optim.lr_decay_gamma
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
-        self.guard = StepGuard(self.device, config.optim.max_loss_jump, overflow_is_normal=self.scaler.is_enabled())
+        self.parts = build_parts(config, device or resolve_device(config.run.device, config.run.gpu))
+        self.state = RunState()
         self.reported_skips = 0  # skipped steps already reported in a warning
-        self.mixup_generator = torch.Generator().manual_seed(config.run.seed)
         self.stop_request = types.SimpleNamespace(signal=None)  # set by SIGTERM/SIGINT inside run()
         self.forward_pair, self._wrapped_for = None, None  # the (DDP-wrapped) model, built by train_epoch
-        self.bad_images = BadImageBudget(config.data.max_bad_images)
-        self.state = RunState()
-        self.lock, self.created_run_dir = None, False
-        try:
-            if config.run.resume:
-                self._resume(config.run.resume)  # sets run_dir: the checkpoint's folder
-            else:  # rank 0 claims a folder, the others write into it
-                self.run_dir = distributed.broadcast_object(claim_run_folder(config) if distributed.is_main() else None)
-                self.created_run_dir = True
-        except OSError as error:
-            raise UsageError(
-                f"cannot create a run folder under --LOG_DIR {config.run.LOG_DIR} ({error.strerror})"
-            ) from None
-        self.wandb = None
-        try:
-            self._lock_run_folder()
-            if distributed.is_main():
-                self.wandb = tracking.open_run(
-                    config.run.wandb,
-                    f"{config.data.dataset}_ProxyAnchor",
-                    self.run_dir,
-                    config.flat(),
-                    self.state.wandb_run_id,
-                )
-        except BaseException:
-            self._release(failed=True)
-            raise
-        if self.wandb is not None:
-            self.state.wandb_run_id = self.wandb.id
-
-    def _lock_run_folder(self) -> None:
-        """Rank 0 holds the run folder's lock for the run's life: a second run resuming the
-        same checkpoint stops (on every rank) instead of overwriting this one's files. With
-        the lock held, temporary files there are those of killed writers: removed."""
-        refused = None
-        if distributed.is_main():
-            try:
-                self.lock = FolderLock(self.run_dir)
-            except UsageError as error:
-                refused = str(error)
-        refused = distributed.broadcast_object(refused)
-        if refused:
-            raise UsageError(refused)
-        if distributed.is_main():
-            removed = remove_stale_temporaries(self.run_dir)
-            if removed:
-                print(f"removed {removed} temporary file(s) that an interrupted write left in {self.run_dir}")
-
-    def _release(self, failed: bool) -> None:
-        """Unlocks the run folder; after a failed start, removes the folder this run created
-        if nothing was written into it."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-        if (
-            failed
-            and self.created_run_dir
-            and distributed.is_main()
-            and os.path.isdir(self.run_dir)
-            and set(os.listdir(self.run_dir)) <= {LOCK_NAME}
-        ):
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-
-    def _per_rank_batch_norm(self) -> bool:
-        """BatchNorm statistics that differ between ranks: trained (--bn-freeze 0) on several
-        CPU processes, where SyncBatchNorm is not available."""
-        return not self.config.model.bn_freeze and distributed.is_distributed() and self.device.type != "cuda"
-
-    def _sync_batch_norm(self, model: IDMLNet) -> IDMLNet:
-        """Training BatchNorm (--bn-freeze 0) on several ranks: statistics of the global batch."""
-        if model.bn_freeze or not distributed.is_distributed():
-            return model
-        if not self._per_rank_batch_norm():
-            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        print_main(
-            "note: --bn-freeze 0 on several CPU processes: BatchNorm statistics are per process "
-            "(SyncBatchNorm needs GPUs), so steps differ slightly from a single process"
-        )
-        return model
+        self.test_uncertainty = None  # |sigma|^2 of the test set at the last evaluation
+        run_dir = None
+        if config.run.resume:
+            self._resume(config.run.resume)
+            run_dir = os.path.dirname(os.path.abspath(config.run.resume))
+        self.recorder = Recorder(config, run_dir, self.state.wandb_run_id)
+        if self.recorder.wandb is not None:
+            self.state.wandb_run_id = self.recorder.wandb.id
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -428,53 +385,51 @@ class Trainer:
         try:
             state = self._run()
         except BaseException:
-            self._release(failed=True)
+            self.recorder.release(failed=True)
             raise
-        self._release(failed=False)
+        self.recorder.release(failed=False)
         return state
 
     def _run(self) -> RunState:
-        config = self.config
+        config, parts = self.config, self.parts
         print_main(
-            f"training IDML on {config.data.dataset} ({len(self.train_set)} images, {self.num_classes} classes) "
-            f"on {self.device} ({describe(self.device, self.amp)}{', compiled' if config.model.compile else ''}"
-            f"{distributed.describe()}); run folder {self.run_dir}"
+            f"training IDML on {config.data.dataset} ({len(parts.train_set)} images, {parts.num_classes} classes) "
+            f"on {parts.device} ({describe(parts.device, parts.amp)}{', compiled' if config.model.compile else ''}"
+            f"{distributed.describe()}); run folder {self.recorder.run_dir}"
         )
         with stop_requests() as self.stop_request:
             if self.state.epoch == 0 and self.state.step == 0:
                 self._record(0, None, self._evaluate("before training"))
             for epoch in range(self.state.epoch, config.optim.epochs):
                 loss = self.train_epoch(epoch)
-                self.scheduler.step()
+                parts.scheduler.step()
                 metrics = self._evaluate(f"epoch {epoch + 1}/{config.optim.epochs}")
                 self.state.epoch, self.state.step, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
                 self._record(epoch + 1, loss, metrics)
         if distributed.is_main():
-            plots.uncertainty_plot(self.run_dir, self.test_uncertainty, self.model.uncertainty)
             self._summary()
-        if self.wandb is not None:
-            self.wandb.finish()
+        self.recorder.finish(self.test_uncertainty, parts.model.uncertainty)
         return self.state
 
     def train_epoch(self, epoch: int) -> float:
         """Trains epoch `epoch` from step state.step on; returns its mean loss."""
-        config = self.config
-        self.model.train()
-        self.model.set_warmup(epoch < config.optim.warm)
-        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        config, parts = self.config, self.parts
+        parts.model.train()
+        parts.model.set_warmup(epoch < config.optim.warm)
+        trainable = tuple(p.requires_grad for p in parts.model.parameters())
         if trainable != self._wrapped_for:  # DDP registers the trainable parameters when built
             self.forward_pair = distributed.wrap(
-                CleanAndMixed(self.model),
-                self.device,
+                CleanAndMixed(parts.model),
+                parts.device,
                 find_unused_parameters=config.loss.loss != "Proxy_Anchor",
-                buffers_differ=self._per_rank_batch_norm(),
+                buffers_differ=per_rank_batch_norm(config, parts.device),
             )
             self._wrapped_for = trainable
-        steps = min(self.sampler.num_batches, config.optim.max_steps or self.sampler.num_batches)
-        self.sampler.set_epoch(epoch, start_step=self.state.step)
-        loss_sum = torch.tensor(self.state.epoch_loss_sum, device=self.device)
+        steps = min(parts.sampler.num_batches, config.optim.max_steps or parts.sampler.num_batches)
+        parts.sampler.set_epoch(epoch, start_step=self.state.step)
+        loss_sum = torch.tensor(self.state.epoch_loss_sum, device=parts.device)
         if self.state.step == 0:
-            self.guard.epoch_skipped.zero_()
+            parts.guard.epoch_skipped.zero_()
         progress = tqdm(
             total=steps,
             initial=self.state.step,
@@ -482,16 +437,16 @@ class Trainer:
             leave=False,
             disable=not distributed.is_main(),
         )
-        for step, (images, labels, dropped) in enumerate(self.train_loader, start=self.state.step):
+        for step, (images, labels, dropped) in enumerate(parts.train_loader, start=self.state.step):
             if step >= steps:
                 break
-            self.bad_images.add(dropped)
+            parts.bad_images.add(dropped)
             if dropped and distributed.world_size() > 1:
                 images, labels = refill_share(images, labels, len(dropped))
             if images is None:
                 continue
-            images = images.to(self.device, non_blocking=True)
-            loss, skipped = self.train_step(images, labels.to(self.device, non_blocking=True))
+            images = images.to(parts.device, non_blocking=True)
+            loss, skipped = self.train_step(images, labels.to(parts.device, non_blocking=True))
             loss = loss.detach()
             loss_sum += torch.where(skipped, torch.zeros_like(loss), loss)
             progress.update()
@@ -502,51 +457,52 @@ class Trainer:
             # requests only at steps that synchronise anyway, so no other step waits for them.
             stop = 0
             if sync_now or distributed.world_size() == 1:
-                stop = distributed.any_rank(self.stop_request.signal or 0, self.device)
+                stop = distributed.any_rank(self.stop_request.signal or 0, parts.device)
             if sync_now or stop:
                 self._check_skipped_steps(epoch, done)
                 progress.set_postfix(loss=f"{float(loss):.4f}")
             if save_now or stop:
                 self._check_weights(f"epoch {epoch + 1}, step {done}", probe=images)
                 self.state.step, self.state.epoch_loss_sum = done, float(loss_sum)
-                self._save_last()
+                self.recorder.save_last(self._checkpoint)
             if stop:
                 progress.close()
-                raise Interrupted(stop, os.path.join(self.run_dir, "checkpoint_last.pt"), epoch, done)
+                raise Interrupted(stop, self.recorder.last_checkpoint, epoch, done)
         progress.close()
-        return float(loss_sum) / max(steps - self.guard.counts()["epoch_skipped"], 1)
+        return float(loss_sum) / max(steps - parts.guard.counts()["epoch_skipped"], 1)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimisation step on a batch; returns its loss and whether the update was
         skipped (StepGuard), both on the device (no host synchronisation)."""
-        lam, permutation = mixup_draw(images.shape[0] * distributed.world_size(), self.mixup_generator)
-        if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU to finish
+        parts = self.parts
+        lam, permutation = mixup_draw(images.shape[0] * distributed.world_size(), parts.mixup_generator)
+        if parts.device.type == "cuda":  # a copy from pageable memory would wait for the GPU to finish
             permutation = permutation.pin_memory()
         loss = idml_loss(
             self.forward_pair,
-            self.criterion,
+            parts.criterion,
             images,
             labels,
             lam,
-            permutation.to(self.device, non_blocking=True),
-            self.amp,
+            permutation.to(parts.device, non_blocking=True),
+            parts.amp,
         )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        distributed.average_gradients(self.criterion.parameters())  # DDP averages the model's
-        self.scaler.unscale_(self.optimizer)
-        parameters = list(self.model.parameters()) + list(self.criterion.parameters())
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(loss).backward()
+        distributed.average_gradients(parts.criterion.parameters())  # DDP averages the model's
+        parts.scaler.unscale_(parts.optimizer)
+        parameters = list(parts.model.parameters()) + list(parts.criterion.parameters())
         # before clipping, which would turn an infinite gradient into a finite one
-        skip = self.guard.check(loss, [p.grad for p in parameters if p.grad is not None])
+        skip = parts.guard.check(loss, [p.grad for p in parameters if p.grad is not None])
         torch.nn.utils.clip_grad_value_(parameters, GRADIENT_CLIP)
-        guarded_step(self.optimizer, skip)  # (GradScaler's own skip is part of `skip`: inf gradients)
-        self.scaler.update()
+        guarded_step(parts.optimizer, skip)  # (GradScaler's own skip is part of `skip`: inf gradients)
+        parts.scaler.update()
         return loss, skip
 
     def _check_skipped_steps(self, epoch: int, done: int) -> None:
         """Where the loop synchronises: a warning for steps skipped since the last one, and
         the stop of a run whose loss keeps failing."""
-        counts = self.guard.counts()
+        counts = self.parts.guard.counts()
         if counts["skipped"] > self.reported_skips:
             print_main(
                 f"warning: {counts['skipped'] - self.reported_skips} step(s) up to epoch {epoch + 1}, step "
@@ -565,28 +521,37 @@ class Trainer:
     def _check_weights(self, when: str, probe: torch.Tensor | None = None) -> None:
         """Before a checkpoint is written: the weights are finite and (`probe`, a batch of
         images) give finite embeddings in evaluation mode; else the run stops as diverged."""
-        bad = bool(non_finite_weights({"model": self.model.state_dict(), "criterion": self.criterion.state_dict()}))
+        parts = self.parts
+        bad = bool(non_finite_weights({"model": parts.model.state_dict(), "criterion": parts.criterion.state_dict()}))
         if not bad and probe is not None:
-            was_training = self.model.training
-            self.model.eval()
-            with torch.no_grad(), autocast(self.device, self.amp):
-                mu, _ = self.model(probe)
-            self.model.train(was_training)
+            was_training = parts.model.training
+            parts.model.eval()
+            with torch.no_grad(), autocast(parts.device, parts.amp):
+                mu, _ = parts.model(probe)
+            parts.model.train(was_training)
             bad = not bool(torch.isfinite(mu).all())
-        if distributed.any_rank(int(bad), self.device):
+        if distributed.any_rank(int(bad), parts.device):
             raise self._diverged(f"the weights at {when} are not finite or give NaN or infinite embeddings")
 
     def _diverged(self, what: str) -> TrainingDiverged:
         """`what` went wrong; the error names checkpoint_last.pt only after checking that its
         weights give finite embeddings of the test set (every rank takes part)."""
-        last = os.path.join(self.run_dir, "checkpoint_last.pt")
+        parts = self.parts
+        last = self.recorder.last_checkpoint
         advice = "with a lower --lr (or --amp off, or --max-loss-jump)"
         if not os.path.isfile(last):
             return TrainingDiverged(f"{what}; no checkpoint was written yet: start again {advice}")
         checkpoint = load_checkpoint(last, required=("model", "epoch", "step"))
-        self.model.load_state_dict(checkpoint["model"])  # this run ends: its own weights are of no more use
+        parts.model.load_state_dict(checkpoint["model"])  # this run ends: its own weights are of no more use
         embeddings = distributed.gather_eval(
-            embed(self.model, self.test_loader, self.device, self.amp, progress=False, bad_images=self.bad_images)[0]
+            embed(
+                parts.model,
+                parts.test_loader,
+                parts.device,
+                parts.amp,
+                progress=False,
+                bad_images=parts.bad_images,
+            )[0]
         )
         if non_finite_rows(embeddings):
             return TrainingDiverged(f"{what}; {last} gives NaN or infinite embeddings too: start again {advice}")
@@ -596,16 +561,16 @@ class Trainer:
         )
 
     def _evaluate(self, when: str) -> dict:
-        config = self.config
-        if self._per_rank_batch_norm():
-            distributed.share_buffers(self.model)
+        config, parts = self.config, self.parts
+        if per_rank_batch_norm(config, parts.device):
+            distributed.share_buffers(parts.model)
         shares = embed(
-            self.model,
-            self.test_loader,
-            self.device,
-            self.amp,
+            parts.model,
+            parts.test_loader,
+            parts.device,
+            parts.amp,
             progress=distributed.is_main(),
-            bad_images=self.bad_images,
+            bad_images=parts.bad_images,
         )
         embeddings, labels, self.test_uncertainty = (distributed.gather_eval(t) for t in shares)
         # every rank holds them all, so every rank stops on these
@@ -635,57 +600,43 @@ class Trainer:
     # --- outputs ------------------------------------------------------------------------
 
     def _record(self, epoch: int, loss: float | None, metrics: dict) -> None:
-        entry = {"epoch": epoch, "loss": loss, **metrics}
-        self.state.history.append(entry)
+        self.state.history.append({"epoch": epoch, "loss": loss, **metrics})
         is_best = epoch > 0 and (self.state.best is None or metrics["R@1"] > self.state.best["metrics"]["R@1"])
         if is_best:
             self.state.best = {"epoch": epoch, "metrics": metrics}
         if epoch > 0:  # before any checkpoint of it is written (every rank: it may stop them all)
             self._check_weights(f"epoch {epoch}")
-        if not distributed.is_main():  # the state is the same on every rank; rank 0 writes
-            return
-        atomic_write_text(
-            os.path.join(self.run_dir, "metrics.jsonl"), "".join(json.dumps(e) + "\n" for e in self.state.history)
-        )
-        plots.history_plot(self.run_dir, self.state.history)
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in entry.items() if v is not None}, step=epoch)
-        if is_best:
-            prefix = os.path.join(self.run_dir, f"{self.config.data.dataset}_{self.config.model.model}_best")
-            save_checkpoint(prefix + ".pth", self._weights(epoch, metrics))
-            atomic_write_text(prefix + "_results.txt", best_results_text(epoch, metrics))
+        self.recorder.record(self.state.history, self._weights(epoch, metrics) if is_best else None)
         if epoch > 0:
-            self._save_last()
-
-    def _save_last(self) -> None:
-        if distributed.is_main():
-            save_checkpoint(os.path.join(self.run_dir, "checkpoint_last.pt"), self._checkpoint())
+            self.recorder.save_last(self._checkpoint)
 
     def _weights(self, epoch: int, metrics: dict) -> dict:
         """The best epoch's file: what evaluation, export and search read, without the optimiser
         state that only resuming needs (it would double the file)."""
         return {
             "args": self.config.flat(),
-            "model": self.model.state_dict(),
-            "criterion": self.criterion.state_dict(),
+            "model": self.parts.model.state_dict(),
+            "criterion": self.parts.criterion.state_dict(),
             "epoch": epoch,
             "metrics": metrics,
         }
 
     def _checkpoint(self) -> dict:
+        parts = self.parts
         return {
             "args": self.config.flat(),
-            "model": self.model.state_dict(),
-            "criterion": self.criterion.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "model": parts.model.state_dict(),
+            "criterion": parts.criterion.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.scaler.state_dict(),
             **asdict(self.state),
-            "rng": rng_state(self.mixup_generator),
-            "step_guard": self.guard.state_dict(),
+            "rng": rng_state(parts.mixup_generator),
+            "step_guard": parts.guard.state_dict(),
         }
 
     def _resume(self, path: str) -> None:
+        parts = self.parts
         checkpoint = load_checkpoint(path, required=("args",))  # the others once the args fit (a clearer message)
         saved, asked = checkpoint["args"], self.config.flat()
         for name in (
@@ -720,38 +671,38 @@ class Trainer:
                 f"pass a larger --epochs to train it further"
             )
         require(checkpoint, path, ("model", "criterion", "scheduler", "scaler", "rng") + RUN_STATE_KEYS)
-        self.model.load_state_dict(checkpoint["model"])
-        self.criterion.load_state_dict(checkpoint["criterion"])
+        parts.model.load_state_dict(checkpoint["model"])
+        parts.criterion.load_state_dict(checkpoint["criterion"])
         self._restore_schedule(checkpoint, saved)
-        self.scaler.load_state_dict(checkpoint["scaler"])
+        parts.scaler.load_state_dict(checkpoint["scaler"])
         if "step_guard" in checkpoint:  # (absent from checkpoints older than the guard)
-            self.guard.load_state_dict(checkpoint["step_guard"])
-            self.reported_skips = int(self.guard.skipped)
-        restore_rng_state(checkpoint["rng"], self.mixup_generator)
+            parts.guard.load_state_dict(checkpoint["step_guard"])
+            self.reported_skips = int(parts.guard.skipped)
+        restore_rng_state(checkpoint["rng"], parts.mixup_generator)
         self.state = RunState.from_checkpoint(checkpoint)
-        self.run_dir = os.path.dirname(os.path.abspath(path))
         print_main(f"resumed from {path} at epoch {self.state.epoch + 1}, step {self.state.step}")
 
     def _restore_schedule(self, checkpoint: dict, saved: dict) -> None:
         """The optimizer's and StepLR's state of the checkpoint, with the schedule of this
         run's flags where they differ (one line each): so the checkpoint's args always say
         what the run uses. Another --optimizer starts from a fresh state."""
+        parts = self.parts
         asked = self.config.flat()
         optimizer = asked["optimizer"]
         same_optimizer = saved.get("optimizer", optimizer) == optimizer
         if same_optimizer:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            parts.optimizer.load_state_dict(checkpoint["optimizer"])
         else:
             print_main(
                 f"--optimizer {saved['optimizer']} -> {optimizer}: the {optimizer} state starts "
                 f"afresh (the {saved['optimizer']} state of the checkpoint does not apply)"
             )
-        self.scheduler.load_state_dict(checkpoint["scheduler"])  # the epoch count
+        parts.scheduler.load_state_dict(checkpoint["scheduler"])  # the epoch count
         changed = [name for name in SCHEDULE_FLAGS if saved.get(name) != asked[name]]
         for name in changed:
             print_main(f"--{name.replace('_', '-')} {saved.get(name)} -> {asked[name]}")
         if changed or not same_optimizer:  # else exactly the saved state, so that the run continues bit for bit
-            apply_schedule(self.optimizer, self.scheduler, self.config.optim, self.scheduler.last_epoch)
+            apply_schedule(parts.optimizer, parts.scheduler, self.config.optim, parts.scheduler.last_epoch)
 
     def _summary(self) -> None:
         first, last = self.state.history[0], self.state.history[-1]
@@ -762,17 +713,8 @@ class Trainer:
         if self.state.best is not None:
             print(
                 f"best R@1 {self.state.best['metrics']['R@1'] * 100:.2f} at epoch {self.state.best['epoch']}; "
-                f"outputs in {self.run_dir}"
+                f"outputs in {self.recorder.run_dir}"
             )
-
-
-def best_results_text(epoch: int, metrics: dict) -> str:
-    """<dataset>_<model>_best_results.txt, in the published format (percentages)."""
-    lines = [f"Best Epoch: {epoch}"]
-    for name, value in metrics.items():
-        label = f"Recall@{name[2:]}" if name.startswith("R@") else name
-        lines.append(f"Best {label}: {value * 100:.4f}")
-    return "\n".join(lines) + "\n"
 
 
 def print_main(*values, **options) -> None:

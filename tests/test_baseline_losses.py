@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from idml.choices import BASELINE_LOSSES
-from idml.cli import run_guarded, train_main, train_parser
+from idml.cli import run_guarded, train_config, train_main
 from idml.errors import UsageError
 from idml.losses import baseline_loss
 from idml.train import PROXY_LR_FACTOR, Trainer
@@ -47,21 +47,21 @@ TINY = [
 @pytest.mark.parametrize("loss", BASELINE_LOSSES)
 def test_baseline_trains_one_short_epoch(tmp_path, loss):
     pytest.importorskip("pytorch_metric_learning")
-    args = train_parser().parse_args(TINY + ["--loss", loss, "--IPC", "8", "--LOG_DIR", str(tmp_path)])
+    args = train_config(TINY + ["--loss", loss, "--IPC", "8", "--LOG_DIR", str(tmp_path)])
     trainer = Trainer(args)
-    assert trainer.criterion.name == loss
+    assert trainer.parts.criterion.name == loss
     if loss == "Proxy_NCA":
-        proxies = trainer.criterion.loss_func.proxies
-        assert proxies.shape == (trainer.num_classes, 16)
-        group = next(g for g in trainer.optimizer.param_groups if any(p is proxies for p in g["params"]))
-        assert group["lr"] == pytest.approx(args.lr * PROXY_LR_FACTOR)
+        proxies = trainer.parts.criterion.loss_func.proxies
+        assert proxies.shape == (trainer.parts.num_classes, 16)
+        group = next(g for g in trainer.parts.optimizer.param_groups if any(p is proxies for p in g["params"]))
+        assert group["lr"] == pytest.approx(args.optim.lr * PROXY_LR_FACTOR)
         before = proxies.detach().clone()
     state = trainer.run()
     losses = [entry["loss"] for entry in state.history if entry["loss"] is not None]
     assert len(losses) == 1 and math.isfinite(losses[0]) and losses[0] >= 0
-    assert loss in trainer.run_dir  # the published run-folder name carries the loss
+    assert loss in trainer.recorder.run_dir  # the published run-folder name carries the loss
     if loss == "Proxy_NCA":
-        assert not torch.equal(before, trainer.criterion.loss_func.proxies.detach())
+        assert not torch.equal(before, trainer.parts.criterion.loss_func.proxies.detach())
 
 
 def test_published_hyperparameters():

@@ -45,3 +45,13 @@ def test_args_of_an_older_checkpoint_take_the_defaults_of_flags_it_predates():
 def test_evaluate_json_turns_progress_off():
     parsed = evaluate_parser().parse_args(["--resume", "x", "--json", "--plots", "d"])
     assert EvaluateConfig.from_args(parsed) == EvaluateConfig(resume="x", plots="d", progress=False)
+
+
+def test_the_run_state_reads_back_from_the_checkpoint_keys_it_writes():
+    from dataclasses import asdict
+
+    from idml.train import RunState
+
+    state = RunState(epoch=2, step=3, epoch_loss_sum=1.5, best={"epoch": 1, "metrics": {"R@1": 0.5}}, wandb_run_id="x")
+    state.history.append({"epoch": 0, "loss": None, "R@1": 0.25})
+    assert RunState.from_checkpoint({**asdict(state), "model": {}, "rng": {}}) == state

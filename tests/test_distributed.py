@@ -113,7 +113,7 @@ def runs(module_tmp_path):
         result=result,
         one_process=one_process,
         one_process_result=one_process_result,
-        initial={"model": initial.model.state_dict(), "criterion": initial.criterion.state_dict()},
+        initial={"model": initial.parts.model.state_dict(), "criterion": initial.parts.criterion.state_dict()},
     )
 
 

@@ -71,7 +71,7 @@ def parameter_changes(run):
     """What the run's steps (--max-steps) change in every trained parameter, the proxies included."""
 
     def parameters():
-        both = [*run.model.named_parameters(), *run.criterion.named_parameters()]
+        both = [*run.parts.model.named_parameters(), *run.parts.criterion.named_parameters()]
         return [(name, p) for name, p in both if p.requires_grad]  # frozen BatchNorm stays
 
     before = {name: p.detach().clone() for name, p in parameters()}
@@ -118,10 +118,10 @@ def test_a_gpu_training_step_never_waits_for_the_gpu(tmp_path):
     """No host synchronisation inside a step (docs/design.md, section 4): CUDA's sync debug mode turns any
     synchronising call (.item(), nonzero, a blocking copy) into an error."""
     run = trainer(tmp_path, "--optimizer", "adamw")  # the default optimizer
-    run.model.train()
-    run.forward_pair = run.model
-    images, labels, _ = next(iter(run.train_loader))
-    images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+    run.parts.model.train()
+    run.forward_pair = run.parts.model
+    images, labels, _ = next(iter(run.parts.train_loader))
+    images, labels = images.to(run.parts.device, non_blocking=True), labels.to(run.parts.device, non_blocking=True)
     run.train_step(images, labels)  # the first step allocates (cuBLAS workspaces, pinned buffers)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

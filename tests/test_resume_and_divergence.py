@@ -43,7 +43,7 @@ def more_data(tmp_path):
 def first_run(tmp_path, *extra):
     trainer = Trainer(cub_config(tmp_path, "--max-steps", "2", *extra))
     trainer.run()
-    return os.path.join(trainer.run_dir, "checkpoint_last.pt")
+    return os.path.join(trainer.recorder.run_dir, "checkpoint_last.pt")
 
 
 def test_resume_applies_changed_schedule_flags_and_records_them(data, capsys):
@@ -68,9 +68,9 @@ def test_resume_applies_changed_schedule_flags_and_records_them(data, capsys):
     out = capsys.readouterr().out
     assert "--lr 0.0001 -> 0.001" in out and "--weight-decay 0.0001 -> 0.5" in out and "--lr-decay-step 10 -> 1" in out
     # one epoch done, StepLR(1, 0.5): 1e-3 * 0.5 now; proxies 100 x
-    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([5e-4, 5e-4, 5e-2])
-    assert all(g["weight_decay"] == 0.5 for g in trainer.optimizer.param_groups)
-    assert trainer.optimizer.state  # AdamW's moments kept
+    assert [g["lr"] for g in trainer.parts.optimizer.param_groups] == pytest.approx([5e-4, 5e-4, 5e-2])
+    assert all(g["weight_decay"] == 0.5 for g in trainer.parts.optimizer.param_groups)
+    assert trainer.parts.optimizer.state  # AdamW's moments kept
     trainer.run()
     saved = load_checkpoint(last)
     assert saved["args"]["lr"] == 1e-3 and saved["args"]["weight_decay"] == 0.5
@@ -103,7 +103,7 @@ def test_one_bad_step_is_skipped_and_ten_in_a_row_stop_with_a_checked_checkpoint
     trainer = Trainer(cub_config(data, "--max-steps", "3", "--checkpoint-every", "1"))
     trainer.run()
     assert "1 step(s) up to epoch 1, step 2 did not update the weights" in capsys.readouterr().err
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.parts.model.parameters())
 
     calls.clear()
     bad_calls = set(range(3, 30))
@@ -117,8 +117,8 @@ def test_one_bad_step_is_skipped_and_ten_in_a_row_stop_with_a_checked_checkpoint
     path = str(stop.value).split("; ")[1].split(" is good")[0]
     model, _ = model_from_checkpoint(path)  # the message is true: finite test embeddings
     trainer = Trainer(cub_config(data, "--resume", path, "--epochs", "2"))
-    assert torch.isfinite(embed(model, trainer.test_loader, torch.device("cpu"), progress=False)[0]).all()
-    trainer._release(failed=False)
+    assert torch.isfinite(embed(model, trainer.parts.test_loader, torch.device("cpu"), progress=False)[0]).all()
+    trainer.recorder.release(failed=False)
     calls.clear()
     assert run_guarded(train_main, [*map(str, cub_args_list(data, *args, "--remark", "_nan2"))]) == 3
     assert "error: the loss was NaN or infinite in 10 steps in a row" in capsys.readouterr().err
@@ -166,7 +166,7 @@ def test_a_huge_lr_never_names_a_checkpoint_with_nan_embeddings(more_data):
         path = message.split("; ")[1].split(" is good")[0]
         model, _ = model_from_checkpoint(path)
         trainer = Trainer(cub_config(data, "--resume", path, "--epochs", "2"))
-        assert torch.isfinite(embed(model, trainer.test_loader, torch.device("cpu"), progress=False)[0]).all()
+        assert torch.isfinite(embed(model, trainer.parts.test_loader, torch.device("cpu"), progress=False)[0]).all()
     else:
         assert "start again with a lower --lr" in message
 
@@ -278,7 +278,7 @@ def test_wandb_auto_with_credentials_and_no_server_falls_back_to_offline_fast(tm
 
 
 def test_amp_on_a_cpu_warns_that_it_is_slow(data, capsys):
-    Trainer(cub_config(data, "--amp", "bf16", "--device", "cpu"))._release(failed=True)
+    Trainer(cub_config(data, "--amp", "bf16", "--device", "cpu")).recorder.release(failed=True)
     assert "warning: --amp bf16 on a CPU is much slower than float32" in capsys.readouterr().err
 
 

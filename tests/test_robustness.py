@@ -164,7 +164,7 @@ def test_a_nan_loss_skips_its_update_and_the_run_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(idml.train, "idml_loss", loss_turning_nan)
     assert trainer.run().epoch == 1
-    good = load_checkpoint(os.path.join(trainer.run_dir, "checkpoint_last.pt"))
+    good = load_checkpoint(os.path.join(trainer.recorder.run_dir, "checkpoint_last.pt"))
     assert good["step_guard"]["skipped"] == 1
     assert all(torch.isfinite(t).all() for t in good["model"].values() if t.is_floating_point())
 
@@ -190,8 +190,8 @@ def test_embeddings_turning_nan_stop_the_run_before_their_metrics_are_recorded(t
         r"finite; it resumes at epoch 2, step 0\)",
     ):
         trainer.run()
-    assert load_checkpoint(os.path.join(trainer.run_dir, "checkpoint_last.pt"))["epoch"] == 1
-    lines = open(os.path.join(trainer.run_dir, "metrics.jsonl")).read().splitlines()
+    assert load_checkpoint(os.path.join(trainer.recorder.run_dir, "checkpoint_last.pt"))["epoch"] == 1
+    lines = open(os.path.join(trainer.recorder.run_dir, "metrics.jsonl")).read().splitlines()
     assert len(lines) == 2  # before training and epoch 1: nothing of epoch 2
 
 

@@ -18,7 +18,8 @@ from idml.data.synthetic import WRITERS
 from idml.errors import UsageError
 from idml.losses import ProxyAnchorISM
 from idml.models import IDMLNet
-from idml.train import best_results_text, build_optimizer, claim_run_folder, idml_loss, mixup_draw, train
+from idml.recorder import best_results_text, claim_run_folder
+from idml.train import build_optimizer, idml_loss, mixup_draw, train
 
 pytestmark = pytest.mark.slow  # trains tiny runs
 
