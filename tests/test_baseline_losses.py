@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from tiny_runs import TINY_DIGITS_RUN
 
 from idml.choices import BASELINE_LOSSES
 from idml.cli import run_guarded, train_config, train_main
@@ -16,38 +17,11 @@ from idml.train import PROXY_LR_FACTOR, Trainer
 
 pytestmark = pytest.mark.slow  # trains tiny runs
 
-TINY = [
-    "--model",
-    "resnet18",
-    "--pretrained",
-    "none",
-    "--embedding-size",
-    "16",
-    "--image-size",
-    "32",
-    "--workers",
-    "0",
-    "--wandb",
-    "disabled",
-    "--warm",
-    "0",
-    "--dataset",
-    "digits",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "32",
-    "--max-steps",
-    "2",
-    "--eval-clustering",
-    "0",
-]
-
 
 @pytest.mark.parametrize("loss", BASELINE_LOSSES)
 def test_baseline_trains_one_short_epoch(tmp_path, loss):
     pytest.importorskip("pytorch_metric_learning")
-    args = train_config(TINY + ["--loss", loss, "--IPC", "8", "--LOG_DIR", str(tmp_path)])
+    args = train_config(TINY_DIGITS_RUN + ["--loss", loss, "--IPC", "8", "--LOG_DIR", str(tmp_path)])
     trainer = Trainer(args)
     assert trainer.parts.criterion.name == loss
     if loss == "Proxy_NCA":
@@ -81,7 +55,7 @@ def test_missing_pytorch_metric_learning_is_one_clear_sentence(monkeypatch, tmp_
     monkeypatch.setitem(sys.modules, "pytorch_metric_learning", None)  # import now raises ImportError
     with pytest.raises(UsageError, match="pip install pytorch-metric-learning"):
         baseline_loss("MS", 3, 8)
-    code = run_guarded(train_main, TINY + ["--loss", "Triplet", "--LOG_DIR", str(tmp_path)])
+    code = run_guarded(train_main, TINY_DIGITS_RUN + ["--loss", "Triplet", "--LOG_DIR", str(tmp_path)])
     assert code == 2
     assert "pip install pytorch-metric-learning" in capsys.readouterr().err
 

@@ -32,40 +32,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Deterministic CPU mode; SGD so that parameter updates are linear in the gradients (Adam's
 # first step is lr * sign(g), which turns float noise on near-zero gradients into +-lr);
 # a learned uncertainty head, whose gradient is not zero up to noise as with "normalized".
-RUN = [
-    "--dataset",
-    "digits",
-    "--model",
-    "resnet18",
-    "--pretrained",
-    "none",
-    "--embedding-size",
-    "16",
-    "--image-size",
-    "24",
-    "--batch-size",
-    "24",
-    "--max-steps",
-    "2",
-    "--epochs",
-    "1",
-    "--warm",
-    "0",
-    "--optimizer",
-    "sgd",
-    "--lr",
-    "1e-3",
-    "--uncertainty",
-    "softplus",
-    "--workers",
-    "0",
-    "--wandb",
-    "disabled",
-    "--eval-clustering",
-    "0",
-    "--seed",
-    "7",
-]
+RUN = (
+    "--dataset digits --model resnet18 --pretrained none --embedding-size 16 --image-size 24 --batch-size 24 "
+    "--max-steps 2 --epochs 1 --warm 0 --optimizer sgd --lr 1e-3 --uncertainty softplus --workers 0 "
+    "--wandb disabled --eval-clustering 0 --seed 7"
+).split()
 # PYTHONPATH: a script run as a file would otherwise import whichever idml is installed.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 # Summation order differs (gradients reduced over ranks, the loss on a gathered batch) and

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny_runs import TINY_DIGITS_RUN
 
 from idml.checkpoint import load_checkpoint, model_from_checkpoint
 from idml.cli import train_config
@@ -21,32 +22,6 @@ from idml.train import train
 pytestmark = pytest.mark.slow  # exports trained models, builds the C++ program with cmake
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--model",
-    "resnet18",
-    "--pretrained",
-    "none",
-    "--embedding-size",
-    "16",
-    "--image-size",
-    "32",
-    "--workers",
-    "0",
-    "--wandb",
-    "disabled",
-    "--warm",
-    "0",
-    "--dataset",
-    "digits",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "32",
-    "--max-steps",
-    "2",
-    "--eval-clustering",
-    "0",
-]
 ENV = {**os.environ, "PYTHONPATH": ROOT}  # the scripts import this checkout's idml
 
 # Runs in a fresh interpreter, outside the repository, with every import of idml refused.
@@ -78,7 +53,7 @@ torch.save({"embedding": embedding, "uncertainty": uncertainty,
 @pytest.fixture(scope="module")
 def checkpoint(module_tmp_path):
     logs = module_tmp_path / "export_run"
-    train(train_config(TINY + ["--uncertainty", "softplus", "--LOG_DIR", str(logs)]))
+    train(train_config(TINY_DIGITS_RUN + ["--uncertainty", "softplus", "--LOG_DIR", str(logs)]))
     return glob.glob(str(logs / "logs_digits" / "*" / "checkpoint_last.pt"))[0]
 
 

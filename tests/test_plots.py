@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from tiny_runs import TINY_DIGITS_RUN
 
 from idml.cli import train_config
 from idml.plots import nearest_neighbours, query_grid_plot, recall_curve_ks
@@ -17,32 +18,6 @@ from idml.train import train
 pytestmark = pytest.mark.slow  # trains a tiny run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--model",
-    "resnet18",
-    "--pretrained",
-    "none",
-    "--embedding-size",
-    "16",
-    "--image-size",
-    "32",
-    "--workers",
-    "0",
-    "--wandb",
-    "disabled",
-    "--warm",
-    "0",
-    "--dataset",
-    "digits",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "32",
-    "--max-steps",
-    "2",
-    "--eval-clustering",
-    "0",
-]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,7 +33,7 @@ def assert_png(path, min_size=(200, 150)):
 
 def test_run_and_evaluation_plots_are_valid_pngs(tmp_path):
     pytest.importorskip("matplotlib")
-    train(train_config(TINY + ["--uncertainty", "relu", "--LOG_DIR", str(tmp_path / "logs")]))
+    train(train_config(TINY_DIGITS_RUN + ["--uncertainty", "relu", "--LOG_DIR", str(tmp_path / "logs")]))
     run_dir = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*"))[0]
     assert_png(os.path.join(run_dir, "loss_recall.png"))
     assert_png(os.path.join(run_dir, "uncertainty_histogram.png"))

@@ -2,35 +2,13 @@
 
 import pytest
 import torch
+from tiny_runs import TINY_MODEL
 
 from idml.cli import train_config
 from idml.precision import configure_cudnn, describe, memory_format, resolve_amp
 from idml.train import Trainer
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--model",
-    "resnet18",
-    "--pretrained",
-    "none",
-    "--embedding-size",
-    "16",
-    "--image-size",
-    "32",
-    "--workers",
-    "0",
-    "--wandb",
-    "disabled",
-    "--warm",
-    "0",
-    "--batch-size",
-    "16",
-    "--max-steps",
-    "2",
-    "--eval-clustering",
-    "0",
-]
+TINY = TINY_MODEL + "--dataset digits --batch-size 16 --max-steps 2 --eval-clustering 0".split()
 
 
 @pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16"), (False, "off")])

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tiny_runs import TINY_DIGITS_RUN
 
 from idml.metrics import compute_metrics
 from idml.published_protocol import list_length, published_metrics
@@ -118,38 +119,7 @@ def test_evaluate_gives_both_sets_named_apart(tmp_path, capsys):
     from idml.cli import evaluate_main, train_config
     from idml.train import train
 
-    state = train(
-        train_config(
-            [
-                "--dataset",
-                "digits",
-                "--model",
-                "resnet18",
-                "--pretrained",
-                "none",
-                "--embedding-size",
-                "16",
-                "--image-size",
-                "32",
-                "--workers",
-                "0",
-                "--wandb",
-                "disabled",
-                "--warm",
-                "0",
-                "--epochs",
-                "1",
-                "--max-steps",
-                "1",
-                "--batch-size",
-                "32",
-                "--eval-clustering",
-                "0",
-                "--LOG_DIR",
-                str(tmp_path / "logs"),
-            ]
-        )
-    )
+    state = train(train_config([*TINY_DIGITS_RUN, "--max-steps", "1", "--LOG_DIR", str(tmp_path / "logs")]))
     (checkpoint,) = glob.glob(str(tmp_path / "logs" / "logs_digits" / "*" / "checkpoint_last.pt"))
     capsys.readouterr()
     evaluate_main(["--resume", checkpoint, "--workers", "0", "--kmeans-runs", "1", "--json", "--published-protocol"])

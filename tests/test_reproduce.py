@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+from tiny_runs import TINY_DIGITS_RUN
 
 from idml import reproduce
 from idml.cli import run_guarded
@@ -17,32 +18,6 @@ from idml.reproduce import reproduce_main
 pytestmark = pytest.mark.slow  # trains tiny runs in subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DIGITS = [
-    "--dataset",
-    "digits",
-    "--model",
-    "resnet18",
-    "--pretrained",
-    "none",
-    "--embedding-size",
-    "16",
-    "--image-size",
-    "32",
-    "--workers",
-    "0",
-    "--wandb",
-    "disabled",
-    "--warm",
-    "0",
-    "--epochs",
-    "1",
-    "--max-steps",
-    "2",
-    "--batch-size",
-    "32",
-    "--eval-clustering",
-    "0",
-]
 KEYS = ("R@1", "R@2", "R@4", "R@8", "RP", "MAP@R")
 
 
@@ -91,8 +66,8 @@ def test_from_runs_refuses_bad_input_in_one_sentence(tmp_path, capsys):
         (["--from-runs", good, "--dataset", "imagenet"], "--dataset expects one of"),
         (["--from-runs", untrained], "holds no trained epoch"),
         (["--from-runs", good, str(tmp_path)], "cannot tell the data set"),
-        (["--seeds", "1", "1", "--", *TINY_DIGITS], "--seeds expects distinct numbers"),
-        (["--seeds", "1", "--", "--seed", "3", *TINY_DIGITS], "leave --seed out"),
+        (["--seeds", "1", "1", "--", *TINY_DIGITS_RUN], "--seeds expects distinct numbers"),
+        (["--seeds", "1", "--", "--seed", "3", *TINY_DIGITS_RUN], "leave --seed out"),
         (["--seeds", "1", "--", "--dataset", "imagenet"], "not valid for scripts/train.py"),
     ]
     for argv, message in cases:
@@ -141,7 +116,7 @@ def test_a_failing_seed_is_reported_and_the_others_go_on(tmp_path, monkeypatch, 
         "--out",
         str(tmp_path / "t"),
         "--",
-        *TINY_DIGITS,
+        *TINY_DIGITS_RUN,
         "--LOG_DIR",
         str(tmp_path / "logs"),
         "--remark",
@@ -179,7 +154,7 @@ def test_two_digits_seeds_train_and_make_the_table(tmp_path):
             "--out",
             prefix,
             "--",
-            *TINY_DIGITS,
+            *TINY_DIGITS_RUN,
             "--LOG_DIR",
             str(tmp_path / "logs"),
         ],

@@ -23,36 +23,10 @@ pytestmark = pytest.mark.slow  # trains in subprocesses and kills them
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Deterministic CPU mode: one thread, no loader processes; 2 epochs of 8 steps.
-RUN = [
-    "--dataset",
-    "digits",
-    "--model",
-    "resnet18",
-    "--pretrained",
-    "none",
-    "--embedding-size",
-    "16",
-    "--image-size",
-    "24",
-    "--batch-size",
-    "24",
-    "--max-steps",
-    "8",
-    "--epochs",
-    "2",
-    "--warm",
-    "1",
-    "--bn-freeze",
-    "0",
-    "--workers",
-    "0",
-    "--wandb",
-    "disabled",
-    "--eval-clustering",
-    "0",
-    "--seed",
-    "7",
-]
+RUN = (
+    "--dataset digits --model resnet18 --pretrained none --embedding-size 16 --image-size 24 --batch-size 24 "
+    "--max-steps 8 --epochs 2 --warm 1 --bn-freeze 0 --workers 0 --wandb disabled --eval-clustering 0 --seed 7"
+).split()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from tiny_runs import TINY_MODEL
 
 from idml import reference
 from idml.checkpoint import load_checkpoint
@@ -24,26 +25,10 @@ from idml.train import build_optimizer, idml_loss, mixup_draw, train
 pytestmark = pytest.mark.slow  # trains tiny runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--model",
-    "resnet18",
-    "--pretrained",
-    "none",
-    "--embedding-size",
-    "16",
-    "--image-size",
-    "32",
-    "--workers",
-    "0",
-    "--wandb",
-    "disabled",
-    "--warm",
-    "0",
-]
 
 
 def tiny_config(tmp_path, *extra):
-    return train_config(TINY + ["--LOG_DIR", str(tmp_path / "logs"), *extra])
+    return train_config(TINY_MODEL + ["--LOG_DIR", str(tmp_path / "logs"), *extra])
 
 
 def run_script(script, *args, env=None):
