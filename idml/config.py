@@ -14,6 +14,9 @@ and defaults to the flag's default. A checkpoint's "args" is the flat dict of th
 
 from dataclasses import asdict, dataclass, field, fields
 
+from idml.choices import AMP_CHOICES, ARCHITECTURES, DATASETS, LOSSES, UNCERTAINTY_MODES
+from idml.errors import UsageError
+
 
 @dataclass
 class DataConfig:
@@ -85,6 +88,28 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        """From Python, the command line's one-sentence refusals of names and sizes it would not
+        accept (there argparse checks them first)."""
+        for name, value, allowed in (
+            ("dataset", self.data.dataset, DATASETS),
+            ("model", self.model.model, ARCHITECTURES),
+            ("uncertainty", self.model.uncertainty, UNCERTAINTY_MODES),
+            ("loss", self.loss.loss, LOSSES),
+            ("amp", self.run.amp, AMP_CHOICES),
+        ):
+            if value not in allowed:
+                raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for name, value in (
+            ("batch_size", self.data.batch_size),
+            ("embedding_size", self.model.embedding_size),
+            ("epochs", self.optim.epochs),
+            ("lr", self.optim.lr),
+            ("lr_decay_step", self.optim.lr_decay_step),
+        ):
+            if not value > 0:  # NaN too
+                raise UsageError(f"{name} must be a positive number, got {value}")
 
     def flat(self) -> dict:
         """{flag destination: value}: a checkpoint's "args" and wandb's config."""

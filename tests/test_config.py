@@ -1,10 +1,14 @@
 """The typed configuration (idml/config.py): the command line's flags and defaults, and the flat
 dict a checkpoint's "args" holds, read back by one function."""
 
+import re
 from dataclasses import replace
+
+import pytest
 
 from idml.cli import evaluate_parser, train_config, train_parser
 from idml.config import DataConfig, EvaluateConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from idml.errors import UsageError
 
 
 def test_defaults_are_the_command_lines():
@@ -55,3 +59,17 @@ def test_the_run_state_reads_back_from_the_checkpoint_keys_it_writes():
     state = RunState(epoch=2, step=3, epoch_loss_sum=1.5, best={"epoch": 1, "metrics": {"R@1": 0.5}}, wandb_run_id="x")
     state.history.append({"epoch": 0, "loss": None, "R@1": 0.25})
     assert RunState.from_checkpoint({**asdict(state), "model": {}, "rng": {}}) == state
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        (dict(model=ModelConfig(model="resnet9")), "model must be one of resnet18, resnet34, resnet50, resnet101, got"),
+        (dict(data=DataConfig(dataset="sop")), "dataset must be one of digits, cub, cars, SOP, custom, got 'sop'"),
+        (dict(optim=OptimConfig(lr=float("nan"))), "lr must be a positive number, got nan"),
+        (dict(data=DataConfig(batch_size=0)), "batch_size must be a positive number, got 0"),
+    ],
+)
+def test_a_config_built_in_python_refuses_what_the_command_line_would(sections, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        TrainConfig(**sections)
