@@ -115,11 +115,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(result: dict, prefix: str | None) -> None:
-    print(markdown(result), end="")
+def write_outputs(result: dict, prefix: str | None) -> str:
+    """The table as Markdown, also written to PREFIX.json and PREFIX.md with a prefix."""
+    table = markdown(result)
     if prefix:
         atomic_write_text(prefix + ".json", json.dumps(result, indent=1) + "\n")
-        atomic_write_text(prefix + ".md", markdown(result))
+        atomic_write_text(prefix + ".md", table)
+    return table
+
+
+def print_outputs(result: dict, prefix: str | None) -> None:
+    print(write_outputs(result, prefix), end="")
+    if prefix:
         print(f"wrote {prefix}.json and {prefix}.md")
 
 
@@ -285,7 +292,7 @@ def reproduce_main(argv=None) -> None:
     if args.from_runs:
         if command:
             raise UsageError("--from-runs makes the table of finished runs; it takes no training command after --")
-        return write_outputs(from_runs(args.from_runs, args.dataset), args.out)
+        return print_outputs(from_runs(args.from_runs, args.dataset), args.out)
     if not command:
         raise UsageError("expected the training command after -- (or --from-runs DIR...)")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
@@ -317,7 +324,7 @@ def reproduce_main(argv=None) -> None:
             }
         )
     if runs:
-        write_outputs(summary(dataset, runs, failed), args.out)
+        print_outputs(summary(dataset, runs, failed), args.out)
     if failed:
         print(
             f"{len(failed)} of {len(args.seeds)} seed runs failed: "
