@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from test_robustness import cub_config
+from test_robustness import cub_config, cub_flags
 
 import idml.train
 from idml import distributed, tracking
@@ -120,39 +120,8 @@ def test_one_bad_step_is_skipped_and_ten_in_a_row_stop_with_a_checked_checkpoint
     assert torch.isfinite(embed(model, trainer.parts.test_loader, torch.device("cpu"), progress=False)[0]).all()
     trainer.recorder.release(failed=False)
     calls.clear()
-    assert run_guarded(train_main, [*map(str, cub_args_list(data, *args, "--remark", "_nan2"))]) == 3
+    assert run_guarded(train_main, [*map(str, cub_flags(data, *args, "--remark", "_nan2"))]) == 3
     assert "error: the loss was NaN or infinite in 10 steps in a row" in capsys.readouterr().err
-
-
-def cub_args_list(tmp_path, *extra):
-    args = cub_config(tmp_path, *extra)
-    return [
-        "--dataset",
-        "cub",
-        "--data-root",
-        args.data.data_root,
-        "--model",
-        "resnet18",
-        "--pretrained",
-        "none",
-        "--embedding-size",
-        "8",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "1",
-        "--workers",
-        "0",
-        "--wandb",
-        "disabled",
-        "--eval-clustering",
-        "0",
-        "--LOG_DIR",
-        args.run.LOG_DIR,
-        *extra,
-    ]
 
 
 def test_a_huge_lr_never_names_a_checkpoint_with_nan_embeddings(more_data):

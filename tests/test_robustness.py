@@ -178,38 +178,41 @@ def corrupt_some_images(root, count):
     return files
 
 
+def cub_flags(tmp_path, *extra):
+    """The flags of a tiny run on the synthetic CUB under tmp_path/data, logs in tmp_path/logs."""
+    return [
+        "--dataset",
+        "cub",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--model",
+        "resnet18",
+        "--pretrained",
+        "none",
+        "--embedding-size",
+        "8",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "4",
+        "--workers",
+        "0",
+        "--wandb",
+        "disabled",
+        "--eval-clustering",
+        "0",
+        "--LOG_DIR",
+        str(tmp_path / "logs"),
+        *extra,
+    ]
+
+
 def cub_config(tmp_path, *extra):
-    return train_config(
-        [
-            "--dataset",
-            "cub",
-            "--data-root",
-            str(tmp_path / "data"),
-            "--model",
-            "resnet18",
-            "--pretrained",
-            "none",
-            "--embedding-size",
-            "8",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "8",
-            "--epochs",
-            "1",
-            "--max-steps",
-            "4",
-            "--workers",
-            "0",
-            "--wandb",
-            "disabled",
-            "--eval-clustering",
-            "0",
-            "--LOG_DIR",
-            str(tmp_path / "logs"),
-            *extra,
-        ]
-    )
+    return train_config(cub_flags(tmp_path, *extra))
 
 
 def test_corrupt_images_are_skipped_with_a_warning_and_counted(tmp_path):
